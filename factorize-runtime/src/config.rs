@@ -1,0 +1,57 @@
+//! Run-time options of a factorization: how the new weights are filled, where, and in what
+//! precision.
+//!
+//! Which layers are replaced, and at which rank, is not decided here: that is the cost rule
+//! ([`crate::cost`]), fixed at compile time for derived models.
+//!
+//! ```
+//! use factorize_runtime::{Backend, FactorizeConfig, Method, Precision};
+//! let cfg = FactorizeConfig::default();
+//! assert_eq!((cfg.method, cfg.backend, cfg.precision), (Method::Svd, Backend::Auto, Precision::F64));
+//! let fresh = FactorizeConfig { method: Method::Fresh, ..cfg };
+//! assert_eq!(fresh.method, Method::Fresh);
+//! ```
+
+/// How the factorized weights are filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    /// Weight-preserving truncated SVD: `W ≈ (U_L·√S_L)(√S_L·V_Lᵀ)`, the best rank-`L`
+    /// approximation of `W` in the Frobenius norm (Eckart–Young). The bias moves to the second map.
+    #[default]
+    Svd,
+    /// Re-initialise both new layers with dfdx's (PyTorch's) default init, as Composer does.
+    Fresh,
+}
+
+/// Where the linear algebra runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The GPU when one is usable, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU (faer).
+    Cpu,
+    /// An NVIDIA GPU through cudarc. Needs the `cuda` feature and a GPU; an error otherwise.
+    Cuda,
+}
+
+/// The floating-point precision of the factorization itself (the weights keep their dtype).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Single precision: faster, enough for well-separated spectra.
+    F32,
+    /// Double precision: the Gram matrix squares the condition number, so this is the default.
+    #[default]
+    F64,
+}
+
+/// Run-time options of [`crate::Factorizable::factorize`] and the layer-level constructors.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct FactorizeConfig {
+    /// How new weights are filled.
+    pub method: Method,
+    /// Where the linear algebra runs.
+    pub backend: Backend,
+    /// The precision of the linear algebra.
+    pub precision: Precision,
+}

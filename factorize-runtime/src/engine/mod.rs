@@ -1,0 +1,194 @@
+//! Factorization engines: the truncated decomposition of a dense weight matrix.
+//!
+//! The contract of every engine: given `W` (`out × in`, row-major, the dfdx/PyTorch layout) and a
+//! rank `L <= min(out, in)`, return `second` (`out × L`) and `first` (`L × in`) with
+//! `second · first` the best rank-`L` approximation of `W` in the Frobenius norm, split evenly:
+//! `second = U_L·√S_L`, `first = √S_L·V_Lᵀ`. Its relative error
+//! `‖W − second·first‖_F / ‖W‖_F` equals the Eckart–Young optimum `sqrt(Σ_{i>L} σ_i²) / ‖W‖_F`
+//! to 1e-4 relative (tested against a full SVD in f64).
+//!
+//! ```
+//! use factorize_runtime::engine::{low_rank, WeightMatrix};
+//! use factorize_runtime::Precision;
+//! // A rank-1 matrix is recovered exactly at rank 1.
+//! let w: Vec<f64> = (0..6).map(|i| ((i / 3 + 1) * (i % 3 + 1)) as f64).collect();
+//! let m = WeightMatrix::new("demo", &w, 2, 3).unwrap();
+//! let f = low_rank(&m, 1, Precision::F64).unwrap();
+//! assert!(f.relative_error < 1e-12);
+//! assert_eq!((f.first.len(), f.second.len()), (3, 2));
+//! ```
+
+mod cpu;
+mod gaussian;
+
+pub(crate) use gaussian::Gaussian;
+
+pub use cpu::low_rank;
+
+use std::time::{Duration, Instant};
+
+use crate::{Backend, FactorizeConfig, FactorizeError};
+
+/// A dense weight matrix `[out, in]` (row-major) on the host, checked to be finite.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightMatrix<'a> {
+    name: &'a str,
+    data: &'a [f64],
+    out_dim: usize,
+    in_dim: usize,
+}
+
+impl<'a> WeightMatrix<'a> {
+    /// Wraps `data` (`out_dim · in_dim` values, row-major) as the weight of layer `name`.
+    ///
+    /// Errors: a length that does not match the dims; a NaN or infinite entry (the first one is
+    /// named).
+    pub fn new(
+        name: &'a str,
+        data: &'a [f64],
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Self, FactorizeError> {
+        check_finite(name, "weight", data)?;
+        if out_dim.checked_mul(in_dim) != Some(data.len()) {
+            return Err(FactorizeError::Shape {
+                layer: name.to_string(),
+                tensor: "weight",
+                expected: out_dim.saturating_mul(in_dim),
+                actual: data.len(),
+                shape: format!("[{out_dim}, {in_dim}]"),
+            });
+        }
+        Ok(Self {
+            name,
+            data,
+            out_dim,
+            in_dim,
+        })
+    }
+
+    /// The layer's name.
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+
+    /// The values, row-major `[out, in]`.
+    pub fn data(&self) -> &'a [f64] {
+        self.data
+    }
+
+    /// Number of rows (outputs).
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// Number of columns (inputs).
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// `‖W‖_F`.
+    pub fn frobenius_norm(&self) -> f64 {
+        self.data.iter().map(|x| x * x).sum::<f64>().sqrt()
+    }
+
+    pub(crate) fn check_rank(&self, rank: usize) -> Result<(), FactorizeError> {
+        let max = self.out_dim.min(self.in_dim);
+        if rank == 0 || rank > max {
+            return Err(FactorizeError::Rank {
+                layer: self.name.to_string(),
+                rank,
+                max,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Errors with the first non-finite value of `data`, naming the layer and the tensor.
+pub fn check_finite(layer: &str, tensor: &'static str, data: &[f64]) -> Result<(), FactorizeError> {
+    match data.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(FactorizeError::NonFinite {
+            layer: layer.to_string(),
+            tensor,
+            index,
+            value: data[index],
+        }),
+    }
+}
+
+/// A rank-`L` factorization `W ≈ second · first`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LowRank {
+    /// Rows of `W`.
+    pub out_dim: usize,
+    /// Columns of `W`.
+    pub in_dim: usize,
+    /// The rank `L`.
+    pub rank: usize,
+    /// `√S_L·V_Lᵀ`, `[L, in]` row-major: the weight of the first (bias-free) map.
+    pub first: Vec<f64>,
+    /// `U_L·√S_L`, `[out, L]` row-major: the weight of the second map.
+    pub second: Vec<f64>,
+    /// The top `L` singular values of `W`, nonincreasing.
+    pub singular_values: Vec<f64>,
+    /// `‖W − second·first‖_F / ‖W‖_F` (0 for a zero matrix), computed from the factors.
+    pub relative_error: f64,
+    /// Subspace iterations used; 0 when a dense eigensolver was used.
+    pub iterations: usize,
+}
+
+/// The outcome of [`solve`]: the factors, where they were computed, and how long it took.
+#[derive(Debug, Clone)]
+pub struct Solved {
+    /// The factorization.
+    pub factors: LowRank,
+    /// The backend that computed it (never `Auto`).
+    pub backend: Backend,
+    /// Wall time of the factorization.
+    pub time: Duration,
+}
+
+/// The best rank-`rank` factorization of `w` on the backend `cfg` asks for.
+///
+/// `Backend::Auto` uses the CPU until a GPU engine is available; `Backend::Cuda` without one is
+/// a [`FactorizeError::BackendUnavailable`] naming the layer.
+pub fn solve(
+    w: &WeightMatrix<'_>,
+    rank: usize,
+    cfg: &FactorizeConfig,
+) -> Result<Solved, FactorizeError> {
+    let start = Instant::now();
+    let (factors, backend) = match cfg.backend {
+        Backend::Auto | Backend::Cpu => (low_rank(w, rank, cfg.precision)?, Backend::Cpu),
+        Backend::Cuda => {
+            return Err(FactorizeError::BackendUnavailable {
+                layer: w.name().to_string(),
+                backend: Backend::Cuda,
+                reason: "this build has no GPU engine; use Backend::Cpu or Backend::Auto".into(),
+            })
+        }
+    };
+    Ok(Solved {
+        factors,
+        backend,
+        time: start.elapsed(),
+    })
+}
+
+/// `‖W − second·first‖_F / ‖W‖_F` for factors of any origin (0 for a zero `W`).
+///
+/// `second` is `[out, rank]` and `first` `[rank, in]`, row-major, as in [`LowRank`].
+pub fn relative_error(w: &WeightMatrix<'_>, second: &[f64], first: &[f64], rank: usize) -> f64 {
+    let (o, i) = (w.out_dim(), w.in_dim());
+    let a = faer::MatRef::from_column_major_slice(first, i, rank); // firstᵀ
+    let b = faer::MatRef::from_column_major_slice(second, rank, o); // secondᵀ
+    let wt = faer::MatRef::from_column_major_slice(w.data(), i, o); // Wᵀ
+    let residual = wt - a * b;
+    let norm = w.frobenius_norm();
+    if norm == 0.0 {
+        return 0.0;
+    }
+    residual.norm_l2() / norm
+}

@@ -1,0 +1,198 @@
+//! [`FactorizedLinear`]: a `Linear(I → O)` replaced by `Linear(I → L, no bias)` then
+//! `Linear(L → O)`.
+//!
+//! `y = B·(A·x) + b` with `A: [L, I]` (`first.weight`) and `B: [O, L]`, `b: [O]`
+//! (`second.weight`, `second.bias`). It costs `L·(I + O)` multiply-adds per row instead of `I·O`.
+//! PyTorch equivalent: `nn.Sequential(nn.Linear(I, L, bias=False), nn.Linear(L, O))`, which is
+//! what Composer's `FactorizedLinear` computes.
+//!
+//! # Generics
+//! - `I`: input features, `L`: rank (latent features), `O`: output features.
+//! - `E`, `D`: dfdx dtype and device.
+//!
+//! # Examples
+//! ```
+//! use dfdx::prelude::*;
+//! use factorize_runtime::{FactorizedLinear, FactorizeConfig};
+//! let dev: Cpu = Default::default();
+//! let dense = dev.build_module::<Linear<8, 6>, f32>();
+//! let small: FactorizedLinear<8, 2, 6, f32, Cpu> =
+//!     FactorizedLinear::from_linear(&dense, &FactorizeConfig::default()).unwrap();
+//! // Same input and output types as the dense layer.
+//! let y: Tensor<Rank2<3, 6>, f32, Cpu> = small.forward(dev.zeros::<Rank2<3, 8>>());
+//! assert_eq!(y.array()[0], dense.bias.array());
+//! ```
+
+use std::time::Instant;
+
+use dfdx::nn::modules::{Linear, UnbiasedLinear};
+use dfdx::prelude::*;
+use num_traits::Float;
+use rand_distr::uniform::SampleUniform;
+
+use crate::cost::LayerKind;
+use crate::engine::{self, check_finite, WeightMatrix};
+use crate::report::{LayerReport, Status};
+use crate::{FactorizeConfig, FactorizeError, Method};
+
+/// The builder type, for `dev.build_module::<builder::FactorizedLinear<I, L, O>, E>()`.
+pub mod builder {
+    /// Builds a [`super::FactorizedLinear`] with dfdx's default init.
+    #[derive(Debug, Copy, Clone, Eq, PartialEq)]
+    pub struct FactorizedLinear<const I: usize, const L: usize, const O: usize>;
+}
+
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> BuildOnDevice<D, E>
+    for builder::FactorizedLinear<I, L, O>
+where
+    FactorizedLinear<I, L, O, E, D>: BuildModule<D, E>,
+{
+    type Built = FactorizedLinear<I, L, O, E, D>;
+    fn try_build_on_device(device: &D) -> Result<Self::Built, D::Err> {
+        Self::Built::try_build(device)
+    }
+}
+
+/// A factorized linear layer: `I → L` without bias, then `L → O` with bias.
+#[derive(Debug, Clone)]
+pub struct FactorizedLinear<const I: usize, const L: usize, const O: usize, E: Dtype, D: Storage<E>>
+{
+    /// The first map, `A: [L, I]`.
+    pub first: UnbiasedLinear<I, L, E, D>,
+    /// The second map, `B: [O, L]` and the bias `[O]`.
+    pub second: Linear<L, O, E, D>,
+}
+
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Storage<E>> NonMutableModule
+    for FactorizedLinear<I, L, O, E, D>
+{
+}
+
+impl<const I: usize, const L: usize, const O: usize, E, D> TensorCollection<E, D>
+    for FactorizedLinear<I, L, O, E, D>
+where
+    E: Dtype + Float + SampleUniform,
+    D: Device<E>,
+{
+    type To<E2: Dtype, D2: Device<E2>> = FactorizedLinear<I, L, O, E2, D2>;
+
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        visitor.visit_fields(
+            (
+                Self::module("first", |s| &s.first, |s| &mut s.first),
+                Self::module("second", |s| &s.second, |s| &mut s.second),
+            ),
+            |(first, second)| FactorizedLinear { first, second },
+        )
+    }
+}
+
+impl<const I: usize, const L: usize, const O: usize, E, D, T, U> Module<T>
+    for FactorizedLinear<I, L, O, E, D>
+where
+    E: Dtype,
+    D: Device<E>,
+    UnbiasedLinear<I, L, E, D>: Module<T, Output = U, Error = D::Err>,
+    Linear<L, O, E, D>: Module<U, Error = D::Err>,
+{
+    type Output = <Linear<L, O, E, D> as Module<U>>::Output;
+    type Error = D::Err;
+
+    fn try_forward(&self, x: T) -> Result<Self::Output, D::Err> {
+        self.second.try_forward(self.first.try_forward(x)?)
+    }
+}
+
+/// Reads a tensor to `f64` on the host.
+pub(crate) fn host_f64<S: Shape, E: Dtype, D: Device<E>>(t: &Tensor<S, E, D>) -> Vec<f64> {
+    t.as_vec()
+        .into_iter()
+        .map(|x| x.to_f64().unwrap_or(f64::NAN))
+        .collect()
+}
+
+/// Writes `f64` host values into a new tensor of `shape` on `dev`.
+pub(crate) fn to_device<S: Shape, E: Dtype, D: Device<E>>(
+    dev: &D,
+    values: &[f64],
+    shape: S,
+    layer: &str,
+) -> Result<Tensor<S, E, D>, FactorizeError> {
+    let data: Vec<E> = values
+        .iter()
+        .map(|&x| E::from_f64(x).unwrap_or_default())
+        .collect();
+    dev.try_tensor_from_vec(data, shape)
+        .map_err(|e| FactorizeError::Device {
+            layer: layer.to_string(),
+            reason: format!("{e:?}"),
+        })
+}
+
+impl<const I: usize, const L: usize, const O: usize, E, D> FactorizedLinear<I, L, O, E, D>
+where
+    E: Dtype + Float + SampleUniform,
+    D: Device<E>,
+{
+    /// Builds the factorized layer from `linear` as `cfg` says (truncated SVD by default).
+    ///
+    /// `linear` is only read. Errors: NaN/Inf in its weight or bias, `L > min(I, O)`, a failed
+    /// solver or an unavailable backend; the layer is called `linear` in messages (see
+    /// [`Self::from_linear_named`] to name it).
+    pub fn from_linear(
+        linear: &Linear<I, O, E, D>,
+        cfg: &FactorizeConfig,
+    ) -> Result<Self, FactorizeError> {
+        Self::from_linear_named("linear", linear, cfg).map(|(layer, _)| layer)
+    }
+
+    /// As [`Self::from_linear`], naming the layer `path` in errors and in the report row it returns.
+    pub fn from_linear_named(
+        path: &str,
+        linear: &Linear<I, O, E, D>,
+        cfg: &FactorizeConfig,
+    ) -> Result<(Self, LayerReport), FactorizeError> {
+        let start = Instant::now();
+        let weight = host_f64(&linear.weight);
+        let bias = host_f64(&linear.bias);
+        let w = WeightMatrix::new(path, &weight, O, I)?;
+        check_finite(path, "bias", &bias)?;
+        w.check_rank(L)?;
+        let dev = linear.weight.device();
+        let mut row = LayerReport::kept(path, LayerKind::Linear, I, O, 1, Status::Replaced);
+        let layer = match cfg.method {
+            Method::Svd => {
+                let solved = engine::solve(&w, L, cfg)?;
+                let f = &solved.factors;
+                let layer = FactorizedLinear {
+                    first: UnbiasedLinear {
+                        weight: to_device(dev, &f.first, (Const::<L>, Const::<I>), path)?,
+                    },
+                    second: Linear {
+                        weight: to_device(dev, &f.second, (Const::<O>, Const::<L>), path)?,
+                        bias: linear.bias.clone(),
+                    },
+                };
+                row.set_replaced(L, f.relative_error, solved.backend, start.elapsed());
+                layer
+            }
+            Method::Fresh => {
+                let layer = Self::try_build(dev).map_err(|e| FactorizeError::Device {
+                    layer: path.to_string(),
+                    reason: format!("{e:?}"),
+                })?;
+                let err = engine::relative_error(
+                    &w,
+                    &host_f64(&layer.second.weight),
+                    &host_f64(&layer.first.weight),
+                    L,
+                );
+                row.set_replaced(L, err, crate::Backend::Cpu, start.elapsed());
+                layer
+            }
+        };
+        Ok((layer, row))
+    }
+}

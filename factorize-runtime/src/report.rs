@@ -1,0 +1,300 @@
+//! What a factorization did, layer by layer.
+//!
+//! A [`FactorizeReport`] has one [`LayerReport`] per candidate layer, in field order, with its
+//! full path (`encoder.fc1`). Its `Display` is an aligned table with a totals line:
+//!
+//! ```
+//! use factorize_runtime::report::{FactorizeReport, LayerReport, Status};
+//! use factorize_runtime::{cost::LayerKind, Backend};
+//! let mut report = FactorizeReport::default();
+//! report.push(LayerReport::kept("head", LayerKind::Linear, 128, 10, 1, Status::TooNarrow { width: 10, min: 256 }));
+//! let mut row = LayerReport::kept("fc1", LayerKind::Linear, 1024, 4096, 1, Status::Replaced);
+//! row.set_replaced(128, 0.12, Backend::Cpu, std::time::Duration::from_millis(30));
+//! report.push(row);
+//! let text = report.to_string();
+//! assert!(text.contains("fc1") && text.contains("too narrow") && text.contains("total"));
+//! assert_eq!(report.replaced().count(), 1);
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::cost::{dense_macs, factorized_macs, Decision, LayerKind};
+use crate::Backend;
+
+/// What happened to one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Replaced by a factorized pair.
+    Replaced,
+    /// Its kind is disabled by the parameters.
+    Disabled,
+    /// `min(in, out)` is below the minimum width.
+    TooNarrow {
+        /// The smaller width.
+        width: usize,
+        /// The minimum.
+        min: usize,
+    },
+    /// The rank would not save multiply-adds.
+    NoSaving {
+        /// The requested rank.
+        latent: usize,
+        /// The largest saving rank.
+        max_rank: usize,
+    },
+    /// A grouped convolution.
+    Grouped,
+    /// Marked `#[factorize(skip)]`.
+    Skipped,
+}
+
+impl From<Decision> for Status {
+    fn from(d: Decision) -> Self {
+        match d {
+            Decision::Replace { .. } => Status::Replaced,
+            Decision::Disabled => Status::Disabled,
+            Decision::TooNarrow { width, min } => Status::TooNarrow { width, min },
+            Decision::NoSaving { latent, max_rank } => Status::NoSaving { latent, max_rank },
+            Decision::Grouped => Status::Grouped,
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Status::Replaced => write!(f, "replaced"),
+            Status::Disabled => write!(f, "kept: disabled"),
+            Status::TooNarrow { width, min } => write!(f, "kept: too narrow ({width} < {min})"),
+            Status::NoSaving { latent, max_rank } => {
+                write!(f, "kept: no saving (rank {latent} > {max_rank})")
+            }
+            Status::Grouped => write!(f, "kept: grouped"),
+            Status::Skipped => write!(f, "kept: skipped"),
+        }
+    }
+}
+
+/// One layer's row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerReport {
+    /// The layer's path in the model, e.g. `encoder.fc1`.
+    pub path: String,
+    /// Linear or convolution.
+    pub kind: LayerKind,
+    /// Input features or channels.
+    pub in_dim: usize,
+    /// Output features or channels.
+    pub out_dim: usize,
+    /// Kernel size (1 for linears).
+    pub kernel: usize,
+    /// The rank of the replacement; 0 when kept.
+    pub latent: usize,
+    /// Replaced, or why not.
+    pub status: Status,
+    /// Multiply-adds per output position, before.
+    pub macs_before: usize,
+    /// Multiply-adds per output position, after.
+    pub macs_after: usize,
+    /// Parameters (weights and bias), before.
+    pub params_before: usize,
+    /// Parameters, after.
+    pub params_after: usize,
+    /// `‖W − B·A‖_F / ‖W‖_F` of the replacement; `None` when kept.
+    pub relative_error: Option<f64>,
+    /// Where the factorization ran; `None` when kept.
+    pub backend: Option<Backend>,
+    /// Time spent on this layer.
+    pub time: Duration,
+}
+
+impl LayerReport {
+    /// A row for a layer left as it is (or about to be replaced: see [`Self::set_replaced`]).
+    pub fn kept(
+        path: impl Into<String>,
+        kind: LayerKind,
+        in_dim: usize,
+        out_dim: usize,
+        kernel: usize,
+        status: Status,
+    ) -> Self {
+        let macs = dense_macs(in_dim, out_dim, kernel, kernel);
+        let params = macs + out_dim;
+        Self {
+            path: path.into(),
+            kind,
+            in_dim,
+            out_dim,
+            kernel,
+            latent: 0,
+            status,
+            macs_before: macs,
+            macs_after: macs,
+            params_before: params,
+            params_after: params,
+            relative_error: None,
+            backend: None,
+            time: Duration::ZERO,
+        }
+    }
+
+    /// Marks the row replaced by a pair of rank `latent`.
+    pub fn set_replaced(
+        &mut self,
+        latent: usize,
+        relative_error: f64,
+        backend: Backend,
+        time: Duration,
+    ) {
+        let (i, o, k) = (self.in_dim, self.out_dim, self.kernel);
+        self.latent = latent;
+        self.status = Status::Replaced;
+        self.macs_after = factorized_macs(i, latent, o, k, k);
+        self.params_after = self.macs_after + o;
+        self.relative_error = Some(relative_error);
+        self.backend = Some(backend);
+        self.time = time;
+    }
+
+    /// Prefixes the path with a parent's name: `fc1` under `encoder` becomes `encoder.fc1`.
+    pub fn nest(mut self, parent: &str) -> Self {
+        if !parent.is_empty() {
+            self.path = format!("{parent}.{}", self.path);
+        }
+        self
+    }
+}
+
+/// The rows of a whole model, in field order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FactorizeReport {
+    /// One row per candidate layer.
+    pub layers: Vec<LayerReport>,
+}
+
+impl FactorizeReport {
+    /// Appends a row.
+    pub fn push(&mut self, row: LayerReport) {
+        self.layers.push(row);
+    }
+
+    /// Appends a nested model's rows under `parent`.
+    pub fn extend_nested(&mut self, parent: &str, other: FactorizeReport) {
+        self.layers
+            .extend(other.layers.into_iter().map(|r| r.nest(parent)));
+    }
+
+    /// The rows of replaced layers.
+    pub fn replaced(&self) -> impl Iterator<Item = &LayerReport> {
+        self.layers.iter().filter(|r| r.status == Status::Replaced)
+    }
+
+    /// Total multiply-adds per output position of all rows, before and after.
+    pub fn total_macs(&self) -> (usize, usize) {
+        self.layers.iter().fold((0, 0), |(b, a), r| {
+            (b + r.macs_before, a + r.macs_after)
+        })
+    }
+
+    /// Total parameters of all rows, before and after.
+    pub fn total_params(&self) -> (usize, usize) {
+        self.layers.iter().fold((0, 0), |(b, a), r| {
+            (b + r.params_before, a + r.params_after)
+        })
+    }
+
+    /// Total time.
+    pub fn total_time(&self) -> Duration {
+        self.layers.iter().map(|r| r.time).sum()
+    }
+}
+
+fn shape(r: &LayerReport) -> String {
+    if r.kind == LayerKind::Conv2d {
+        format!("{}→{} {}×{}", r.in_dim, r.out_dim, r.kernel, r.kernel)
+    } else {
+        format!("{}→{}", r.in_dim, r.out_dim)
+    }
+}
+
+fn ratio(before: usize, after: usize) -> String {
+    if after == 0 {
+        "-".to_string()
+    } else {
+        format!("{:.2}x", before as f64 / after as f64)
+    }
+}
+
+impl fmt::Display for FactorizeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let header = [
+            "layer", "kind", "shape", "rank", "status", "MACs/pos", "params", "rel err", "backend",
+            "time",
+        ];
+        let mut rows: Vec<[String; 10]> = self
+            .layers
+            .iter()
+            .map(|r| {
+                [
+                    r.path.clone(),
+                    r.kind.name().to_string(),
+                    shape(r),
+                    if r.latent == 0 {
+                        "-".into()
+                    } else {
+                        r.latent.to_string()
+                    },
+                    r.status.to_string(),
+                    format!("{} → {}", r.macs_before, r.macs_after),
+                    format!("{} → {}", r.params_before, r.params_after),
+                    r.relative_error
+                        .map_or("-".into(), |e| format!("{e:.4}")),
+                    r.backend.map_or("-".into(), |b| format!("{b:?}").to_lowercase()),
+                    format!("{:.1} ms", r.time.as_secs_f64() * 1e3),
+                ]
+            })
+            .collect();
+        let (mb, ma) = self.total_macs();
+        let (pb, pa) = self.total_params();
+        rows.push([
+            "total".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            format!("{} of {} replaced", self.replaced().count(), self.layers.len()),
+            format!("{mb} → {ma} ({})", ratio(mb, ma)),
+            format!("{pb} → {pa} ({})", ratio(pb, pa)),
+            String::new(),
+            String::new(),
+            format!("{:.1} ms", self.total_time().as_secs_f64() * 1e3),
+        ]);
+        let mut widths = header.map(|h| h.chars().count());
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let line = |f: &mut fmt::Formatter<'_>, cells: &[String]| -> fmt::Result {
+            let mut text = String::new();
+            for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+                if i > 0 {
+                    text.push_str("  ");
+                }
+                let pad = w - cell.chars().count();
+                text.push_str(cell);
+                text.extend(std::iter::repeat_n(' ', pad));
+            }
+            writeln!(f, "{}", text.trim_end())
+        };
+        line(f, &header.map(String::from))?;
+        let rule: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+        writeln!(f, "{}", "-".repeat(rule))?;
+        let (body, totals) = rows.split_at(rows.len() - 1);
+        for row in body {
+            line(f, row)?;
+        }
+        writeln!(f, "{}", "-".repeat(rule))?;
+        line(f, &totals[0])
+    }
+}

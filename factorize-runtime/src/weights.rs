@@ -1,0 +1,131 @@
+//! Dense weight matrices from safetensors files, and their factorization by the cost rule when
+//! the dims are only known at run time.
+//!
+//! The typed path ([`crate::FactorizedLinear`], `#[derive(Factorizable)]`) fixes the dims at
+//! compile time. Checkpoints inspected before a model type exists (the quickstart's file mode,
+//! a sweep over ranks) use this module instead: [`read_matrices`] loads every rank-2 `f32`/`f64`
+//! tensor, [`factorize_matrix`] applies the same cost rule and engine.
+//!
+//! ```
+//! use factorize_runtime::weights::{factorize_matrix, NamedMatrix};
+//! use factorize_runtime::{FactorizeConfig, FactorizeParams, Status};
+//! let m = NamedMatrix { name: "fc".into(), out_dim: 300, in_dim: 300, data: vec![0.5; 90_000] };
+//! let (row, factors) = factorize_matrix(&m, &FactorizeParams::DEFAULT, &FactorizeConfig::default()).unwrap();
+//! assert_eq!(row.status, Status::Replaced);
+//! assert!(row.relative_error.unwrap() < 1e-6); // a rank-1 matrix
+//! assert_eq!(factors.unwrap().rank, 128);
+//! ```
+
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors};
+
+use crate::cost::{linear_decision, Decision, FactorizeParams, LayerKind};
+use crate::engine::{self, LowRank, WeightMatrix};
+use crate::report::LayerReport;
+use crate::{FactorizeConfig, FactorizeError};
+
+/// A named `[out, in]` row-major matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedMatrix {
+    /// The tensor's name in the file.
+    pub name: String,
+    /// Rows.
+    pub out_dim: usize,
+    /// Columns.
+    pub in_dim: usize,
+    /// Row-major values.
+    pub data: Vec<f64>,
+}
+
+fn load_error(path: &Path, reason: impl ToString) -> FactorizeError {
+    FactorizeError::Load {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Every rank-2 `f32` or `f64` tensor of the safetensors file at `path`, in name order.
+pub fn read_matrices(path: impl AsRef<Path>) -> Result<Vec<NamedMatrix>, FactorizeError> {
+    read_tensors(path, 2)
+}
+
+/// Every tensor of rank `rank` (`f32` or `f64`) of the file, flattened, in name order.
+pub fn read_tensors(
+    path: impl AsRef<Path>,
+    rank: usize,
+) -> Result<Vec<NamedMatrix>, FactorizeError> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| load_error(path, e))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| load_error(path, format!("{e:?}")))?;
+    let mut out = Vec::new();
+    for (name, view) in file.tensors() {
+        let shape = view.shape();
+        if shape.len() != rank {
+            continue;
+        }
+        let data: Vec<f64> = match view.dtype() {
+            Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+                .collect(),
+            Dtype::F64 => view
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                .collect(),
+            _ => continue,
+        };
+        let (out_dim, in_dim) = match shape {
+            [o, i] => (*o, *i),
+            [n] => (1, *n),
+            _ => (shape[0], shape[1..].iter().product()),
+        };
+        out.push(NamedMatrix {
+            name,
+            out_dim,
+            in_dim,
+            data,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Applies the linear cost rule to `m` (as the weight of a `Linear(in → out)`) and, when it
+/// says so, factorizes it. Returns the report row and the factors of a replaced layer.
+pub fn factorize_matrix(
+    m: &NamedMatrix,
+    params: &FactorizeParams,
+    cfg: &FactorizeConfig,
+) -> Result<(LayerReport, Option<LowRank>), FactorizeError> {
+    if let Err((parameter, e)) = params.validate() {
+        return Err(FactorizeError::Parameter {
+            layer: m.name.clone(),
+            parameter,
+            reason: e.to_string(),
+        });
+    }
+    let w = WeightMatrix::new(&m.name, &m.data, m.out_dim, m.in_dim)?;
+    let decision = linear_decision(params, m.in_dim, m.out_dim);
+    let mut row = LayerReport::kept(
+        m.name.clone(),
+        LayerKind::Linear,
+        m.in_dim,
+        m.out_dim,
+        1,
+        decision.into(),
+    );
+    let Decision::Replace { latent } = decision else {
+        return Ok((row, None));
+    };
+    let solved = engine::solve(&w, latent, cfg)?;
+    row.set_replaced(
+        latent,
+        solved.factors.relative_error,
+        solved.backend,
+        solved.time,
+    );
+    Ok((row, Some(solved.factors)))
+}
