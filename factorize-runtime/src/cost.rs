@@ -93,8 +93,7 @@ pub const fn check_latent(latent: Latent, kind: LayerKind) -> Result<(), LatentE
         Latent::Count(_) => Ok(()),
         Latent::Fraction(value) => {
             let limit = kind.fraction_limit();
-            // `!(value >= 0.0)` also rejects NaN.
-            if !(value >= 0.0) || value >= limit {
+            if value.is_nan() || value < 0.0 || value >= limit {
                 Err(LatentError::FractionOutOfRange { value, limit })
             } else {
                 Ok(())
@@ -339,10 +338,10 @@ mod tests {
             (1024, 1024, 1, 511), // 512 exactly
             (384, 1536, 1, 307),  // 589824/1920 = 307.2 → 308 − 1
             (1536, 384, 1, 307),
-            (256, 256, 3, 230),   // 2304·256/2560 = 230.4 → 231 − 1
-            (64, 64, 7, 62),      // 3136·64/3200 = 62.72 → 63 − 1
-            (512, 512, 7, 501),   // 25088·512/25600 = 501.76 → 502 − 1
-            (1, 1, 1, 0),         // 1/2 → 1 − 1
+            (256, 256, 3, 230), // 2304·256/2560 = 230.4 → 231 − 1
+            (64, 64, 7, 62),    // 3136·64/3200 = 62.72 → 63 − 1
+            (512, 512, 7, 501), // 25088·512/25600 = 501.76 → 502 − 1
+            (1, 1, 1, 0),       // 1/2 → 1 − 1
             (0, 5, 1, 0),
             (3, 0, 3, 0),
         ];
@@ -386,7 +385,10 @@ mod tests {
             latent_features: Latent::Count(64),
             ..P
         };
-        assert_eq!(linear_decision(&p, 256, 256), Decision::Replace { latent: 64 });
+        assert_eq!(
+            linear_decision(&p, 256, 256),
+            Decision::Replace { latent: 64 }
+        );
         // Disabled.
         let p = FactorizeParams {
             factorize_linears: false,
@@ -424,9 +426,15 @@ mod tests {
     #[test]
     fn conv_rule_table() {
         // 1×1 conv behaves like a linear: 256 → 256 at 0.25 gives rank 64 <= 127.
-        assert_eq!(conv_decision(&P, 256, 256, 1, 1), Decision::Replace { latent: 64 });
+        assert_eq!(
+            conv_decision(&P, 256, 256, 1, 1),
+            Decision::Replace { latent: 64 }
+        );
         // 3×3 256 → 256: rank 64 <= 230.
-        assert_eq!(conv_decision(&P, 256, 256, 3, 1), Decision::Replace { latent: 64 });
+        assert_eq!(
+            conv_decision(&P, 256, 256, 3, 1),
+            Decision::Replace { latent: 64 }
+        );
         // 7×7 512 → 512 at 0.99: rank 506 > 501.
         let p = FactorizeParams {
             latent_channels: Latent::Fraction(0.99),
@@ -444,7 +452,10 @@ mod tests {
             latent_channels: Latent::Count(501),
             ..P
         };
-        assert_eq!(conv_decision(&p, 512, 512, 7, 1), Decision::Replace { latent: 501 });
+        assert_eq!(
+            conv_decision(&p, 512, 512, 7, 1),
+            Decision::Replace { latent: 501 }
+        );
         // Grouped convolutions are left alone.
         assert_eq!(conv_decision(&P, 512, 512, 3, 2), Decision::Grouped);
         // Narrow.

@@ -11,7 +11,7 @@ pub mod synthetic;
 pub mod weights;
 
 pub use config::{Backend, FactorizeConfig, Method, Precision};
-pub use cost::{Decision, FactorizeParams, LayerKind, Latent};
+pub use cost::{Decision, FactorizeParams, Latent, LayerKind};
 pub use error::FactorizeError;
 pub use linear::FactorizedLinear;
 

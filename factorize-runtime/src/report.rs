@@ -192,9 +192,9 @@ impl FactorizeReport {
 
     /// Total multiply-adds per output position of all rows, before and after.
     pub fn total_macs(&self) -> (usize, usize) {
-        self.layers.iter().fold((0, 0), |(b, a), r| {
-            (b + r.macs_before, a + r.macs_after)
-        })
+        self.layers
+            .iter()
+            .fold((0, 0), |(b, a), r| (b + r.macs_before, a + r.macs_after))
     }
 
     /// Total parameters of all rows, before and after.
@@ -248,9 +248,9 @@ impl fmt::Display for FactorizeReport {
                     r.status.to_string(),
                     format!("{} → {}", r.macs_before, r.macs_after),
                     format!("{} → {}", r.params_before, r.params_after),
-                    r.relative_error
-                        .map_or("-".into(), |e| format!("{e:.4}")),
-                    r.backend.map_or("-".into(), |b| format!("{b:?}").to_lowercase()),
+                    r.relative_error.map_or("-".into(), |e| format!("{e:.4}")),
+                    r.backend
+                        .map_or("-".into(), |b| format!("{b:?}").to_lowercase()),
                     format!("{:.1} ms", r.time.as_secs_f64() * 1e3),
                 ]
             })
@@ -262,7 +262,11 @@ impl fmt::Display for FactorizeReport {
             String::new(),
             String::new(),
             String::new(),
-            format!("{} of {} replaced", self.replaced().count(), self.layers.len()),
+            format!(
+                "{} of {} replaced",
+                self.replaced().count(),
+                self.layers.len()
+            ),
             format!("{mb} → {ma} ({})", ratio(mb, ma)),
             format!("{pb} → {pa} ({})", ratio(pb, pa)),
             String::new(),

@@ -22,15 +22,25 @@ fn check(out_dim: usize, in_dim: usize, sigma: &[f64], rank: usize, precision: P
         (measured - optimum).abs() <= tol,
         "{out_dim}x{in_dim} rank {rank} {precision:?}: error {measured} vs optimum {optimum}"
     );
-    assert!((f.relative_error - measured).abs() <= tol, "reported error is the real one");
+    assert!(
+        (f.relative_error - measured).abs() <= tol,
+        "reported error is the real one"
+    );
     // Singular values: nonincreasing, and the leading ones match the spectrum.
     for pair in f.singular_values.windows(2) {
-        assert!(pair[0] >= pair[1] * (1.0 - 1e-6), "{:?}", &f.singular_values[..4]);
+        assert!(
+            pair[0] >= pair[1] * (1.0 - 1e-6),
+            "{:?}",
+            &f.singular_values[..4]
+        );
     }
     let scale = 1e-5 * sigma[0];
     assert!((f.singular_values[0] - sigma[0]).abs() < scale.max(1e-5));
     // The split is balanced: both factors of a direction have the same norm √σ.
-    let col_norm = (0..out_dim).map(|i| f.second[i * rank].powi(2)).sum::<f64>().sqrt();
+    let col_norm = (0..out_dim)
+        .map(|i| f.second[i * rank].powi(2))
+        .sum::<f64>()
+        .sqrt();
     let row_norm = (0..in_dim).map(|j| f.first[j].powi(2)).sum::<f64>().sqrt();
     assert!((col_norm - row_norm).abs() < 1e-4 * col_norm.max(1e-12));
 }
@@ -65,7 +75,11 @@ fn iterative_path_is_used_and_stops_early() {
     let w = matrix_with_spectrum(512, 512, &sigma, 5);
     let m = WeightMatrix::new("it", &w, 512, 512).unwrap();
     let f = low_rank(&m, 16, Precision::F64).unwrap();
-    assert!(f.iterations > 0 && f.iterations < 40, "iterations {}", f.iterations);
+    assert!(
+        f.iterations > 0 && f.iterations < 40,
+        "iterations {}",
+        f.iterations
+    );
 }
 
 #[test]
@@ -84,7 +98,9 @@ fn special_matrices() {
     assert!((f.singular_values[0] - (600.0f64).sqrt()).abs() < 1e-10);
     // identity: every rank-k truncation has error sqrt((n-k)/n).
     let n = 16;
-    let eye: Vec<f64> = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
+    let eye: Vec<f64> = (0..n * n)
+        .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+        .collect();
     let m = WeightMatrix::new("eye", &eye, n, n).unwrap();
     let f = low_rank(&m, 4, Precision::F64).unwrap();
     assert!((f.relative_error - (12.0f64 / 16.0).sqrt()).abs() < 1e-12);
@@ -114,7 +130,17 @@ fn bad_input_is_an_error_naming_the_layer() {
 
     let w = vec![1.0; 12];
     let e = WeightMatrix::new("fc", &w, 5, 4).unwrap_err();
-    assert!(matches!(e, FactorizeError::Shape { expected: 20, actual: 12, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            FactorizeError::Shape {
+                expected: 20,
+                actual: 12,
+                ..
+            }
+        ),
+        "{e}"
+    );
 
     let m = WeightMatrix::new("fc", &w, 3, 4).unwrap();
     for rank in [0, 4] {
@@ -133,7 +159,10 @@ fn cuda_backend_without_gpu_engine_is_a_clear_error() {
         ..Default::default()
     };
     let e = solve(&m, 1, &cfg).unwrap_err();
-    assert!(matches!(e, FactorizeError::BackendUnavailable { .. }), "{e}");
+    assert!(
+        matches!(e, FactorizeError::BackendUnavailable { .. }),
+        "{e}"
+    );
     let auto = solve(&m, 1, &FactorizeConfig::default()).unwrap();
     assert_eq!(auto.backend, Backend::Cpu);
 }

@@ -81,20 +81,28 @@ fn weights_are_the_truncated_svd_and_the_bias_moves_to_the_second_map() {
     let mut err = 0.0f64;
     for o in 0..48 {
         for i in 0..64 {
-            let p: f64 = (0..12).map(|k| b[o * 12 + k] as f64 * a[k * 64 + i] as f64).sum();
+            let p: f64 = (0..12)
+                .map(|k| b[o * 12 + k] as f64 * a[k * 64 + i] as f64)
+                .sum();
             err += (w[o * 64 + i] as f64 - p).powi(2);
         }
     }
     let norm = frob(&w, &vec![0.0; w.len()]);
     let measured = err.sqrt() / norm;
     let optimum = optimal_relative_error(&sigma, 12);
-    assert!((measured / optimum - 1.0).abs() < 1e-4, "{measured} vs {optimum}");
+    assert!(
+        (measured / optimum - 1.0).abs() < 1e-4,
+        "{measured} vs {optimum}"
+    );
     // The report row.
     assert_eq!(row.path, "block.fc");
     assert_eq!(row.status, Status::Replaced);
     assert_eq!((row.latent, row.in_dim, row.out_dim), (12, 64, 48));
     assert_eq!((row.macs_before, row.macs_after), (64 * 48, 12 * (64 + 48)));
-    assert_eq!((row.params_before, row.params_after), (64 * 48 + 48, 12 * 112 + 48));
+    assert_eq!(
+        (row.params_before, row.params_after),
+        (64 * 48 + 48, 12 * 112 + 48)
+    );
     assert!((row.relative_error.unwrap() / optimum - 1.0).abs() < 1e-4);
     assert_eq!(row.backend, Some(Backend::Cpu));
     // The source is untouched.
@@ -145,7 +153,13 @@ fn trains_with_a_dfdx_optimizer() {
     let dev = Dev::seed_from_u64(0);
     let mut f = FactorizedLinear::<8, 4, 3, f32, Dev>::build(&dev);
     let mut grads = f.alloc_grads();
-    let mut opt = Sgd::new(&f, SgdConfig { lr: 0.05, ..Default::default() });
+    let mut opt = Sgd::new(
+        &f,
+        SgdConfig {
+            lr: 0.05,
+            ..Default::default()
+        },
+    );
     let x: Tensor<Rank2<32, 8>, f32, Dev> = dev.sample_normal();
     let target: Tensor<Rank2<32, 3>, f32, Dev> = dev.sample_normal();
     let mut losses = Vec::new();
@@ -173,7 +187,17 @@ fn bad_weights_are_an_error_and_the_source_is_untouched() {
         &FactorizeConfig::default(),
     )
     .unwrap_err();
-    assert!(matches!(e, FactorizeError::NonFinite { tensor: "weight", index: 5, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            FactorizeError::NonFinite {
+                tensor: "weight",
+                index: 5,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("`head`"));
     let mut b = dense.bias.as_vec();
     w[5] = 0.0;
@@ -182,12 +206,25 @@ fn bad_weights_are_an_error_and_the_source_is_untouched() {
     dense.bias.copy_from(&b);
     let e = FactorizedLinear::<6, 2, 4, f32, Dev>::from_linear(&dense, &FactorizeConfig::default())
         .unwrap_err();
-    assert!(matches!(e, FactorizeError::NonFinite { tensor: "bias", .. }), "{e}");
+    assert!(
+        matches!(e, FactorizeError::NonFinite { tensor: "bias", .. }),
+        "{e}"
+    );
     // A rank above min(I, O) is refused.
     b[1] = 0.5;
     dense.bias.copy_from(&b);
     let e = FactorizedLinear::<6, 5, 4, f32, Dev>::from_linear(&dense, &FactorizeConfig::default())
         .unwrap_err();
-    assert!(matches!(e, FactorizeError::Rank { rank: 5, max: 4, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            FactorizeError::Rank {
+                rank: 5,
+                max: 4,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert_eq!(dense.bias.as_vec(), b);
 }

@@ -118,7 +118,11 @@ fn solve<T: Real>(w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, Factoriz
 
     // W = M (wide): second = left [out, L], first = rightᵀ [L, in].
     // W = Mᵀ (tall): second = right [out, L], first = leftᵀ [L, in].
-    let (second_mat, first_t) = if wide { (&left, &right) } else { (&right, &left) };
+    let (second_mat, first_t) = if wide {
+        (&left, &right)
+    } else {
+        (&right, &left)
+    };
     let second = row_major(second_mat.as_ref());
     let first = row_major(first_t.transpose());
     Ok(LowRank {

@@ -1,0 +1,41 @@
+//! Shared helpers of the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The real all-MiniLM-L6-v2 data (`../shared/data/minilm`, or `$FACTORIZE_MINILM_DIR`).
+///
+/// `None` with a printed skip line when it is absent on a user's machine; under CI (`CI=true`)
+/// its absence fails the test, so a broken checkout cannot pass silently.
+pub fn minilm_dir(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("FACTORIZE_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/minilm"));
+    if dir.join("weights.safetensors").is_file() {
+        return Some(dir);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: MiniLM data missing at {} under CI", dir.display());
+    }
+    println!(
+        "skipped {test}: MiniLM data not found at {} (set FACTORIZE_MINILM_DIR)",
+        dir.display()
+    );
+    None
+}
+
+/// Singular values of a row-major `[rows, cols]` matrix, in f64, by faer's full SVD.
+pub fn singular_values(data: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let m = faer::MatRef::from_column_major_slice(data, cols, rows);
+    let s = m.singular_values().expect("svd");
+    let mut s: Vec<f64> = s.into_iter().collect();
+    s.sort_by(|a, b| b.total_cmp(a));
+    s
+}
+
+/// The Eckart–Young optimum from a spectrum.
+pub fn optimum(sigma: &[f64], rank: usize) -> f64 {
+    let total: f64 = sigma.iter().map(|s| s * s).sum();
+    let tail: f64 = sigma[rank..].iter().map(|s| s * s).sum();
+    (tail / total).sqrt()
+}
