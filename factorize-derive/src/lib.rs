@@ -1,1 +1,50 @@
+//! The `#[derive(Factorizable)]` and `#[mirror]` macros of `factorize_runtime`.
+//!
+//! Use them through `factorize_runtime`, which re-exports them: generated code names only
+//! `::factorize_runtime::…` paths. See `factorize_runtime::Factorizable` for the full story.
 
+mod codegen;
+mod internals;
+
+use proc_macro::TokenStream;
+use syn::{parse_macro_input, DeriveInput};
+
+use internals::{ast::Container, check, ctxt::Ctxt};
+
+/// Derives `Factorizable` and generates `{Name}Factorized`; see `factorize_runtime`.
+#[proc_macro_derive(Factorizable, attributes(factorize))]
+pub fn derive_factorizable(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand_derive(&input)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+fn expand_derive(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
+    let mut cx = Ctxt::default();
+    let cont = Container::from_ast(&mut cx, input);
+    if let Some(cont) = &cont {
+        check::check(&mut cx, cont);
+    }
+    cx.check()?;
+    match cont {
+        Some(cont) => Ok(codegen::expand(&cont)),
+        None => Ok(proc_macro2::TokenStream::new()),
+    }
+}
+
+/// Copies the `impl` block it annotates onto the factorized variant, so the model's forward is
+/// written once: `#[mirror] impl Module<X> for Mlp<E, D> { .. }` also implements it for
+/// `MlpFactorized<E, D>`.
+#[proc_macro_attribute]
+pub fn mirror(args: TokenStream, item: TokenStream) -> TokenStream {
+    if !args.is_empty() {
+        let args = proc_macro2::TokenStream::from(args);
+        return syn::Error::new_spanned(args, "#[mirror] takes no arguments")
+            .into_compile_error()
+            .into();
+    }
+    codegen::mirror::expand(item.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}

@@ -19,7 +19,9 @@ fn bench(c: &mut Criterion) {
             let m = WeightMatrix::new("bench", &w, out_dim, in_dim).unwrap();
             let w32 = faer::Mat::<f32>::from_fn(out_dim, in_dim, |i, j| w[i * in_dim + j] as f32);
             let w64 = faer::Mat::<f64>::from_fn(out_dim, in_dim, |i, j| w[i * in_dim + j]);
-            let mut g = c.benchmark_group(format!("factorize/{out_dim}x{in_dim}/rank{RANK}/{spectrum}"));
+            let mut g = c.benchmark_group(format!(
+                "factorize/{out_dim}x{in_dim}/rank{RANK}/{spectrum}"
+            ));
             g.sample_size(10);
             for p in [Precision::F32, Precision::F64] {
                 g.bench_function(BenchmarkId::new("truncated", format!("{p:?}")), |b| {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod cost;
 pub mod engine;
 mod error;
+mod factorizable;
 mod linear;
 pub mod report;
 pub mod synthetic;
@@ -13,6 +14,12 @@ pub mod weights;
 pub use config::{Backend, FactorizeConfig, Method, Precision};
 pub use cost::{Decision, FactorizeParams, Latent, LayerKind};
 pub use error::FactorizeError;
+pub use factorizable::Factorizable;
+pub use factorize_derive::{mirror, Factorizable};
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
 pub use linear::FactorizedLinear;
 
 /// Builder types, as in `dfdx::nn::builders`.

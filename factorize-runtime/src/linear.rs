@@ -105,6 +105,15 @@ where
     }
 }
 
+/// `count` values uniform in `±1/sqrt(fan_in)`, reproducible from `seed`.
+pub(crate) fn fresh_uniform(count: usize, fan_in: usize, seed: u64) -> Vec<f64> {
+    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+    let mut rng = crate::engine::Gaussian::new(seed);
+    (0..count)
+        .map(|_| (2.0 * rng.uniform() - 1.0) * bound)
+        .collect()
+}
+
 /// Reads a tensor to `f64` on the host.
 pub(crate) fn host_f64<S: Shape, E: Dtype, D: Device<E>>(t: &Tensor<S, E, D>) -> Vec<f64> {
     t.as_vec()
@@ -131,10 +140,8 @@ pub(crate) fn to_device<S: Shape, E: Dtype, D: Device<E>>(
         })
 }
 
-impl<const I: usize, const L: usize, const O: usize, E, D> FactorizedLinear<I, L, O, E, D>
-where
-    E: Dtype + Float + SampleUniform,
-    D: Device<E>,
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
+    FactorizedLinear<I, L, O, E, D>
 {
     /// Builds the factorized layer from `linear` as `cfg` says (truncated SVD by default).
     ///
@@ -179,16 +186,20 @@ where
                 layer
             }
             Method::Fresh => {
-                let layer = Self::try_build(dev).map_err(|e| FactorizeError::Device {
-                    layer: path.to_string(),
-                    reason: format!("{e:?}"),
-                })?;
-                let err = engine::relative_error(
-                    &w,
-                    &host_f64(&layer.second.weight),
-                    &host_f64(&layer.first.weight),
-                    L,
-                );
+                // PyTorch's (and dfdx's) default init: uniform in ±1/sqrt(fan_in), here from a
+                // fixed-seed stream so that runs are reproducible.
+                let first = fresh_uniform(L * I, I, 1);
+                let second = fresh_uniform(O * L, L, 2);
+                let err = engine::relative_error(&w, &second, &first, L);
+                let layer = FactorizedLinear {
+                    first: UnbiasedLinear {
+                        weight: to_device(dev, &first, (Const::<L>, Const::<I>), path)?,
+                    },
+                    second: Linear {
+                        weight: to_device(dev, &second, (Const::<O>, Const::<L>), path)?,
+                        bias: to_device(dev, &fresh_uniform(O, L, 3), (Const::<O>,), path)?,
+                    },
+                };
                 row.set_replaced(L, err, crate::Backend::Cpu, start.elapsed());
                 layer
             }

@@ -1,0 +1,157 @@
+//! The type of each field in the factorized variant, and the expression that builds it.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+
+use super::params_ident;
+use crate::internals::ast::{Container, Field, Node};
+use crate::internals::attr::LatentValue;
+
+const P: &str = "::factorize_runtime::__private";
+
+fn private() -> TokenStream {
+    P.parse().unwrap_or_default()
+}
+
+/// The cost-rule parameters of one field: the struct's, with the field's overrides.
+pub fn field_params(cont: &Container<'_>, field: &Field<'_>) -> TokenStream {
+    let base = params_ident(&cont.input.ident);
+    let pv = private();
+    let mut overrides = Vec::new();
+    if let Some(latent) = &field.attrs.latent {
+        let t = latent.tokens();
+        overrides.push(quote!(latent_features: #t));
+    }
+    if let Some(v) = field.attrs.min_features {
+        overrides.push(quote!(min_features: #v));
+    }
+    if let Some(v) = field.attrs.min_channels {
+        overrides.push(quote!(min_channels: #v));
+    }
+    if overrides.is_empty() {
+        quote!(#base)
+    } else {
+        quote!(#pv::FactorizeParams { #(#overrides,)* ..#base })
+    }
+}
+
+/// The field's type in the variant.
+pub fn node_type(node: &Node<'_>, params: &TokenStream, field: &Field<'_>) -> TokenStream {
+    let pv = private();
+    let skip = field.attrs.skip.is_some();
+    match node {
+        Node::Linear(d) if skip => {
+            let ty = d.ty;
+            quote!(#ty)
+        }
+        Node::Linear(d) => {
+            let (i, o, e, dev) = (d.in_dim, d.out_dim, d.dtype, d.device);
+            if d.generic_dim.is_some() {
+                let k = forced_rank(field);
+                return quote_spanned!(d.ty.span()=> ::factorize_runtime::FactorizedLinear<#i, #k, #o, #e, #dev>);
+            }
+            let (vi, vo) = (dim(i), dim(o));
+            quote_spanned! {d.ty.span()=>
+                <#pv::Pick<{ #pv::linear_decision(&#params, #vi, #vo).is_replace() }>
+                    as #pv::ChooseLinear<#i, { #pv::linear_decision(&#params, #vi, #vo).latent() }, #o, #e, #dev>>::Out
+            }
+        }
+        Node::Tuple(items) => {
+            let items = items.iter().map(|n| node_type(n, params, field));
+            quote!(( #(#items,)* ))
+        }
+        Node::Other(ty) if skip => quote!(#ty),
+        Node::Other(ty) => {
+            quote_spanned!(ty.span()=> <#ty as #pv::Factorizable>::Factorized)
+        }
+    }
+}
+
+/// The expression building the field of the variant from `access` (a reference to the
+/// original), reporting under `path` (a `&str` expression).
+pub fn node_value(
+    node: &Node<'_>,
+    params: &TokenStream,
+    field: &Field<'_>,
+    access: TokenStream,
+    path: TokenStream,
+) -> TokenStream {
+    let pv = private();
+    let skip = field.attrs.skip.is_some();
+    match node {
+        Node::Linear(_) if skip => quote!(#pv::skipped_linear(#path, #access, __report)),
+        Node::Linear(d) => {
+            let (i, o, e, dev) = (d.in_dim, d.out_dim, d.dtype, d.device);
+            let (vi, vo) = (dim(i), dim(o));
+            if d.generic_dim.is_some() {
+                let k = forced_rank(field);
+                let message = format!(
+                    "#[factorize(latent = {k})] on field `{}` breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*out/(in+out)) - 1, and min(in, out) at least min_features",
+                    field.ident
+                );
+                return quote_spanned! {d.ty.span()=>
+                    {
+                        const {
+                            ::core::assert!(
+                                #pv::linear_decision(&#params, #vi, #vo).is_replace(),
+                                #message
+                            )
+                        };
+                        #pv::forced_linear::<#i, #k, #o, #e, #dev>(#path, #access, __cfg, __report)?
+                    }
+                };
+            }
+            quote_spanned! {d.ty.span()=>
+                <#pv::Pick<{ #pv::linear_decision(&#params, #vi, #vo).is_replace() }>
+                    as #pv::FactorizeLinear<#i, { #pv::linear_decision(&#params, #vi, #vo).latent() }, #o, #e, #dev>>::build(
+                        #path,
+                        #access,
+                        #pv::linear_decision(&#params, #vi, #vo),
+                        __cfg,
+                        __report,
+                    )?
+            }
+        }
+        Node::Tuple(items) => {
+            let items = items.iter().enumerate().map(|(k, n)| {
+                let index = syn::Index::from(k);
+                let name = k.to_string();
+                node_value(
+                    n,
+                    params,
+                    field,
+                    quote!(&(#access).#index),
+                    quote!(&#pv::join(#path, #name)),
+                )
+            });
+            quote!(( #(#items,)* ))
+        }
+        Node::Other(_) if skip => quote!(::core::clone::Clone::clone(#access)),
+        Node::Other(ty) => quote_spanned! {ty.span()=>
+            #pv::Factorizable::factorize_into(#access, #path, __cfg, __report)?
+        },
+    }
+}
+
+/// A dim as a value expression: `{ N * 2 }` as written in a type becomes `(N * 2)`, so the
+/// generated call does not trip `unused_braces` in the user's crate.
+fn dim(arg: &syn::GenericArgument) -> TokenStream {
+    if let syn::GenericArgument::Const(syn::Expr::Block(b)) = arg {
+        if let [syn::Stmt::Expr(e, None)] = b.block.stmts.as_slice() {
+            return quote!((#e));
+        }
+    }
+    quote!(#arg)
+}
+
+fn forced_rank(field: &Field<'_>) -> TokenStream {
+    match field.attrs.latent {
+        Some(LatentValue::Count(k, _)) => {
+            let k = k as usize;
+            quote!(#k)
+        }
+        // Rejected by the checks before code generation.
+        _ => quote!(0usize),
+    }
+}

@@ -1,0 +1,304 @@
+//! Parsing of `#[factorize(...)]` on the struct and on its fields.
+
+use proc_macro2::{Span, TokenStream};
+use quote::quote;
+use syn::meta::ParseNestedMeta;
+use syn::spanned::Spanned;
+use syn::{Attribute, Lit};
+
+use super::ctxt::Ctxt;
+use super::symbol::*;
+
+/// A latent size as written: an integer rank or a fraction.
+#[derive(Clone, Copy)]
+pub enum LatentValue {
+    Count(u64, Span),
+    Fraction(f64, Span),
+}
+
+impl LatentValue {
+    pub fn span(&self) -> Span {
+        match self {
+            LatentValue::Count(_, s) | LatentValue::Fraction(_, s) => *s,
+        }
+    }
+
+    pub fn tokens(&self) -> TokenStream {
+        match self {
+            LatentValue::Count(n, _) => {
+                let n = *n as usize;
+                quote!(::factorize_runtime::__private::Latent::Count(#n))
+            }
+            LatentValue::Fraction(f, _) => {
+                quote!(::factorize_runtime::__private::Latent::Fraction(#f))
+            }
+        }
+    }
+
+    /// Checks the value for a layer kind whose fractions lie in `[0, limit)`.
+    pub fn check(&self, cx: &mut Ctxt, key: &str, limit: f64) {
+        match *self {
+            LatentValue::Count(0, span) => cx.syn_error(syn::Error::new(
+                span,
+                format!(
+                    "`{key}` must be at least 1 (an integer rank) or a fraction in [0, {limit})"
+                ),
+            )),
+            LatentValue::Fraction(f, span) if !(0.0..limit).contains(&f) => {
+                cx.syn_error(syn::Error::new(
+                    span,
+                    format!("`{key}` as a fraction must lie in [0, {limit}), got {f}"),
+                ))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// An attribute value with the span of its key, to report duplicates.
+struct Slot<T> {
+    value: Option<(T, Span)>,
+}
+
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Self { value: None }
+    }
+}
+
+impl<T> Slot<T> {
+    fn set(&mut self, cx: &mut Ctxt, key: &str, span: Span, value: T) {
+        if self.value.is_some() {
+            cx.syn_error(syn::Error::new(
+                span,
+                format!("duplicate factorize attribute `{key}`"),
+            ));
+        } else {
+            self.value = Some((value, span));
+        }
+    }
+
+    fn get(self) -> Option<T> {
+        self.value.map(|(v, _)| v)
+    }
+}
+
+/// The six parameters given on the struct; unset ones take Composer's defaults.
+#[derive(Default)]
+pub struct ContainerAttrs {
+    pub factorize_convs: Option<bool>,
+    pub factorize_linears: Option<bool>,
+    pub min_channels: Option<usize>,
+    pub latent_channels: Option<LatentValue>,
+    pub min_features: Option<usize>,
+    pub latent_features: Option<LatentValue>,
+}
+
+impl ContainerAttrs {
+    pub fn parse(cx: &mut Ctxt, attrs: &[Attribute]) -> Self {
+        let mut convs = Slot::default();
+        let mut linears = Slot::default();
+        let mut min_ch = Slot::default();
+        let mut lat_ch = Slot::default();
+        let mut min_f = Slot::default();
+        let mut lat_f = Slot::default();
+        for attr in attrs.iter().filter(|a| a.path().is_ident(FACTORIZE)) {
+            let result = attr.parse_nested_meta(|meta| {
+                let key = key_of(&meta);
+                let span = meta.path.span();
+                match key.as_str() {
+                    FACTORIZE_CONVS => {
+                        convs.set(cx, FACTORIZE_CONVS, span, parse_bool(&meta, &key)?)
+                    }
+                    FACTORIZE_LINEARS => {
+                        linears.set(cx, FACTORIZE_LINEARS, span, parse_bool(&meta, &key)?)
+                    }
+                    MIN_CHANNELS => min_ch.set(cx, MIN_CHANNELS, span, parse_usize(&meta, &key)?),
+                    LATENT_CHANNELS => {
+                        let v = parse_latent(&meta, &key)?;
+                        v.check(cx, LATENT_CHANNELS, 1.0);
+                        lat_ch.set(cx, LATENT_CHANNELS, span, v)
+                    }
+                    MIN_FEATURES => min_f.set(cx, MIN_FEATURES, span, parse_usize(&meta, &key)?),
+                    LATENT_FEATURES => {
+                        let v = parse_latent(&meta, &key)?;
+                        v.check(cx, LATENT_FEATURES, 0.5);
+                        lat_f.set(cx, LATENT_FEATURES, span, v)
+                    }
+                    SKIP | LATENT => {
+                        return Err(
+                            meta.error(format!("`{key}` belongs on a field, not on the struct"))
+                        )
+                    }
+                    _ => return Err(unknown(&meta, &key, "struct", CONTAINER_KEYS)),
+                }
+                Ok(())
+            });
+            if let Err(e) = result {
+                cx.syn_error(e);
+            }
+        }
+        Self {
+            factorize_convs: convs.get(),
+            factorize_linears: linears.get(),
+            min_channels: min_ch.get(),
+            latent_channels: lat_ch.get(),
+            min_features: min_f.get(),
+            latent_features: lat_f.get(),
+        }
+    }
+
+    /// A `FactorizeParams` expression with these values over the defaults.
+    pub fn params_tokens(&self) -> TokenStream {
+        let mut fields = Vec::new();
+        if let Some(v) = self.factorize_convs {
+            fields.push(quote!(factorize_convs: #v));
+        }
+        if let Some(v) = self.factorize_linears {
+            fields.push(quote!(factorize_linears: #v));
+        }
+        if let Some(v) = self.min_channels {
+            fields.push(quote!(min_channels: #v));
+        }
+        if let Some(v) = &self.latent_channels {
+            let t = v.tokens();
+            fields.push(quote!(latent_channels: #t));
+        }
+        if let Some(v) = self.min_features {
+            fields.push(quote!(min_features: #v));
+        }
+        if let Some(v) = &self.latent_features {
+            let t = v.tokens();
+            fields.push(quote!(latent_features: #t));
+        }
+        quote! {
+            ::factorize_runtime::__private::FactorizeParams {
+                #(#fields,)*
+                ..::factorize_runtime::__private::FactorizeParams::DEFAULT
+            }
+        }
+    }
+}
+
+/// `#[factorize(skip)]`, `#[factorize(latent = ..)]` and per-field minimum widths.
+#[derive(Default)]
+pub struct FieldAttrs {
+    pub skip: Option<Span>,
+    pub latent: Option<LatentValue>,
+    pub min_features: Option<usize>,
+    pub min_channels: Option<usize>,
+}
+
+impl FieldAttrs {
+    pub fn parse(cx: &mut Ctxt, attrs: &[Attribute]) -> Self {
+        let mut skip = Slot::default();
+        let mut latent = Slot::default();
+        let mut min_f = Slot::default();
+        let mut min_ch = Slot::default();
+        for attr in attrs.iter().filter(|a| a.path().is_ident(FACTORIZE)) {
+            let result = attr.parse_nested_meta(|meta| {
+                let key = key_of(&meta);
+                let span = meta.path.span();
+                match key.as_str() {
+                    SKIP => {
+                        if meta.input.peek(syn::Token![=]) {
+                            return Err(meta.error("`skip` takes no value: write `#[factorize(skip)]`"));
+                        }
+                        skip.set(cx, SKIP, span, span)
+                    }
+                    LATENT => latent.set(cx, LATENT, span, parse_latent(&meta, &key)?),
+                    MIN_FEATURES => min_f.set(cx, MIN_FEATURES, span, parse_usize(&meta, &key)?),
+                    MIN_CHANNELS => min_ch.set(cx, MIN_CHANNELS, span, parse_usize(&meta, &key)?),
+                    FACTORIZE_CONVS | FACTORIZE_LINEARS | LATENT_CHANNELS | LATENT_FEATURES => {
+                        return Err(meta.error(format!(
+                            "`{key}` belongs on the struct; on a field use `latent`, `min_features`, `min_channels` or `skip`"
+                        )))
+                    }
+                    _ => return Err(unknown(&meta, &key, "field", FIELD_KEYS)),
+                }
+                Ok(())
+            });
+            if let Err(e) = result {
+                cx.syn_error(e);
+            }
+        }
+        let attrs = Self {
+            skip: skip.get(),
+            latent: latent.get(),
+            min_features: min_f.get(),
+            min_channels: min_ch.get(),
+        };
+        if let (Some(span), true) = (
+            attrs.skip,
+            attrs.latent.is_some() || attrs.min_features.is_some() || attrs.min_channels.is_some(),
+        ) {
+            cx.syn_error(syn::Error::new(
+                span,
+                "a skipped field takes no other factorize attribute",
+            ));
+        }
+        attrs
+    }
+}
+
+fn key_of(meta: &ParseNestedMeta<'_>) -> String {
+    meta.path
+        .get_ident()
+        .map(|i| i.to_string())
+        .unwrap_or_else(|| {
+            let path = &meta.path;
+            quote!(#path).to_string().replace(' ', "")
+        })
+}
+
+fn unknown(meta: &ParseNestedMeta<'_>, key: &str, place: &str, expected: &[&str]) -> syn::Error {
+    meta.error(format!(
+        "unknown factorize {place} attribute `{key}`; expected one of: {}",
+        expected.join(", ")
+    ))
+}
+
+fn value_lit(meta: &ParseNestedMeta<'_>, key: &str, expected: &str) -> syn::Result<Lit> {
+    if !meta.input.peek(syn::Token![=]) {
+        return Err(meta.error(format!("`{key}` needs a value: `{key} = {expected}`")));
+    }
+    let expr: syn::Expr = meta.value()?.parse()?;
+    match expr {
+        syn::Expr::Lit(syn::ExprLit { lit, .. }) => Ok(lit),
+        other => Err(syn::Error::new_spanned(
+            other,
+            format!("`{key}` expects {expected}, written as a literal"),
+        )),
+    }
+}
+
+fn parse_bool(meta: &ParseNestedMeta<'_>, key: &str) -> syn::Result<bool> {
+    match value_lit(meta, key, "`true` or `false`")? {
+        Lit::Bool(b) => Ok(b.value),
+        other => Err(syn::Error::new_spanned(
+            other,
+            format!("`{key}` expects `true` or `false`"),
+        )),
+    }
+}
+
+fn parse_usize(meta: &ParseNestedMeta<'_>, key: &str) -> syn::Result<usize> {
+    match value_lit(meta, key, "an integer")? {
+        Lit::Int(i) => i.base10_parse::<usize>(),
+        other => Err(syn::Error::new_spanned(
+            other,
+            format!("`{key}` expects an integer"),
+        )),
+    }
+}
+
+fn parse_latent(meta: &ParseNestedMeta<'_>, key: &str) -> syn::Result<LatentValue> {
+    match value_lit(meta, key, "an integer rank or a fraction")? {
+        Lit::Int(i) => Ok(LatentValue::Count(i.base10_parse::<u64>()?, i.span())),
+        Lit::Float(f) => Ok(LatentValue::Fraction(f.base10_parse::<f64>()?, f.span())),
+        other => Err(syn::Error::new_spanned(
+            other,
+            format!("`{key}` expects an integer rank (e.g. 128) or a fraction (e.g. 0.25)"),
+        )),
+    }
+}

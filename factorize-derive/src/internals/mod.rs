@@ -1,0 +1,7 @@
+//! Parsing and checking, apart from code generation.
+
+pub mod ast;
+pub mod attr;
+pub mod check;
+pub mod ctxt;
+pub mod symbol;

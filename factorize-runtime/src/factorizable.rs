@@ -1,0 +1,117 @@
+//! The [`Factorizable`] trait: a model that can build its factorized variant.
+//!
+//! `#[derive(Factorizable)]` implements it for a dfdx model struct (see the crate docs for an
+//! example). It is also implemented here for the dfdx modules that are carried over unchanged
+//! (activations, normalisations, embeddings, dropout, `UnbiasedLinear`), for this crate's
+//! factorized layers, and for dfdx tuples of such modules, so that they can be fields of a
+//! derived model or parts of a nested one.
+
+use dfdx::nn::modules::*;
+use dfdx::prelude::{Device, Dtype};
+
+use crate::report::FactorizeReport;
+use crate::{FactorizeConfig, FactorizeError};
+
+/// A model that can build its factorized variant from its own weights.
+///
+/// The variant takes and returns the same tensor types. `self` is only borrowed: on any error
+/// nothing has changed.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a module that `#[derive(Factorizable)]` can carry over or factorize",
+    label = "not Factorizable",
+    note = "derive `Factorizable` for it, write `Linear<..>` or the tuple type out in the field \
+            (aliases hide it from the derive), or mark the field `#[factorize(skip)]` to copy it as is"
+)]
+pub trait Factorizable {
+    /// The factorized variant: same fields, big layers replaced where the cost rule says so.
+    type Factorized;
+
+    /// Builds the variant, appending one report row per candidate layer, with paths under `path`.
+    fn factorize_into(
+        &self,
+        path: &str,
+        cfg: &FactorizeConfig,
+        report: &mut FactorizeReport,
+    ) -> Result<Self::Factorized, FactorizeError>;
+
+    /// Builds the variant.
+    fn factorize(&self, cfg: &FactorizeConfig) -> Result<Self::Factorized, FactorizeError> {
+        self.factorize_into("", cfg, &mut FactorizeReport::default())
+    }
+
+    /// Builds the variant and reports, layer by layer, what was replaced and what it cost.
+    fn factorize_with_report(
+        &self,
+        cfg: &FactorizeConfig,
+    ) -> Result<(Self::Factorized, FactorizeReport), FactorizeError> {
+        let mut report = FactorizeReport::default();
+        let model = self.factorize_into("", cfg, &mut report)?;
+        Ok((model, report))
+    }
+}
+
+/// Modules without anything to factorize: the variant is a copy.
+macro_rules! carried_over {
+    ($([$($generics:tt)*] $ty:ty;)*) => {$(
+        impl<$($generics)*> Factorizable for $ty {
+            type Factorized = Self;
+            fn factorize_into(
+                &self,
+                _path: &str,
+                _cfg: &FactorizeConfig,
+                _report: &mut FactorizeReport,
+            ) -> Result<Self, FactorizeError> {
+                Ok(self.clone())
+            }
+        }
+    )*};
+}
+
+carried_over! {
+    [] ReLU;
+    [] FastGeLU;
+    [] AccurateGeLU;
+    [] Sigmoid;
+    [] Tanh;
+    [] Sin;
+    [] Cos;
+    [] Exp;
+    [] Ln;
+    [] Square;
+    [] Sqrt;
+    [] Abs;
+    [] Softmax;
+    [] Dropout;
+    [const N: usize] DropoutOneIn<N>;
+    [const M: usize, E: Dtype, D: Device<E>] LayerNorm1D<M, E, D>;
+    [const C: usize, E: Dtype, D: Device<E>] BatchNorm1D<C, E, D>;
+    [const V: usize, const M: usize, E: Dtype, D: Device<E>] Embedding<V, M, E, D>;
+    [const I: usize, const O: usize, E: Dtype, D: Device<E>] UnbiasedLinear<I, O, E, D>;
+    [const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>]
+        crate::FactorizedLinear<I, L, O, E, D>;
+}
+
+macro_rules! tuples {
+    ($([$($name:ident $idx:tt),+])*) => {$(
+        impl<$($name: Factorizable),+> Factorizable for ($($name,)+) {
+            type Factorized = ($($name::Factorized,)+);
+            fn factorize_into(
+                &self,
+                path: &str,
+                cfg: &FactorizeConfig,
+                report: &mut FactorizeReport,
+            ) -> Result<Self::Factorized, FactorizeError> {
+                Ok(($(self.$idx.factorize_into(&crate::__private::join(path, stringify!($idx)), cfg, report)?,)+))
+            }
+        }
+    )*};
+}
+
+tuples! {
+    [A 0]
+    [A 0, B 1]
+    [A 0, B 1, C 2]
+    [A 0, B 1, C 2, F 3]
+    [A 0, B 1, C 2, F 3, G 4]
+    [A 0, B 1, C 2, F 3, G 4, H 5]
+}
