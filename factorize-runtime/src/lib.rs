@@ -1,4 +1,94 @@
-//! factorize: cheaper dfdx networks by splitting big linear operators into pairs of small ones.
+//! Cheaper [dfdx](https://docs.rs/dfdx/0.13) networks: big linear layers split into pairs of
+//! small ones, chosen by the compiler and filled from the trained weights.
+//!
+//! A `Linear(I → O)` costs `I·O` multiply-adds per row; `Linear(I → L, no bias)` followed by
+//! `Linear(L → O)` costs `L·(I + O)`. The cost rule ([`cost`], MosaicML Composer's `Factorize`
+//! rule) replaces a layer only when that is strictly cheaper and the layer is wide enough.
+//!
+//! # The derive
+//!
+//! `#[derive(Factorizable)]` on a dfdx model struct generates `{Name}Factorized`, whose field
+//! types the compiler picks by evaluating the cost rule on each `Linear`'s dims, and
+//! `impl Factorizable for {Name}`, which builds it from the model's weights by truncated SVD.
+//! `#[mirror]` on the model's `Module` impl gives the variant the same forward.
+//!
+//! ```
+//! use dfdx::nn::modules::{Linear, ReLU};
+//! use dfdx::prelude::*;
+//! use factorize_runtime::{mirror, Factorizable, FactorizeConfig, FactorizedLinear};
+//!
+//! const D_MODEL: usize = 512;
+//!
+//! #[derive(Factorizable)]
+//! #[factorize(latent_features = 64)] // the six parameters, Composer's names and defaults
+//! pub struct Ffn<E: Dtype, D: Device<E>> {
+//!     pub up: Linear<D_MODEL, { 4 * D_MODEL }, E, D>, // replaced: 64 <= break-even 409
+//!     pub act: ReLU,                                  // carried over
+//!     pub down: Linear<{ 4 * D_MODEL }, D_MODEL, E, D>,
+//!     pub head: Linear<D_MODEL, 10, E, D>,             // kept: narrower than min_features
+//! }
+//!
+//! #[mirror]
+//! impl<E: Dtype, D: Device<E>, B: Dim> Module<Tensor<(B, Const<D_MODEL>), E, D>> for Ffn<E, D> {
+//!     type Output = Tensor<(B, Const<10>), E, D>;
+//!     type Error = D::Err;
+//!     fn try_forward(&self, x: Tensor<(B, Const<D_MODEL>), E, D>) -> Result<Self::Output, D::Err> {
+//!         let h = self.act.try_forward(self.up.try_forward(x)?)?;
+//!         self.head.try_forward(self.down.try_forward(h)?)
+//!     }
+//! }
+//!
+//! let dev: Cpu = Default::default();
+//! let model = Ffn::<f32, Cpu> {
+//!     up: BuildModule::build(&dev),
+//!     act: ReLU,
+//!     down: BuildModule::build(&dev),
+//!     head: BuildModule::build(&dev),
+//! };
+//! let (small, report) = model.factorize_with_report(&FactorizeConfig::default())?;
+//! println!("{report}");
+//! let _: &FactorizedLinear<512, 64, 2048, f32, Cpu> = &small.up; // chosen at compile time
+//! let _: &Linear<512, 10, f32, Cpu> = &small.head;
+//! let y: Tensor<Rank2<3, 10>, f32, Cpu> = small.forward(dev.zeros::<Rank2<3, 512>>());
+//! # Ok::<(), factorize_runtime::FactorizeError>(())
+//! ```
+//!
+//! Dims that are the struct's own const generics cannot be used by the rule in a type on
+//! stable Rust: such a field needs an explicit `#[factorize(latent = N)]`, and the rule is then
+//! checked when the model is instantiated. This fails to build, because rank 200 saves nothing
+//! on a 256 → 256 layer (break-even 127):
+//!
+//! ```compile_fail,E0080
+//! use dfdx::nn::modules::Linear;
+//! use dfdx::prelude::*;
+//! use factorize_runtime::{Factorizable, FactorizeConfig};
+//!
+//! #[derive(Factorizable)]
+//! pub struct Square<const N: usize, E: Dtype, D: Device<E>> {
+//!     #[factorize(latent = 200)]
+//!     pub fc: Linear<N, N, E, D>,
+//! }
+//!
+//! let dev: Cpu = Default::default();
+//! let m = Square::<256, f32, Cpu> { fc: BuildModule::build(&dev) };
+//! let _ = m.factorize(&FactorizeConfig::default());
+//! ```
+//!
+//! # Attributes
+//! - On the struct: `factorize_convs`, `factorize_linears` (bool), `min_channels`,
+//!   `min_features` (integer), `latent_channels` (rank or fraction in `[0, 1)`),
+//!   `latent_features` (rank or fraction in `[0, 0.5)`).
+//! - On a field: `skip` (copy as is), `latent = N | f`, `min_features`, `min_channels`.
+//!
+//! Fields may be dfdx `Linear`s, tuples of modules written out (dfdx's sequential models),
+//! structs that derive `Factorizable` (their rows appear as `field.sub`), and the dfdx modules
+//! listed in [`Factorizable`]'s implementors, carried over unchanged. Anything else is a compile
+//! error at the field, unless marked `skip`.
+//!
+//! # Layers and engines
+//! [`FactorizedLinear`] is the factorized layer; [`engine`] computes truncated factorizations
+//! with the Eckart–Young optimal error; [`weights`] handles checkpoints whose dims are only known
+//! at run time; [`report`] describes what happened.
 #![warn(missing_docs)]
 
 pub mod config;
@@ -16,14 +106,14 @@ pub use cost::{Decision, FactorizeParams, Latent, LayerKind};
 pub use error::FactorizeError;
 pub use factorizable::Factorizable;
 pub use factorize_derive::{mirror, Factorizable};
-
-#[doc(hidden)]
-#[path = "private.rs"]
-pub mod __private;
 pub use linear::FactorizedLinear;
+pub use report::{FactorizeReport, LayerReport, Status};
 
 /// Builder types, as in `dfdx::nn::builders`.
 pub mod builders {
     pub use crate::linear::builder::FactorizedLinear;
 }
-pub use report::{FactorizeReport, LayerReport, Status};
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;

@@ -67,7 +67,10 @@ impl<T> Default for Slot<T> {
 }
 
 impl<T> Slot<T> {
-    fn set(&mut self, cx: &mut Ctxt, key: &str, span: Span, value: T) {
+    fn set(&mut self, cx: &mut Ctxt, key: &str, span: Span, value: Option<T>) {
+        let Some(value) = value else {
+            return;
+        };
         if self.value.is_some() {
             cx.syn_error(syn::Error::new(
                 span,
@@ -108,21 +111,33 @@ impl ContainerAttrs {
                 let span = meta.path.span();
                 match key.as_str() {
                     FACTORIZE_CONVS => {
-                        convs.set(cx, FACTORIZE_CONVS, span, parse_bool(&meta, &key)?)
+                        let v = parse_bool(cx, &meta, &key)?;
+                        convs.set(cx, FACTORIZE_CONVS, span, v)
                     }
                     FACTORIZE_LINEARS => {
-                        linears.set(cx, FACTORIZE_LINEARS, span, parse_bool(&meta, &key)?)
+                        let v = parse_bool(cx, &meta, &key)?;
+                        linears.set(cx, FACTORIZE_LINEARS, span, v)
                     }
-                    MIN_CHANNELS => min_ch.set(cx, MIN_CHANNELS, span, parse_usize(&meta, &key)?),
+                    MIN_CHANNELS => {
+                        let v = parse_usize(cx, &meta, &key)?;
+                        min_ch.set(cx, MIN_CHANNELS, span, v)
+                    }
                     LATENT_CHANNELS => {
-                        let v = parse_latent(&meta, &key)?;
-                        v.check(cx, LATENT_CHANNELS, 1.0);
+                        let v = parse_latent(cx, &meta, &key)?;
+                        if let Some(v) = &v {
+                            v.check(cx, LATENT_CHANNELS, 1.0);
+                        }
                         lat_ch.set(cx, LATENT_CHANNELS, span, v)
                     }
-                    MIN_FEATURES => min_f.set(cx, MIN_FEATURES, span, parse_usize(&meta, &key)?),
+                    MIN_FEATURES => {
+                        let v = parse_usize(cx, &meta, &key)?;
+                        min_f.set(cx, MIN_FEATURES, span, v)
+                    }
                     LATENT_FEATURES => {
-                        let v = parse_latent(&meta, &key)?;
-                        v.check(cx, LATENT_FEATURES, 0.5);
+                        let v = parse_latent(cx, &meta, &key)?;
+                        if let Some(v) = &v {
+                            v.check(cx, LATENT_FEATURES, 0.5);
+                        }
                         lat_f.set(cx, LATENT_FEATURES, span, v)
                     }
                     SKIP | LATENT => {
@@ -204,11 +219,20 @@ impl FieldAttrs {
                         if meta.input.peek(syn::Token![=]) {
                             return Err(meta.error("`skip` takes no value: write `#[factorize(skip)]`"));
                         }
-                        skip.set(cx, SKIP, span, span)
+                        skip.set(cx, SKIP, span, Some(span))
                     }
-                    LATENT => latent.set(cx, LATENT, span, parse_latent(&meta, &key)?),
-                    MIN_FEATURES => min_f.set(cx, MIN_FEATURES, span, parse_usize(&meta, &key)?),
-                    MIN_CHANNELS => min_ch.set(cx, MIN_CHANNELS, span, parse_usize(&meta, &key)?),
+                    LATENT => {
+                        let v = parse_latent(cx, &meta, &key)?;
+                        latent.set(cx, LATENT, span, v)
+                    }
+                    MIN_FEATURES => {
+                        let v = parse_usize(cx, &meta, &key)?;
+                        min_f.set(cx, MIN_FEATURES, span, v)
+                    }
+                    MIN_CHANNELS => {
+                        let v = parse_usize(cx, &meta, &key)?;
+                        min_ch.set(cx, MIN_CHANNELS, span, v)
+                    }
                     FACTORIZE_CONVS | FACTORIZE_LINEARS | LATENT_CHANNELS | LATENT_FEATURES => {
                         return Err(meta.error(format!(
                             "`{key}` belongs on the struct; on a field use `latent`, `min_features`, `min_channels` or `skip`"
@@ -258,47 +282,80 @@ fn unknown(meta: &ParseNestedMeta<'_>, key: &str, place: &str, expected: &[&str]
     ))
 }
 
-fn value_lit(meta: &ParseNestedMeta<'_>, key: &str, expected: &str) -> syn::Result<Lit> {
+/// The literal value of `key = <lit>`. A missing `=` aborts this attribute (`Err`); a value of the
+/// wrong kind is recorded in `cx` and parsing goes on with the next key (`Ok(None)`), so that
+/// every bad value is reported at once.
+fn value_lit(
+    cx: &mut Ctxt,
+    meta: &ParseNestedMeta<'_>,
+    key: &str,
+    expected: &str,
+) -> syn::Result<Option<Lit>> {
     if !meta.input.peek(syn::Token![=]) {
         return Err(meta.error(format!("`{key}` needs a value: `{key} = {expected}`")));
     }
-    let expr: syn::Expr = meta.value()?.parse()?;
+    let mut expr: syn::Expr = meta.value()?.parse()?;
+    // A literal passed through a `macro_rules!` fragment arrives in an invisible group.
+    while let syn::Expr::Group(g) = expr {
+        expr = *g.expr;
+    }
     match expr {
-        syn::Expr::Lit(syn::ExprLit { lit, .. }) => Ok(lit),
-        other => Err(syn::Error::new_spanned(
-            other,
-            format!("`{key}` expects {expected}, written as a literal"),
-        )),
+        syn::Expr::Lit(syn::ExprLit { lit, .. }) => Ok(Some(lit)),
+        other => {
+            cx.error_spanned_by(
+                other,
+                format!("`{key}` expects {expected}, written as a literal"),
+            );
+            Ok(None)
+        }
     }
 }
 
-fn parse_bool(meta: &ParseNestedMeta<'_>, key: &str) -> syn::Result<bool> {
-    match value_lit(meta, key, "`true` or `false`")? {
-        Lit::Bool(b) => Ok(b.value),
-        other => Err(syn::Error::new_spanned(
-            other,
-            format!("`{key}` expects `true` or `false`"),
-        )),
-    }
+fn parse_bool(cx: &mut Ctxt, meta: &ParseNestedMeta<'_>, key: &str) -> syn::Result<Option<bool>> {
+    Ok(match value_lit(cx, meta, key, "`true` or `false`")? {
+        Some(Lit::Bool(b)) => Some(b.value),
+        Some(other) => {
+            cx.error_spanned_by(other, format!("`{key}` expects `true` or `false`"));
+            None
+        }
+        None => None,
+    })
 }
 
-fn parse_usize(meta: &ParseNestedMeta<'_>, key: &str) -> syn::Result<usize> {
-    match value_lit(meta, key, "an integer")? {
-        Lit::Int(i) => i.base10_parse::<usize>(),
-        other => Err(syn::Error::new_spanned(
-            other,
-            format!("`{key}` expects an integer"),
-        )),
-    }
+fn parse_usize(cx: &mut Ctxt, meta: &ParseNestedMeta<'_>, key: &str) -> syn::Result<Option<usize>> {
+    Ok(match value_lit(cx, meta, key, "an integer")? {
+        Some(Lit::Int(i)) => match i.base10_parse::<usize>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                cx.syn_error(e);
+                None
+            }
+        },
+        Some(other) => {
+            cx.error_spanned_by(other, format!("`{key}` expects an integer"));
+            None
+        }
+        None => None,
+    })
 }
 
-fn parse_latent(meta: &ParseNestedMeta<'_>, key: &str) -> syn::Result<LatentValue> {
-    match value_lit(meta, key, "an integer rank or a fraction")? {
-        Lit::Int(i) => Ok(LatentValue::Count(i.base10_parse::<u64>()?, i.span())),
-        Lit::Float(f) => Ok(LatentValue::Fraction(f.base10_parse::<f64>()?, f.span())),
-        other => Err(syn::Error::new_spanned(
+fn parse_latent(
+    cx: &mut Ctxt,
+    meta: &ParseNestedMeta<'_>,
+    key: &str,
+) -> syn::Result<Option<LatentValue>> {
+    let parsed = match value_lit(cx, meta, key, "an integer rank or a fraction")? {
+        Some(Lit::Int(i)) => i
+            .base10_parse::<u64>()
+            .map(|v| LatentValue::Count(v, i.span())),
+        Some(Lit::Float(f)) => f
+            .base10_parse::<f64>()
+            .map(|v| LatentValue::Fraction(v, f.span())),
+        Some(other) => Err(syn::Error::new_spanned(
             other,
             format!("`{key}` expects an integer rank (e.g. 128) or a fraction (e.g. 0.25)"),
         )),
-    }
+        None => return Ok(None),
+    };
+    Ok(parsed.map_err(|e| cx.syn_error(e)).ok())
 }

@@ -1,0 +1,403 @@
+//! `#[derive(Factorizable)]` end to end: which fields are replaced, the variant's forward,
+//! reports, exactness, save/load.
+
+mod common;
+
+use dfdx::nn::modules::{LayerNorm1D, Linear, ReLU};
+use dfdx::prelude::*;
+use factorize_runtime::cost::{linear_decision, FactorizeParams, Latent};
+use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
+use factorize_runtime::weights::read_matrices;
+use factorize_runtime::{
+    mirror, Factorizable, FactorizeConfig, FactorizeError, FactorizedLinear, Status,
+};
+
+type Dev = Cpu;
+const D_MODEL: usize = 512;
+const D_FF: usize = 2 * D_MODEL;
+
+/// A transformer FFN block: named consts and a const expression as dims.
+#[derive(Factorizable)]
+pub struct Ffn<E: Dtype, D: Device<E>> {
+    pub up: Linear<D_MODEL, D_FF, E, D>,
+    pub act: ReLU,
+    pub down: Linear<{ D_MODEL * 2 }, D_MODEL, E, D>,
+}
+
+#[mirror]
+impl<E: Dtype, D: Device<E>, B: Dim> Module<Tensor<(B, Const<D_MODEL>), E, D>> for Ffn<E, D> {
+    type Output = Tensor<(B, Const<D_MODEL>), E, D>;
+    type Error = D::Err;
+    fn try_forward(&self, x: Tensor<(B, Const<D_MODEL>), E, D>) -> Result<Self::Output, D::Err> {
+        self.down
+            .try_forward(self.act.try_forward(self.up.try_forward(x)?)?)
+    }
+}
+
+/// The dfdx custom-module idiom: the original's TensorCollection, written by hand.
+impl<E: Dtype + num_traits::Float + rand_distr::uniform::SampleUniform, D: Device<E>>
+    TensorCollection<E, D> for Ffn<E, D>
+{
+    type To<E2: Dtype, D2: Device<E2>> = Ffn<E2, D2>;
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        visitor.visit_fields(
+            (
+                Self::module("up", |s| &s.up, |s| &mut s.up),
+                Self::module("down", |s| &s.down, |s| &mut s.down),
+            ),
+            |(up, down)| Ffn {
+                up,
+                act: ReLU,
+                down,
+            },
+        )
+    }
+}
+
+/// Nested struct, a tuple field (dfdx sequential), a skipped field, a narrow field, a rank
+/// above break-even, a carried-over LayerNorm, struct-level parameters.
+#[derive(Factorizable)]
+#[factorize(latent_features = 64, min_features = 300)]
+pub struct Encoder<E: Dtype, D: Device<E>> {
+    /// Keeps its own parameters (latent 128).
+    pub ffn: Ffn<E, D>,
+    pub norm: LayerNorm1D<D_MODEL, E, D>,
+    pub seq: (Linear<512, 512, E, D>, ReLU, Linear<512, 260, E, D>),
+    #[factorize(skip)]
+    pub frozen: Linear<512, 512, E, D>,
+    #[factorize(latent = 300)]
+    pub too_big: Linear<512, 512, E, D>,
+    #[factorize(latent = 0.25, min_features = 200)]
+    pub own: Linear<512, 256, E, D>,
+}
+
+#[mirror]
+impl<E: Dtype, D: Device<E>> Module<Tensor<Rank2<4, D_MODEL>, E, D>> for Encoder<E, D> {
+    type Output = Tensor<Rank2<4, 256>, E, D>;
+    type Error = D::Err;
+    fn try_forward(&self, x: Tensor<Rank2<4, D_MODEL>, E, D>) -> Result<Self::Output, D::Err> {
+        let x = self.norm.try_forward(self.ffn.try_forward(x)?)?;
+        let x = self.frozen.try_forward(self.too_big.try_forward(x)?)?;
+        let _ = self.seq.try_forward(x.clone())?;
+        self.own.try_forward(x)
+    }
+}
+
+/// Dims from the struct's own const generics: replaced only with an explicit latent.
+#[derive(Factorizable)]
+pub struct Square<const N: usize, E: Dtype, D: Device<E>> {
+    #[factorize(latent = 64)]
+    pub fc: Linear<N, N, E, D>,
+    #[factorize(skip)]
+    pub other: Linear<N, 8, E, D>,
+}
+
+fn build<M: BuildModule<Dev, f32>>(dev: &Dev) -> M {
+    M::build(dev)
+}
+
+fn ffn(dev: &Dev) -> Ffn<f32, Dev> {
+    Ffn {
+        up: build(dev),
+        act: ReLU,
+        down: build(dev),
+    }
+}
+
+fn encoder(dev: &Dev) -> Encoder<f32, Dev> {
+    Encoder {
+        ffn: ffn(dev),
+        norm: build(dev),
+        seq: (build(dev), ReLU, build(dev)),
+        frozen: build(dev),
+        too_big: build(dev),
+        own: build(dev),
+    }
+}
+
+fn set_spectrum<const I: usize, const O: usize>(l: &mut Linear<I, O, f32, Dev>, sigma: &[f64]) {
+    let w: Vec<f32> = matrix_with_spectrum(O, I, sigma, (I * 31 + O) as u64)
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
+    l.weight.copy_from(&w);
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn fields_are_replaced_exactly_as_the_rule_says() {
+    let dev: Dev = Default::default();
+    let model = encoder(&dev);
+    let (f, report) = model
+        .factorize_with_report(&FactorizeConfig::default())
+        .unwrap();
+    // The compiler chose these types; naming them here is the test.
+    let _: &FactorizedLinear<D_MODEL, 128, D_FF, f32, Dev> = &f.ffn.up;
+    let _: &FactorizedLinear<D_FF, 128, D_MODEL, f32, Dev> = &f.ffn.down;
+    let _: &LayerNorm1D<D_MODEL, f32, Dev> = &f.norm;
+    let _: &FactorizedLinear<512, 64, 512, f32, Dev> = &f.seq.0;
+    let _: &Linear<512, 260, f32, Dev> = &f.seq.2; // 260 < min_features 300
+    let _: &Linear<512, 512, f32, Dev> = &f.frozen;
+    let _: &Linear<512, 512, f32, Dev> = &f.too_big; // 300 > break-even 255
+    let _: &FactorizedLinear<512, 64, 256, f32, Dev> = &f.own; // 0.25 · 256, min 200
+    let rows: Vec<(&str, Status)> = report
+        .layers
+        .iter()
+        .map(|r| (r.path.as_str(), r.status))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("ffn.up", Status::Replaced),
+            ("ffn.down", Status::Replaced),
+            ("seq.0", Status::Replaced),
+            (
+                "seq.2",
+                Status::TooNarrow {
+                    width: 260,
+                    min: 300
+                }
+            ),
+            ("frozen", Status::Skipped),
+            (
+                "too_big",
+                Status::NoSaving {
+                    latent: 300,
+                    max_rank: 255
+                }
+            ),
+            ("own", Status::Replaced),
+        ]
+    );
+    // Same input and output types as the original.
+    let x: Tensor<Rank2<4, D_MODEL>, f32, Dev> = dev.sample_normal();
+    let _: Tensor<Rank2<4, 256>, f32, Dev> = f.forward(x.clone());
+    let _: Tensor<Rank2<4, 256>, f32, Dev> = model.forward(x);
+}
+
+#[test]
+fn carried_over_fields_are_bitwise_copies_and_the_source_is_untouched() {
+    let dev: Dev = Default::default();
+    let model = encoder(&dev);
+    let before: Vec<Vec<f32>> = [&model.frozen, &model.too_big, &model.seq.0]
+        .iter()
+        .map(|l| l.weight.as_vec())
+        .collect();
+    let f = model.factorize(&FactorizeConfig::default()).unwrap();
+    assert_eq!(f.frozen.weight.as_vec(), before[0]);
+    assert_eq!(f.too_big.weight.as_vec(), before[1]);
+    assert_eq!(f.seq.2.bias.as_vec(), model.seq.2.bias.as_vec());
+    assert_eq!(f.norm.gamma.as_vec(), model.norm.gamma.as_vec());
+    let after: Vec<Vec<f32>> = [&model.frozen, &model.too_big, &model.seq.0]
+        .iter()
+        .map(|l| l.weight.as_vec())
+        .collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn an_error_names_the_layer_and_leaves_the_model_as_it_was() {
+    let dev: Dev = Default::default();
+    let mut model = encoder(&dev);
+    let mut w = model.own.weight.as_vec();
+    w[3] = f32::NAN;
+    model.own.weight.copy_from(&w);
+    let snapshot = model.ffn.up.weight.as_vec();
+    let e = model.factorize(&FactorizeConfig::default()).unwrap_err();
+    assert!(
+        matches!(e, FactorizeError::NonFinite { ref layer, .. } if layer == "own"),
+        "{e}"
+    );
+    assert_eq!(model.ffn.up.weight.as_vec(), snapshot);
+}
+
+#[test]
+fn outputs_are_unchanged_when_weights_have_rank_at_most_latent() {
+    let dev: Dev = Default::default();
+    let mut model = ffn(&dev);
+    set_spectrum(&mut model.up, &power_law(100, 0.5));
+    set_spectrum(&mut model.down, &power_law(128, 0.5));
+    let f = model.factorize(&FactorizeConfig::default()).unwrap();
+    let x: Tensor<Rank2<16, D_MODEL>, f32, Dev> = dev.sample_normal();
+    let y0 = model.forward(x.clone()).as_vec();
+    let y1 = f.forward(x).as_vec();
+    assert!(rel(&y0, &y1) <= 1e-5, "{}", rel(&y0, &y1));
+}
+
+#[test]
+fn generic_dims_with_explicit_latent() {
+    let dev: Dev = Default::default();
+    let m = Square::<512, f32, Dev> {
+        fc: build(&dev),
+        other: build(&dev),
+    };
+    let (f, report) = m
+        .factorize_with_report(&FactorizeConfig::default())
+        .unwrap();
+    let _: &FactorizedLinear<512, 64, 512, f32, Dev> = &f.fc;
+    assert_eq!(report.layers[0].status, Status::Replaced);
+    assert_eq!(report.layers[1].status, Status::Skipped);
+}
+
+#[test]
+fn works_for_f64_models() {
+    let dev: Dev = Default::default();
+    let m: Ffn<f64, Dev> = Ffn {
+        up: BuildModule::build(&dev),
+        act: ReLU,
+        down: BuildModule::build(&dev),
+    };
+    let f = m.factorize(&FactorizeConfig::default()).unwrap();
+    let x: Tensor<Rank2<2, D_MODEL>, f64, Dev> = dev.sample_normal();
+    let _: Tensor<Rank2<2, D_MODEL>, f64, Dev> = f.forward(x);
+}
+
+#[test]
+fn variant_saves_and_loads_with_identical_outputs() {
+    let dev: Dev = Default::default();
+    let f = ffn(&dev).factorize(&FactorizeConfig::default()).unwrap();
+    let dir = std::env::temp_dir().join(format!("factorize-derive-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ffn_factorized.safetensors");
+    f.save_safetensors(&path).unwrap();
+    let mut g = FfnFactorized::<f32, Dev>::build(&dev);
+    g.load_safetensors(&path).unwrap();
+    let x: Tensor<Rank2<8, D_MODEL>, f32, Dev> = dev.sample_normal();
+    assert_eq!(f.forward(x.clone()).as_vec(), g.forward(x).as_vec());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn dense_checkpoint_to_factorized_checkpoint() {
+    // The documented flow: load a dense checkpoint, factorize once, save, deploy the variant.
+    let dev: Dev = Default::default();
+    let dir = std::env::temp_dir().join(format!("factorize-flow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (dense_path, small_path) = (dir.join("dense.safetensors"), dir.join("small.safetensors"));
+    let trained = ffn(&dev);
+    trained.save_safetensors(&dense_path).unwrap();
+
+    let mut model = Ffn::<f32, Dev>::build(&dev);
+    model.load_safetensors(&dense_path).unwrap();
+    model
+        .factorize(&FactorizeConfig::default())
+        .unwrap()
+        .save_safetensors(&small_path)
+        .unwrap();
+
+    let mut deployed = FfnFactorized::<f32, Dev>::build(&dev);
+    deployed.load_safetensors(&small_path).unwrap();
+    let direct = trained.factorize(&FactorizeConfig::default()).unwrap();
+    let x: Tensor<Rank2<8, D_MODEL>, f32, Dev> = dev.sample_normal();
+    assert_eq!(
+        deployed.forward(x.clone()).as_vec(),
+        direct.forward(x).as_vec()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The real MiniLM FFN weights: each layer's error equals its SVD optimum.
+#[derive(Factorizable)]
+pub struct MiniLmFfn<E: Dtype, D: Device<E>> {
+    pub up: Linear<384, 1536, E, D>,
+    pub down: Linear<1536, 384, E, D>,
+}
+
+#[test]
+fn real_minilm_ffn_layers_meet_their_optimum() {
+    let Some(dir) = common::minilm_dir("derive on MiniLM FFN") else {
+        return;
+    };
+    let matrices = read_matrices(dir.join("weights.safetensors")).unwrap();
+    let dev: Dev = Default::default();
+    for layer in ["layer0", "layer5"] {
+        let get = |name: &str| {
+            matrices
+                .iter()
+                .find(|m| m.name == format!("{layer}.{name}.weight"))
+                .unwrap()
+        };
+        let (up, down) = (get("ffn_up"), get("ffn_down"));
+        let mut m = MiniLmFfn::<f32, Dev> {
+            up: build(&dev),
+            down: build(&dev),
+        };
+        m.up.weight
+            .copy_from(&up.data.iter().map(|x| *x as f32).collect::<Vec<_>>());
+        m.down
+            .weight
+            .copy_from(&down.data.iter().map(|x| *x as f32).collect::<Vec<_>>());
+        let (_, report) = m
+            .factorize_with_report(&FactorizeConfig::default())
+            .unwrap();
+        for (row, w) in report.layers.iter().zip([up, down]) {
+            let sigma = common::singular_values(&w.data, w.out_dim, w.in_dim);
+            let optimum = common::optimum(&sigma, 128);
+            let got = row.relative_error.unwrap();
+            assert!(
+                (got / optimum - 1.0).abs() <= 1e-4,
+                "{layer}.{}: {got} vs {optimum}",
+                row.path
+            );
+        }
+    }
+}
+
+/// Property: over a spread of widths, a field is replaced exactly when the cost rule says so.
+macro_rules! width_cases {
+    ($($name:ident: $i:literal x $o:literal latent $l:literal;)*) => {
+        $(
+            #[derive(Factorizable)]
+            #[factorize(latent_features = $l, min_features = 64)]
+            pub struct $name<E: Dtype, D: Device<E>> {
+                pub fc: Linear<$i, $o, E, D>,
+            }
+        )*
+
+        #[test]
+        fn replaced_exactly_when_the_rule_says_so() {
+            let dev: Dev = Default::default();
+            $(
+                let m = $name::<f32, Dev> { fc: build(&dev) };
+                let f = m.factorize(&FactorizeConfig::default()).unwrap();
+                let params = FactorizeParams {
+                    latent_features: Latent::Count($l),
+                    min_features: 64,
+                    ..FactorizeParams::DEFAULT
+                };
+                let expected = linear_decision(&params, $i, $o).is_replace();
+                let replaced = std::any::type_name_of_val(&f.fc).contains("FactorizedLinear");
+                assert_eq!(replaced, expected, "{} ({} → {}, latent {})", stringify!($name), $i, $o, $l);
+            )*
+        }
+    };
+}
+
+// Widths and ranks drawn once from a seeded generator, plus the break-even edges.
+width_cases! {
+    W0: 64 x 64 latent 31;
+    W1: 64 x 64 latent 32;
+    W2: 96 x 200 latent 64;
+    W3: 96 x 200 latent 65;
+    W4: 300 x 70 latent 56;
+    W5: 300 x 70 latent 57;
+    W6: 63 x 500 latent 8;
+    W7: 128 x 129 latent 64;
+    W8: 128 x 128 latent 64;
+    W9: 257 x 333 latent 144;
+    W10: 257 x 333 latent 145;
+    W11: 181 x 97 latent 40;
+    W12: 450 x 64 latent 56;
+    W13: 450 x 64 latent 57;
+}

@@ -1,0 +1,11 @@
+use dfdx::nn::modules::Linear;
+use dfdx::prelude::*;
+use factorize_runtime::Factorizable;
+
+#[derive(Factorizable)]
+#[factorize(min_features = 64, min_features = 128)]
+pub struct Model<E: Dtype, D: Device<E>> {
+    pub fc: Linear<512, 512, E, D>,
+}
+
+fn main() {}
