@@ -18,25 +18,52 @@
 
 use std::time::{Duration, Instant};
 
-use dfdx::nn::modules::Linear;
+use dfdx::nn::modules::{AccurateGeLU, LayerNorm1D, Linear};
 use dfdx::prelude::*;
-use factorize_runtime::cost::linear_decision;
 use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
-use factorize_runtime::weights::{factorize_matrix, read_matrices, read_tensors};
+use factorize_runtime::weights::{factorize_matrix, read_matrices, read_tensors, NamedMatrix};
 use factorize_runtime::{
-    FactorizeConfig, FactorizeError, FactorizeParams, FactorizeReport, FactorizedLinear,
+    mirror, Factorizable, FactorizeConfig, FactorizeError, FactorizeParams, FactorizeReport,
 };
 
 const D_MODEL: usize = 1024;
-const D_FF: usize = 4096;
-const P: FactorizeParams = FactorizeParams::DEFAULT;
-// The cost rule, evaluated by the compiler: the ranks are part of the types below.
-const L_UP: usize = linear_decision(&P, D_MODEL, D_FF).latent();
-const L_DOWN: usize = linear_decision(&P, D_FF, D_MODEL).latent();
-const L_PROJ: usize = linear_decision(&P, D_MODEL, D_MODEL).latent();
+const D_FF: usize = 4 * D_MODEL;
 const BATCH: usize = 256;
 
 type Dev = Cpu;
+
+/// A transformer block's linear part: an attention output projection and the FFN.
+/// The derive picks, at compile time, which `Linear`s become `FactorizedLinear`s.
+#[derive(Factorizable)]
+pub struct Block<E: Dtype, D: Device<E>> {
+    pub attn_out: Linear<D_MODEL, D_MODEL, E, D>,
+    pub norm: LayerNorm1D<D_MODEL, E, D>,
+    pub ffn: (
+        Linear<D_MODEL, D_FF, E, D>,
+        AccurateGeLU,
+        Linear<D_FF, D_MODEL, E, D>,
+    ),
+}
+
+/// Written once; `#[mirror]` gives `BlockFactorized` the same forward.
+#[mirror]
+impl<E: Dtype, D: Device<E>, B: Dim> Module<Tensor<(B, Const<D_MODEL>), E, D>> for Block<E, D>
+where
+    LayerNorm1D<D_MODEL, E, D>: Module<
+        Tensor<(B, Const<D_MODEL>), E, D>,
+        Output = Tensor<(B, Const<D_MODEL>), E, D>,
+        Error = D::Err,
+    >,
+{
+    type Output = Tensor<(B, Const<D_MODEL>), E, D>;
+    type Error = D::Err;
+    fn try_forward(&self, x: Tensor<(B, Const<D_MODEL>), E, D>) -> Result<Self::Output, D::Err> {
+        let h = self
+            .norm
+            .try_forward(x.clone().try_add(self.attn_out.try_forward(x)?)?)?;
+        h.clone().try_add(self.ffn.try_forward(h)?)
+    }
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -55,16 +82,14 @@ fn main() {
     }
 }
 
-fn trained_like<const I: usize, const O: usize>(dev: &Dev, seed: u64) -> Linear<I, O, f32, Dev> {
-    let mut layer = dev.build_module::<dfdx::nn::builders::Linear<I, O>, f32>();
-    // Power-law spectrum with the scale of a trained layer (σ₁ ≈ 1).
+/// Power-law singular values (σ_i ∝ i^-0.6), as trained layers have.
+fn trained_like<const I: usize, const O: usize>(layer: &mut Linear<I, O, f32, Dev>, seed: u64) {
     let sigma = power_law(I.min(O), 0.6);
     let w: Vec<f32> = matrix_with_spectrum(O, I, &sigma, seed)
         .into_iter()
         .map(|x| x as f32)
         .collect();
     layer.weight.copy_from(&w);
-    layer
 }
 
 fn time<T>(f: impl Fn() -> T) -> Duration {
@@ -89,46 +114,30 @@ fn relative(a: &[f32], b: &[f32]) -> f64 {
 
 fn built_in() -> Result<(), FactorizeError> {
     let dev = Dev::seed_from_u64(0);
-    println!("Building an FFN block {D_MODEL} → {D_FF} → {D_MODEL} and a {D_MODEL} → {D_MODEL} projection");
-    println!("with power-law (trained-like) spectra; ranks chosen at compile time: up {L_UP}, down {L_DOWN}, proj {L_PROJ}.\n");
-    let up = trained_like::<D_MODEL, D_FF>(&dev, 1);
-    let down = trained_like::<D_FF, D_MODEL>(&dev, 2);
-    let proj = trained_like::<D_MODEL, D_MODEL>(&dev, 3);
+    println!("A transformer block ({D_MODEL} → {D_FF} → {D_MODEL} FFN, {D_MODEL} → {D_MODEL} projection) with trained-like spectra.\n");
+    let mut block = Block::<f32, Dev> {
+        attn_out: BuildModule::build(&dev),
+        norm: BuildModule::build(&dev),
+        ffn: BuildModule::build(&dev),
+    };
+    trained_like(&mut block.attn_out, 1);
+    trained_like(&mut block.ffn.0, 2);
+    trained_like(&mut block.ffn.2, 3);
 
-    let cfg = FactorizeConfig::default();
-    let mut report = FactorizeReport::default();
-    let (f_up, row) =
-        FactorizedLinear::<D_MODEL, L_UP, D_FF, f32, Dev>::from_linear_named("ffn.up", &up, &cfg)?;
-    report.push(row);
-    let (f_down, row) = FactorizedLinear::<D_FF, L_DOWN, D_MODEL, f32, Dev>::from_linear_named(
-        "ffn.down", &down, &cfg,
-    )?;
-    report.push(row);
-    let (f_proj, row) = FactorizedLinear::<D_MODEL, L_PROJ, D_MODEL, f32, Dev>::from_linear_named(
-        "attn.proj",
-        &proj,
-        &cfg,
-    )?;
-    report.push(row);
+    let (small, report) = block.factorize_with_report(&FactorizeConfig::default())?;
     println!("{report}");
 
     let x: Tensor<Rank2<BATCH, D_MODEL>, f32, Dev> = dev.sample_normal();
-    let dense = |x: Tensor<Rank2<BATCH, D_MODEL>, f32, Dev>| {
-        proj.forward(down.forward(up.forward(x).accurate_gelu()))
-    };
-    let factored = |x: Tensor<Rank2<BATCH, D_MODEL>, f32, Dev>| {
-        f_proj.forward(f_down.forward(f_up.forward(x).accurate_gelu()))
-    };
-    let y0 = dense(x.clone()).as_vec();
-    let y1 = factored(x.clone()).as_vec();
+    let y0 = block.forward(x.clone()).as_vec();
+    let y1 = small.forward(x.clone()).as_vec();
     println!(
         "output relative error on a batch of {BATCH} Gaussian rows: {:.4}",
         relative(&y0, &y1)
     );
-    let t0 = time(|| dense(x.clone()));
-    let t1 = time(|| factored(x.clone()));
+    let t0 = time(|| block.forward(x.clone()));
+    let t1 = time(|| small.forward(x.clone()));
     println!(
-        "forward, batch {BATCH}: dense {:.2} ms, factorized {:.2} ms ({:.2}x)",
+        "forward, batch {BATCH}: dense {:.2} ms, factorized {:.2} ms ({:.2}x faster)",
         t0.as_secs_f64() * 1e3,
         t1.as_secs_f64() * 1e3,
         t0.as_secs_f64() / t1.as_secs_f64()
@@ -143,15 +152,21 @@ fn from_file(weights: &str, acts: Option<&String>) -> Result<(), FactorizeError>
         None => Vec::new(),
     };
     println!(
-        "{} matrices in {weights}; cost rule: {P:?}\n",
-        matrices.len()
+        "{} matrices in {weights}; cost rule: {:?}\n",
+        matrices.len(),
+        FactorizeParams::DEFAULT
     );
     let cfg = FactorizeConfig::default();
     let mut report = FactorizeReport::default();
     let mut output_errors = Vec::new();
     for m in &matrices {
-        let (row, factors) = factorize_matrix(m, &P, &cfg)?;
+        // Rows are named after the layer: `layer0.ffn_up.weight` → `layer0.ffn_up`.
         let layer = m.name.strip_suffix(".weight").unwrap_or(&m.name);
+        let m = &NamedMatrix {
+            name: layer.to_string(),
+            ..m.clone()
+        };
+        let (row, factors) = factorize_matrix(m, &FactorizeParams::DEFAULT, &cfg)?;
         let rows = ["heldout", "input"].iter().find_map(|split| {
             let name = format!("{layer}.{split}");
             inputs
@@ -177,11 +192,7 @@ fn from_file(weights: &str, acts: Option<&String>) -> Result<(), FactorizeError>
 }
 
 /// `mean((XWᵀ − X(BA)ᵀ)²) / var(XWᵀ)` over all output elements (the bias cancels).
-fn output_nmse(
-    w: &factorize_runtime::weights::NamedMatrix,
-    f: &factorize_runtime::engine::LowRank,
-    x: &factorize_runtime::weights::NamedMatrix,
-) -> f64 {
+fn output_nmse(w: &NamedMatrix, f: &factorize_runtime::engine::LowRank, x: &NamedMatrix) -> f64 {
     let (n, i, o, r) = (x.out_dim, w.in_dim, w.out_dim, f.rank);
     let xm = faer::MatRef::from_row_major_slice(&x.data, n, i);
     let wm = faer::MatRef::from_row_major_slice(&w.data, o, i);

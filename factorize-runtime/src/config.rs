@@ -46,7 +46,7 @@ pub enum Precision {
 }
 
 /// Run-time options of [`crate::Factorizable::factorize`] and the layer-level constructors.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FactorizeConfig {
     /// How new weights are filled.
     pub method: Method,
@@ -54,4 +54,17 @@ pub struct FactorizeConfig {
     pub backend: Backend,
     /// The precision of the linear algebra.
     pub precision: Precision,
+    /// Show a progress line per layer on a terminal (nothing is drawn when stderr is not one).
+    pub progress: bool,
+}
+
+impl Default for FactorizeConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::default(),
+            backend: Backend::default(),
+            precision: Precision::default(),
+            progress: true,
+        }
+    }
 }

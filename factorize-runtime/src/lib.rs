@@ -97,6 +97,7 @@ pub mod engine;
 mod error;
 mod factorizable;
 mod linear;
+mod progress;
 pub mod report;
 pub mod synthetic;
 pub mod weights;

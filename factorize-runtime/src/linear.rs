@@ -162,6 +162,7 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
         cfg: &FactorizeConfig,
     ) -> Result<(Self, LayerReport), FactorizeError> {
         let start = Instant::now();
+        let _progress = crate::progress::Layer::start(cfg, path, &format!("{I}→{O}, rank {L}"));
         let weight = host_f64(&linear.weight);
         let bias = host_f64(&linear.bias);
         let w = WeightMatrix::new(path, &weight, O, I)?;
