@@ -184,6 +184,7 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
                     },
                 };
                 row.set_replaced(L, f.relative_error, solved.backend, start.elapsed());
+                row.note = solved.note;
                 layer
             }
             Method::Fresh => {

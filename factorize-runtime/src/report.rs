@@ -107,6 +107,8 @@ pub struct LayerReport {
     pub backend: Option<Backend>,
     /// Time spent on this layer.
     pub time: Duration,
+    /// Anything worth knowing about this layer, e.g. a fallback from the GPU to the CPU.
+    pub note: Option<String>,
 }
 
 impl LayerReport {
@@ -136,6 +138,7 @@ impl LayerReport {
             relative_error: None,
             backend: None,
             time: Duration::ZERO,
+            note: None,
         }
     }
 
@@ -299,6 +302,12 @@ impl fmt::Display for FactorizeReport {
             line(f, row)?;
         }
         writeln!(f, "{}", "-".repeat(rule))?;
-        line(f, &totals[0])
+        line(f, &totals[0])?;
+        for r in &self.layers {
+            if let Some(note) = &r.note {
+                writeln!(f, "note: {}: {note}", r.path)?;
+            }
+        }
+        Ok(())
     }
 }

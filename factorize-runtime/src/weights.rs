@@ -127,5 +127,6 @@ pub fn factorize_matrix(
         solved.backend,
         solved.time,
     );
+    row.note = solved.note;
     Ok((row, Some(solved.factors)))
 }

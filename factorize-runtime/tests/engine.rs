@@ -1,8 +1,8 @@
 //! The engine's contract: the relative error of the factors equals the Eckart–Young optimum.
 
-use factorize_runtime::engine::{low_rank, relative_error, solve, WeightMatrix};
+use factorize_runtime::engine::{low_rank, relative_error, WeightMatrix};
 use factorize_runtime::synthetic::{matrix_with_spectrum, optimal_relative_error, power_law};
-use factorize_runtime::{Backend, FactorizeConfig, FactorizeError, Precision};
+use factorize_runtime::{FactorizeError, Precision};
 
 /// Checks one case: error measured independently from the returned factors, against the optimum.
 fn check(out_dim: usize, in_dim: usize, sigma: &[f64], rank: usize, precision: Precision) {
@@ -148,21 +148,4 @@ fn bad_input_is_an_error_naming_the_layer() {
         assert!(matches!(e, FactorizeError::Rank { max: 3, .. }), "{e}");
         assert!(e.to_string().contains("`fc`"));
     }
-}
-
-#[test]
-fn cuda_backend_without_gpu_engine_is_a_clear_error() {
-    let w = vec![1.0; 12];
-    let m = WeightMatrix::new("fc", &w, 3, 4).unwrap();
-    let cfg = FactorizeConfig {
-        backend: Backend::Cuda,
-        ..Default::default()
-    };
-    let e = solve(&m, 1, &cfg).unwrap_err();
-    assert!(
-        matches!(e, FactorizeError::BackendUnavailable { .. }),
-        "{e}"
-    );
-    let auto = solve(&m, 1, &FactorizeConfig::default()).unwrap();
-    assert_eq!(auto.backend, Backend::Cpu);
 }

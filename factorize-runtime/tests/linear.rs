@@ -104,7 +104,12 @@ fn weights_are_the_truncated_svd_and_the_bias_moves_to_the_second_map() {
         (64 * 48 + 48, 12 * 112 + 48)
     );
     assert!((row.relative_error.unwrap() / optimum - 1.0).abs() < 1e-4);
-    assert_eq!(row.backend, Some(Backend::Cpu));
+    let expected = if factorize_runtime::engine::gpu_available().is_ok() {
+        Backend::Cuda
+    } else {
+        Backend::Cpu
+    };
+    assert_eq!(row.backend, Some(expected));
     // The source is untouched.
     assert_eq!(dense.weight.as_vec(), w);
 }

@@ -24,11 +24,11 @@ use crate::{FactorizeError, Precision};
 /// Stop once a step gains less than this fraction of the residual energy. Subspace iteration
 /// converges geometrically, so the energy still missing is a small multiple of the last gain;
 /// the contract allows 2e-4 of the residual energy (1e-4 of its norm).
-const TOLERANCE: f64 = 2e-6;
+pub(crate) const TOLERANCE: f64 = 2e-6;
 /// Beyond this, the dense eigensolver is cheaper than waiting.
-const MAX_ITERATIONS: usize = 40;
+pub(crate) const MAX_ITERATIONS: usize = 40;
 /// The fixed seed of the start block, so that factorizations are reproducible bit for bit.
-const SEED: u64 = 0x5EED_FAC7_0812_3456;
+pub(crate) const SEED: u64 = 0x5EED_FAC7_0812_3456;
 
 /// The floating-point types the engine computes in.
 pub(crate) trait Real: faer::traits::RealField + Copy {
@@ -90,9 +90,32 @@ fn solve<T: Real>(w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, Factoriz
 
     // R = Mᵀ·Q: its column norms are the singular values.
     let r = m.transpose() * &q;
+    let split = split_factors(q.as_ref(), r.as_ref(), wide);
+    let residual = &m - &split.left * split.right.transpose();
+    let residual_norm = frobenius(residual.as_ref());
+    let norm = frobenius(m.as_ref());
+    let relative_error = if norm > 0.0 {
+        residual_norm / norm
+    } else {
+        0.0
+    };
+    Ok(split.into_low_rank(out_dim, in_dim, relative_error, iterations))
+}
+
+/// The balanced factors of `M ≈ Q·Rᵀ` (`Q` orthonormal `s × L`, `R = Mᵀ·Q`): `Q_i·√σ_i` and
+/// `R_i/√σ_i` with `σ_i = ‖R_i‖`. A direction with `σ_i = 0` gets zero factors.
+pub(crate) struct Split<T: Real> {
+    left: Mat<T>,
+    right: Mat<T>,
+    singular_values: Vec<f64>,
+    wide: bool,
+}
+
+pub(crate) fn split_factors<T: Real>(q: MatRef<'_, T>, r: MatRef<'_, T>, wide: bool) -> Split<T> {
+    let (s, t, rank) = (q.nrows(), r.nrows(), q.ncols());
     let mut singular_values = Vec::with_capacity(rank);
-    let mut left = Mat::<T>::zeros(s, rank); // Q_i·√σ_i
-    let mut right = Mat::<T>::zeros(t, rank); // R_i/√σ_i
+    let mut left = Mat::<T>::zeros(s, rank);
+    let mut right = Mat::<T>::zeros(t, rank);
     for i in 0..rank {
         let sigma = (0..t).map(|j| r[(j, i)].f64().powi(2)).sum::<f64>().sqrt();
         singular_values.push(sigma);
@@ -106,35 +129,40 @@ fn solve<T: Real>(w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, Factoriz
             }
         }
     }
-
-    let residual = &m - &left * right.transpose();
-    let residual_norm = frobenius(residual.as_ref());
-    let norm = frobenius(m.as_ref());
-    let relative_error = if norm > 0.0 {
-        residual_norm / norm
-    } else {
-        0.0
-    };
-
-    // W = M (wide): second = left [out, L], first = rightᵀ [L, in].
-    // W = Mᵀ (tall): second = right [out, L], first = leftᵀ [L, in].
-    let (second_mat, first_t) = if wide {
-        (&left, &right)
-    } else {
-        (&right, &left)
-    };
-    let second = row_major(second_mat.as_ref());
-    let first = row_major(first_t.transpose());
-    Ok(LowRank {
-        out_dim,
-        in_dim,
-        rank,
-        first,
-        second,
+    Split {
+        left,
+        right,
         singular_values,
-        relative_error,
-        iterations,
-    })
+        wide,
+    }
+}
+
+impl<T: Real> Split<T> {
+    pub(crate) fn into_low_rank(
+        self,
+        out_dim: usize,
+        in_dim: usize,
+        relative_error: f64,
+        iterations: usize,
+    ) -> LowRank {
+        // W = M (wide): second = left [out, L], first = rightᵀ [L, in].
+        // W = Mᵀ (tall): second = right [out, L], first = leftᵀ [L, in].
+        let (second_mat, first_t) = if self.wide {
+            (&self.left, &self.right)
+        } else {
+            (&self.right, &self.left)
+        };
+        LowRank {
+            out_dim,
+            in_dim,
+            rank: self.singular_values.len(),
+            first: row_major(first_t.transpose()),
+            second: row_major(second_mat.as_ref()),
+            singular_values: self.singular_values,
+            relative_error,
+            iterations,
+        }
+    }
 }
 
 /// `G = M·Mᵀ`, computing one triangle (half the work) and mirroring it.
@@ -161,7 +189,7 @@ fn gram<T: Real>(m: MatRef<'_, T>) -> Mat<T> {
 }
 
 /// The block size of the subspace iteration for `rank` eigenpairs of an `s × s` matrix.
-fn block_size(rank: usize, s: usize) -> usize {
+pub(crate) fn block_size(rank: usize, s: usize) -> usize {
     (rank + (rank / 2).max(16)).min(s)
 }
 
@@ -201,8 +229,9 @@ fn subspace_iteration<T: Real>(
     // Energy below this is rounding noise of the Gram matrix: an exactly low-rank W converges
     // at once instead of chasing noise.
     let floor = trace * T::epsilon_impl().f64() * s as f64;
-    let mut rng = Gaussian::new(SEED);
-    let omega = Mat::<T>::from_fn(s, b, |_, _| T::of(rng.sample()));
+    // The same start block as the GPU engine: column-major random signs.
+    let signs = Gaussian::new(SEED).signs(s * b);
+    let omega = Mat::<T>::from_fn(s, b, |i, j| T::of(signs[j * s + i]));
     let mut q = orthonormal(g * &omega);
     let mut previous: Option<f64> = None;
     for iteration in 1..=MAX_ITERATIONS {

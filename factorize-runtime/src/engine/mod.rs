@@ -19,6 +19,8 @@
 //! ```
 
 mod cpu;
+#[cfg(feature = "cuda-engine")]
+mod cuda;
 mod gaussian;
 
 pub(crate) use gaussian::Gaussian;
@@ -148,32 +150,105 @@ pub struct Solved {
     pub backend: Backend,
     /// Wall time of the factorization.
     pub time: Duration,
+    /// Anything the caller should know, e.g. a fallback to the CPU.
+    pub note: Option<String>,
+}
+
+/// Whether the GPU engine can be used here: `Ok`, or the reason it cannot (not built with the
+/// `cuda` feature, no driver or library, no device). Never panics.
+pub fn gpu_available() -> Result<(), String> {
+    #[cfg(feature = "cuda-engine")]
+    {
+        cuda::available()
+    }
+    #[cfg(not(feature = "cuda-engine"))]
+    {
+        Err("factorize-runtime was built without the `cuda` feature".to_string())
+    }
 }
 
 /// The best rank-`rank` factorization of `w` on the backend `cfg` asks for.
 ///
-/// `Backend::Auto` uses the CPU until a GPU engine is available; `Backend::Cuda` without one is
-/// a [`FactorizeError::BackendUnavailable`] naming the layer.
+/// - `Backend::Cpu`: the CPU engine.
+/// - `Backend::Cuda`: the GPU engine, or [`FactorizeError::BackendUnavailable`] naming the layer
+///   and the reason (no `cuda` feature, no driver, no device); GPU failures are errors too.
+/// - `Backend::Auto`: the GPU when [`gpu_available`], else the CPU; a layer that runs the GPU
+///   out of memory is redone on the CPU, and [`Solved::note`] says so.
 pub fn solve(
     w: &WeightMatrix<'_>,
     rank: usize,
     cfg: &FactorizeConfig,
 ) -> Result<Solved, FactorizeError> {
+    w.check_rank(rank)?;
     let start = Instant::now();
-    let (factors, backend) = match cfg.backend {
-        Backend::Auto | Backend::Cpu => (low_rank(w, rank, cfg.precision)?, Backend::Cpu),
-        Backend::Cuda => {
-            return Err(FactorizeError::BackendUnavailable {
-                layer: w.name().to_string(),
-                backend: Backend::Cuda,
-                reason: "this build has no GPU engine; use Backend::Cpu or Backend::Auto".into(),
-            })
+    let mut note = None;
+    if cfg.backend != Backend::Cpu {
+        match gpu_available() {
+            Ok(()) => match on_gpu(w, rank, start)? {
+                Ok(solved) => return Ok(solved),
+                Err(out_of_memory) if cfg.backend == Backend::Auto => {
+                    note = Some(format!(
+                        "GPU out of memory ({out_of_memory}); done on the CPU"
+                    ));
+                }
+                Err(out_of_memory) => {
+                    return Err(FactorizeError::Device {
+                        layer: w.name().to_string(),
+                        reason: format!("out of memory: {out_of_memory}"),
+                    })
+                }
+            },
+            Err(reason) if cfg.backend == Backend::Cuda => {
+                return Err(FactorizeError::BackendUnavailable {
+                    layer: w.name().to_string(),
+                    backend: Backend::Cuda,
+                    reason,
+                })
+            }
+            Err(_) => {}
         }
-    };
+    }
     Ok(Solved {
-        factors,
-        backend,
+        factors: low_rank(w, rank, cfg.precision)?,
+        backend: Backend::Cpu,
         time: start.elapsed(),
+        note,
+    })
+}
+
+/// The GPU's factorization; `Ok(Err(reason))` when it ran out of memory.
+#[cfg(feature = "cuda-engine")]
+fn on_gpu(
+    w: &WeightMatrix<'_>,
+    rank: usize,
+    start: Instant,
+) -> Result<Result<Solved, String>, FactorizeError> {
+    match cuda::low_rank(w, rank) {
+        Ok(factors) => Ok(Ok(Solved {
+            factors,
+            backend: Backend::Cuda,
+            time: start.elapsed(),
+            note: None,
+        })),
+        Err(cuda::GpuError::OutOfMemory(reason)) => Ok(Err(reason)),
+        Err(cuda::GpuError::Failed(reason)) => Err(FactorizeError::Device {
+            layer: w.name().to_string(),
+            reason,
+        }),
+    }
+}
+
+/// Without the engine there is no GPU to use (and `gpu_available` says so first).
+#[cfg(not(feature = "cuda-engine"))]
+fn on_gpu(
+    w: &WeightMatrix<'_>,
+    _rank: usize,
+    _start: Instant,
+) -> Result<Result<Solved, String>, FactorizeError> {
+    Err(FactorizeError::BackendUnavailable {
+        layer: w.name().to_string(),
+        backend: Backend::Cuda,
+        reason: gpu_available().err().unwrap_or_default(),
     })
 }
 

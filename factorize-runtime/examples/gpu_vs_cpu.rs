@@ -1,0 +1,117 @@
+//! CPU vs GPU factorization time and error, per matrix size and spectrum.
+//!
+//! `cargo run --release -p factorize-runtime --features cuda --example gpu_vs_cpu [-- --no-cpu]`
+//! (on a machine without CUDA: build here, run there with `LD_LIBRARY_PATH` set to the CUDA
+//! libraries, see the README).
+
+use std::time::Instant;
+
+use factorize_runtime::engine::{gpu_available, solve, WeightMatrix};
+use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
+use factorize_runtime::{Backend, FactorizeConfig, Precision};
+
+fn main() {
+    if let Err(reason) = gpu_available() {
+        eprintln!("no usable GPU: {reason}");
+        std::process::exit(1);
+    }
+    let with_cpu = !std::env::args().any(|a| a == "--no-cpu");
+    let gpu = FactorizeConfig {
+        backend: Backend::Cuda,
+        progress: false,
+        ..Default::default()
+    };
+    let cpu32 = FactorizeConfig {
+        backend: Backend::Cpu,
+        precision: Precision::F32,
+        progress: false,
+        ..Default::default()
+    };
+    let cpu64 = FactorizeConfig {
+        precision: Precision::F64,
+        ..cpu32
+    };
+
+    // Warm-up: context, handles, cuSOLVER's lazy initialisation.
+    let w = matrix_with_spectrum(256, 256, &power_law(256, 0.5), 0);
+    let m = WeightMatrix::new("warm", &w, 256, 256).unwrap();
+    let t = Instant::now();
+    solve(&m, 32, &gpu).unwrap();
+    println!(
+        "GPU first call (initialisation): {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+
+    println!(
+        "{:<10} {:<8} {:>5} {:>9} {:>10} {:>10} {:>11} {:>6}",
+        "matrix", "spectrum", "rank", "gpu ms", "cpu f32 ms", "cpu f64 ms", "gpu excess", "iters"
+    );
+    for (o, i, rank) in [(1024, 1024, 128), (4096, 1024, 128), (4096, 4096, 512)] {
+        let n = usize::min(o, i);
+        let mut rng_state = 7u64;
+        let gaussian: Vec<f64> = (0..o * i)
+            .map(|_| {
+                // Box–Muller from a small LCG: a Gaussian random matrix (Marchenko–Pastur spectrum).
+                let mut u = || {
+                    rng_state = rng_state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((rng_state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+                };
+                (-2.0 * u().ln()).sqrt() * (2.0 * std::f64::consts::PI * u()).cos()
+            })
+            .collect();
+        for (label, w) in [
+            ("gaussian", gaussian),
+            ("power", matrix_with_spectrum(o, i, &power_law(n, 0.6), 1)),
+        ] {
+            let m = WeightMatrix::new("bench", &w, o, i).unwrap();
+            let mut best = f64::MAX;
+            let mut g = None;
+            for _ in 0..3 {
+                let t = Instant::now();
+                let s = solve(&m, rank, &gpu).unwrap();
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+                g = Some(s);
+            }
+            let g = g.unwrap();
+            let (mut t32, mut t64, mut excess) = (f64::NAN, f64::NAN, f64::NAN);
+            if with_cpu {
+                let t = Instant::now();
+                solve(&m, rank, &cpu32).unwrap();
+                t32 = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
+                let c = solve(&m, rank, &cpu64).unwrap();
+                t64 = t.elapsed().as_secs_f64() * 1e3;
+                // The CPU f64 path meets the Eckart–Young optimum to ~1e-12 (tests/engine.rs).
+                excess = g.factors.relative_error / c.factors.relative_error - 1.0;
+            }
+            println!(
+                "{:<10} {:<8} {:>5} {:>9.1} {:>10.1} {:>10.1} {:>11.2e} {:>6}",
+                format!("{o}x{i}"),
+                label,
+                rank,
+                best,
+                t32,
+                t64,
+                excess,
+                g.factors.iterations
+            );
+        }
+    }
+
+    // A model of 8 layers 4096×4096 at rank 512: host weights in, host factors out.
+    let layers: Vec<Vec<f64>> = (0..8)
+        .map(|k| matrix_with_spectrum(4096, 4096, &power_law(4096, 0.6), 10 + k))
+        .collect();
+    let t = Instant::now();
+    for (k, w) in layers.iter().enumerate() {
+        let name = format!("layer{k}");
+        let m = WeightMatrix::new(&name, w, 4096, 4096).unwrap();
+        solve(&m, 512, &gpu).unwrap();
+    }
+    println!(
+        "8 layers 4096x4096 rank 512, power law, host to host: {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+}

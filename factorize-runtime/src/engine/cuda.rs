@@ -1,0 +1,655 @@
+//! The GPU engine (cudarc: cuBLAS + cuSOLVER, loaded at run time), in f64.
+//!
+//! Same mathematics and contract as the CPU engine (see `cpu.rs`): `G = M·Mᵀ` by one GEMM; its
+//! leading eigenvectors by subspace iteration (GEMMs, Cholesky-QR2 orthonormalisation, the
+//! trace of the block as the convergence signal, one Rayleigh–Ritz at the end) or by the dense
+//! `syevd` when the block is not much smaller than the side or the iteration breaks down;
+//! `R = Mᵀ·Q`, the residual `M − Q·Rᵀ` and its norm on the device; the balanced split on the
+//! host. Everything runs in f64: Hopper's FP64 tensor cores make it nearly as fast as f32, and
+//! the Gram matrix squares the condition number.
+//!
+//! One context, stream and pair of library handles serve every layer (created on first use).
+//! cudarc panics when a library is missing, so availability is probed first with its own
+//! `is_culib_present`, and initialisation failures become errors, never panics.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::sys as blas_sys;
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::cusolver::{sys as solver_sys, DnHandle};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError};
+
+use super::cpu::{block_size, MAX_ITERATIONS, SEED, TOLERANCE};
+use super::gaussian::Gaussian;
+use super::{LowRank, WeightMatrix};
+
+/// Why the GPU could not do a layer.
+#[derive(Debug)]
+pub(crate) enum GpuError {
+    /// Allocation failed: the caller may retry on the CPU.
+    OutOfMemory(String),
+    /// Anything else from CUDA, cuBLAS or cuSOLVER.
+    Failed(String),
+}
+
+impl From<DriverError> for GpuError {
+    fn from(e: DriverError) -> Self {
+        let text = format!("{e:?}");
+        if text.contains("OUT_OF_MEMORY") {
+            GpuError::OutOfMemory(text)
+        } else {
+            GpuError::Failed(text)
+        }
+    }
+}
+
+fn failed(what: &str, e: impl std::fmt::Debug) -> GpuError {
+    GpuError::Failed(format!("{what}: {e:?}"))
+}
+
+struct Gpu {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    solver: DnHandle,
+}
+
+// The handles are used under the mutex only.
+unsafe impl Send for Gpu {}
+
+static GPU: OnceLock<Result<Mutex<Gpu>, String>> = OnceLock::new();
+
+fn init() -> Result<Mutex<Gpu>, String> {
+    // cudarc's loaders panic on a missing library: look before touching them.
+    let present = unsafe {
+        [
+            (
+                "the CUDA driver (libcuda)",
+                cudarc::driver::sys::is_culib_present(),
+            ),
+            ("cuBLAS (libcublas)", blas_sys::is_culib_present()),
+            ("cuSOLVER (libcusolver)", solver_sys::is_culib_present()),
+        ]
+    };
+    if let Some((name, _)) = present.iter().find(|(_, ok)| !ok) {
+        return Err(format!(
+            "{name} was not found; install it or add its folder to LD_LIBRARY_PATH"
+        ));
+    }
+    let count = CudaContext::device_count().map_err(|e| format!("no CUDA device: {e:?}"))?;
+    if count < 1 {
+        return Err("no CUDA device".into());
+    }
+    let ctx = CudaContext::new(0).map_err(|e| format!("cannot open GPU 0: {e:?}"))?;
+    let stream = ctx.default_stream();
+    let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
+    let solver = DnHandle::new(stream.clone()).map_err(|e| format!("cuSOLVER: {e:?}"))?;
+    Ok(Mutex::new(Gpu {
+        stream,
+        blas,
+        solver,
+    }))
+}
+
+/// `Ok` when a GPU is usable, else why not (for reports and errors).
+pub(crate) fn available() -> Result<(), String> {
+    GPU.get_or_init(init)
+        .as_ref()
+        .map(|_| ())
+        .map_err(Clone::clone)
+}
+
+/// The best rank-`rank` factorization of `w` on the GPU.
+pub(crate) fn low_rank(w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, GpuError> {
+    let gpu = GPU
+        .get_or_init(init)
+        .as_ref()
+        .map_err(|e| GpuError::Failed(e.clone()))?;
+    let gpu = gpu
+        .lock()
+        .map_err(|_| GpuError::Failed("GPU state poisoned".into()))?;
+    gpu.low_rank(w, rank)
+}
+
+type Op = blas_sys::cublasOperation_t;
+const N: Op = Op::CUBLAS_OP_N;
+const T: Op = Op::CUBLAS_OP_T;
+
+fn int(n: usize) -> Result<i32, GpuError> {
+    i32::try_from(n).map_err(|_| GpuError::Failed(format!("dimension {n} exceeds the BLAS range")))
+}
+
+impl Gpu {
+    /// `C = alpha·op(A)·op(B) + beta·C`, column-major, `C` is `m × n`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm<A: DevicePtr<f64>, B: DevicePtr<f64>, C: DevicePtrMut<f64>>(
+        &self,
+        (ta, tb): (Op, Op),
+        (m, n, k): (usize, usize, usize),
+        alpha: f64,
+        (a, lda): (&A, usize),
+        (b, ldb): (&B, usize),
+        beta: f64,
+        (c, ldc): (&mut C, usize),
+    ) -> Result<(), GpuError> {
+        let cfg = GemmConfig {
+            transa: ta,
+            transb: tb,
+            m: int(m)?,
+            n: int(n)?,
+            k: int(k)?,
+            alpha,
+            lda: int(lda)?,
+            ldb: int(ldb)?,
+            beta,
+            ldc: int(ldc)?,
+        };
+        unsafe { self.blas.gemm(cfg, a, b, c) }.map_err(|e| failed("cuBLAS gemm", e))
+    }
+
+    fn norm(&self, x: &CudaSlice<f64>) -> Result<f64, GpuError> {
+        let mut out = 0.0f64;
+        let (px, _gx) = x.device_ptr(&self.stream);
+        let status = unsafe {
+            blas_sys::cublasDnrm2_v2(
+                *self.blas.handle(),
+                int(x.len())?,
+                px as *const f64,
+                1,
+                &mut out,
+            )
+        };
+        check_blas(status, "cuBLAS nrm2")?;
+        Ok(out)
+    }
+
+    /// Orthonormalises the columns of `z` (`s × b`) in place: Cholesky-QR, twice.
+    /// `false` when `zᵀz` is not numerically positive definite.
+    fn cholesky_qr2(&self, z: &mut CudaSlice<f64>, s: usize, b: usize) -> Result<bool, GpuError> {
+        let mut c = self.stream.alloc_zeros::<f64>(b * b)?;
+        let mut info = self.stream.alloc_zeros::<i32>(2)?;
+        let fill = solver_sys::cublasFillMode_t::CUBLAS_FILL_MODE_UPPER;
+        let mut lwork = 0i32;
+        {
+            let (pc, _g) = c.device_ptr_mut(&self.stream);
+            let status = unsafe {
+                solver_sys::cusolverDnDpotrf_bufferSize(
+                    self.solver.cu(),
+                    fill,
+                    int(b)?,
+                    pc as *mut f64,
+                    int(b)?,
+                    &mut lwork,
+                )
+            };
+            check_solver(status, "cuSOLVER potrf workspace")?;
+        }
+        let mut work = self.stream.alloc_zeros::<f64>(lwork.max(1) as usize)?;
+        for pass in 0..2 {
+            self.gemm((T, N), (b, b, s), 1.0, (&*z, s), (&*z, s), 0.0, (&mut c, b))?;
+            {
+                let (pc, _g1) = c.device_ptr_mut(&self.stream);
+                let (pw, _g2) = work.device_ptr_mut(&self.stream);
+                let mut slot = info.slice_mut(pass..pass + 1);
+                let (pi, _g3) = slot.device_ptr_mut(&self.stream);
+                let status = unsafe {
+                    solver_sys::cusolverDnDpotrf(
+                        self.solver.cu(),
+                        fill,
+                        int(b)?,
+                        pc as *mut f64,
+                        int(b)?,
+                        pw as *mut f64,
+                        lwork,
+                        pi as *mut i32,
+                    )
+                };
+                check_solver(status, "cuSOLVER potrf")?;
+            }
+            // Z ← Z·R⁻¹ with R the upper Cholesky factor. A failed factorization is caught
+            // below, after both passes, to keep the stream free of round trips.
+            let one = 1.0f64;
+            let (pc, _g1) = c.device_ptr(&self.stream);
+            let (pz, _g2) = z.device_ptr_mut(&self.stream);
+            let status = unsafe {
+                blas_sys::cublasDtrsm_v2(
+                    *self.blas.handle(),
+                    blas_sys::cublasSideMode_t::CUBLAS_SIDE_RIGHT,
+                    blas_sys::cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
+                    N,
+                    blas_sys::cublasDiagType_t::CUBLAS_DIAG_NON_UNIT,
+                    int(s)?,
+                    int(b)?,
+                    &one,
+                    pc as *const f64,
+                    int(b)?,
+                    pz as *mut f64,
+                    int(s)?,
+                )
+            };
+            check_blas(status, "cuBLAS trsm")?;
+        }
+        Ok(self.stream.clone_dtoh(&info)?.iter().all(|&f| f == 0))
+    }
+
+    /// Eigenvalues (ascending) and eigenvectors (columns, in place of `a`) of the symmetric `n × n` `a`.
+    /// With `vectors == false` only the eigenvalues are computed (and `a` is destroyed).
+    fn syevd(&self, a: &mut CudaSlice<f64>, n: usize, vectors: bool) -> Result<Vec<f64>, GpuError> {
+        let mode = if vectors {
+            solver_sys::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR
+        } else {
+            solver_sys::cusolverEigMode_t::CUSOLVER_EIG_MODE_NOVECTOR
+        };
+        let fill = solver_sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
+        let mut values = self.stream.alloc_zeros::<f64>(n)?;
+        let mut info = self.stream.alloc_zeros::<i32>(1)?;
+        let mut lwork = 0i32;
+        {
+            let (pa, _g1) = a.device_ptr(&self.stream);
+            let (pv, _g2) = values.device_ptr(&self.stream);
+            let status = unsafe {
+                solver_sys::cusolverDnDsyevd_bufferSize(
+                    self.solver.cu(),
+                    mode,
+                    fill,
+                    int(n)?,
+                    pa as *const f64,
+                    int(n)?,
+                    pv as *const f64,
+                    &mut lwork,
+                )
+            };
+            check_solver(status, "cuSOLVER syevd workspace")?;
+        }
+        let mut work = self.stream.alloc_zeros::<f64>(lwork.max(1) as usize)?;
+        {
+            let (pa, _g1) = a.device_ptr_mut(&self.stream);
+            let (pv, _g2) = values.device_ptr_mut(&self.stream);
+            let (pw, _g3) = work.device_ptr_mut(&self.stream);
+            let (pi, _g4) = info.device_ptr_mut(&self.stream);
+            let status = unsafe {
+                solver_sys::cusolverDnDsyevd(
+                    self.solver.cu(),
+                    mode,
+                    fill,
+                    int(n)?,
+                    pa as *mut f64,
+                    int(n)?,
+                    pv as *mut f64,
+                    pw as *mut f64,
+                    lwork,
+                    pi as *mut i32,
+                )
+            };
+            check_solver(status, "cuSOLVER syevd")?;
+        }
+        let flag = self.stream.clone_dtoh(&info)?;
+        if flag[0] != 0 {
+            return Err(GpuError::Failed(format!(
+                "cuSOLVER syevd info = {}",
+                flag[0]
+            )));
+        }
+        Ok(self.stream.clone_dtoh(&values)?)
+    }
+
+    /// The `rank` leading eigenvectors of `g` (`s × s`), leading first, as an `s × rank` block.
+    fn top_eigenvectors(
+        &self,
+        g: &CudaSlice<f64>,
+        s: usize,
+        rank: usize,
+    ) -> Result<(CudaSlice<f64>, usize), GpuError> {
+        let b = block_size(rank, s);
+        if 4 * b <= s {
+            if let Some(found) = self.subspace_iteration(g, s, rank, b)? {
+                return Ok(found);
+            }
+        }
+        let mut a = self.stream.clone_dtod(g)?;
+        self.syevd(&mut a, s, true)?;
+        Ok((self.leading_columns(&a, s, s, rank)?, 0))
+    }
+
+    /// The last `rank` of the `cols` columns of `a` (`rows × cols`), in reverse order.
+    fn leading_columns(
+        &self,
+        a: &CudaSlice<f64>,
+        rows: usize,
+        cols: usize,
+        rank: usize,
+    ) -> Result<CudaSlice<f64>, GpuError> {
+        let mut out = self.stream.alloc_zeros::<f64>(rows * rank)?;
+        for j in 0..rank {
+            let src = a.slice((cols - 1 - j) * rows..(cols - j) * rows);
+            let mut dst = out.slice_mut(j * rows..(j + 1) * rows);
+            self.stream.memcpy_dtod(&src, &mut dst)?;
+        }
+        Ok(out)
+    }
+
+    fn subspace_iteration(
+        &self,
+        g: &CudaSlice<f64>,
+        s: usize,
+        rank: usize,
+        b: usize,
+    ) -> Result<Option<(CudaSlice<f64>, usize)>, GpuError> {
+        // The diagonal of a Gram matrix is nonnegative: its absolute sum is the trace.
+        let trace = {
+            let mut out = 0.0f64;
+            let (pg, _g) = g.device_ptr(&self.stream);
+            let status = unsafe {
+                blas_sys::cublasDasum_v2(
+                    *self.blas.handle(),
+                    int(s)?,
+                    pg as *const f64,
+                    int(s + 1)?,
+                    &mut out,
+                )
+            };
+            check_blas(status, "cuBLAS asum")?;
+            out
+        };
+        let floor = trace * f64::EPSILON * s as f64;
+        let omega = Gaussian::new(SEED).signs(s * b);
+        let omega = self.stream.clone_htod(&omega)?;
+        let mut q = self.stream.alloc_zeros::<f64>(s * b)?;
+        self.gemm(
+            (N, N),
+            (s, b, s),
+            1.0,
+            (g, s),
+            (&omega, s),
+            0.0,
+            (&mut q, s),
+        )?;
+        if !self.cholesky_qr2(&mut q, s, b)? {
+            return Ok(None);
+        }
+        let mut z = self.stream.alloc_zeros::<f64>(s * b)?;
+        let mut h = self.stream.alloc_zeros::<f64>(b * b)?;
+        let mut previous: Option<f64> = None;
+        for iteration in 1..=MAX_ITERATIONS {
+            self.gemm((N, N), (s, b, s), 1.0, (g, s), (&q, s), 0.0, (&mut z, s))?;
+            // Every third step from the fifth, Rayleigh–Ritz: H = Qᵀ·G·Q; the energy of its
+            // top `rank` eigenvalues only grows towards the optimum, so a small gain means done.
+            // (A check costs as much as two or three steps: checking less often is cheaper.)
+            if iteration >= 5 && (iteration - 5) % 3 == 0 {
+                self.gemm((T, N), (b, b, s), 1.0, (&q, s), (&z, s), 0.0, (&mut h, b))?;
+                // Eigenvalues only for the check; the vectors once it passes.
+                let mut values_only = self.stream.clone_dtod(&h)?;
+                let theta = self.syevd(&mut values_only, b, false)?;
+                let energy: f64 = theta[b - rank..].iter().sum();
+                let tail = (trace - energy).max(floor);
+                if previous.is_some_and(|p| energy - p <= TOLERANCE * tail) {
+                    self.syevd(&mut h, b, true)?;
+                    let y = self.leading_columns(&h, b, b, rank)?;
+                    let mut ritz = self.stream.alloc_zeros::<f64>(s * rank)?;
+                    self.gemm(
+                        (N, N),
+                        (s, rank, b),
+                        1.0,
+                        (&q, s),
+                        (&y, b),
+                        0.0,
+                        (&mut ritz, s),
+                    )?;
+                    return Ok(Some((ritz, iteration)));
+                }
+                previous = Some(energy);
+            }
+            std::mem::swap(&mut q, &mut z);
+            if !self.cholesky_qr2(&mut q, s, b)? {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    fn low_rank(&self, w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, GpuError> {
+        let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
+        // Row-major W [out, in] is the column-major A = Wᵀ (in × out), lda = in.
+        let mut a = self.stream.clone_htod(w.data())?;
+        let wide = out_dim <= in_dim;
+        let (s, t) = if wide {
+            (out_dim, in_dim)
+        } else {
+            (in_dim, out_dim)
+        };
+        let mut g = self.stream.alloc_zeros::<f64>(s * s)?;
+        if wide {
+            // M = W = Aᵀ: G = Aᵀ·A.
+            self.gemm(
+                (T, N),
+                (s, s, in_dim),
+                1.0,
+                (&a, in_dim),
+                (&a, in_dim),
+                0.0,
+                (&mut g, s),
+            )?;
+        } else {
+            // M = Wᵀ = A: G = A·Aᵀ.
+            self.gemm(
+                (N, T),
+                (s, s, out_dim),
+                1.0,
+                (&a, in_dim),
+                (&a, in_dim),
+                0.0,
+                (&mut g, s),
+            )?;
+        }
+        let norm = self.norm(&a)?;
+        let (q, iterations) = self.top_eigenvectors(&g, s, rank)?;
+        drop(g);
+        // R = Mᵀ·Q (t × rank).
+        let mut r = self.stream.alloc_zeros::<f64>(t * rank)?;
+        if wide {
+            self.gemm(
+                (N, N),
+                (in_dim, rank, out_dim),
+                1.0,
+                (&a, in_dim),
+                (&q, s),
+                0.0,
+                (&mut r, t),
+            )?;
+        } else {
+            self.gemm(
+                (T, N),
+                (out_dim, rank, in_dim),
+                1.0,
+                (&a, in_dim),
+                (&q, s),
+                0.0,
+                (&mut r, t),
+            )?;
+        }
+        // Residual, in A's layout: A − (Q·Rᵀ)ᵀ (wide) or A − Q·Rᵀ (tall).
+        if wide {
+            self.gemm(
+                (N, T),
+                (in_dim, out_dim, rank),
+                -1.0,
+                (&r, t),
+                (&q, s),
+                1.0,
+                (&mut a, in_dim),
+            )?;
+        } else {
+            self.gemm(
+                (N, T),
+                (in_dim, out_dim, rank),
+                -1.0,
+                (&q, s),
+                (&r, t),
+                1.0,
+                (&mut a, in_dim),
+            )?;
+        }
+        let residual = self.norm(&a)?;
+        let out = self.split(
+            &q,
+            &r,
+            (s, t, rank),
+            wide,
+            relative_error_of(residual, norm),
+            iterations,
+        )?;
+        Ok(out)
+    }
+
+    /// The balanced factors of `M ≈ Q·Rᵀ` (see `cpu::split_factors`), scaled and laid out
+    /// row-major on the device, so that the host only receives them.
+    fn split(
+        &self,
+        q: &CudaSlice<f64>,
+        r: &CudaSlice<f64>,
+        (s, t, rank): (usize, usize, usize),
+        wide: bool,
+        relative_error: f64,
+        iterations: usize,
+    ) -> Result<LowRank, GpuError> {
+        // σ_i² is the diagonal of RᵀR.
+        let mut rtr = self.stream.alloc_zeros::<f64>(rank * rank)?;
+        self.gemm(
+            (T, N),
+            (rank, rank, t),
+            1.0,
+            (r, t),
+            (r, t),
+            0.0,
+            (&mut rtr, rank),
+        )?;
+        let rtr = self.stream.clone_dtoh(&rtr)?;
+        let singular_values: Vec<f64> = (0..rank)
+            .map(|i| rtr[i * rank + i].max(0.0).sqrt())
+            .collect();
+        let usable = |x: f64| x > 0.0 && x.is_finite();
+        let up: Vec<f64> = singular_values
+            .iter()
+            .map(|&x| if usable(x) { x.sqrt() } else { 0.0 })
+            .collect();
+        let down: Vec<f64> = singular_values
+            .iter()
+            .map(|&x| if usable(x) { 1.0 / x.sqrt() } else { 0.0 })
+            .collect();
+        let (up, down) = (self.stream.clone_htod(&up)?, self.stream.clone_htod(&down)?);
+        // Q·diag(√σ) and R·diag(1/√σ), column-major.
+        let q_scaled = self.dgmm(q, s, rank, &up)?;
+        let r_scaled = self.dgmm(r, t, rank, &down)?;
+        // Row-major [L, in] is column-major (in × L): that block as is. Row-major [out, L] is
+        // column-major (L × out): the transpose of the other block.
+        let (first_block, second_block, out_dim, in_dim) = if wide {
+            (r_scaled, q_scaled, s, t)
+        } else {
+            (q_scaled, r_scaled, t, s)
+        };
+        let second_t = self.transpose(&second_block, out_dim, rank)?;
+        Ok(LowRank {
+            out_dim,
+            in_dim,
+            rank,
+            first: self.stream.clone_dtoh(&first_block)?,
+            second: self.stream.clone_dtoh(&second_t)?,
+            singular_values,
+            relative_error,
+            iterations,
+        })
+    }
+
+    /// `A·diag(x)` for a column-major `m × n` `A`.
+    fn dgmm(
+        &self,
+        a: &CudaSlice<f64>,
+        m: usize,
+        n: usize,
+        x: &CudaSlice<f64>,
+    ) -> Result<CudaSlice<f64>, GpuError> {
+        let mut c = self.stream.alloc_zeros::<f64>(m * n)?;
+        {
+            let (pa, _g1) = a.device_ptr(&self.stream);
+            let (px, _g2) = x.device_ptr(&self.stream);
+            let (pc, _g3) = c.device_ptr_mut(&self.stream);
+            let status = unsafe {
+                blas_sys::cublasDdgmm(
+                    *self.blas.handle(),
+                    blas_sys::cublasSideMode_t::CUBLAS_SIDE_RIGHT,
+                    int(m)?,
+                    int(n)?,
+                    pa as *const f64,
+                    int(m)?,
+                    px as *const f64,
+                    1,
+                    pc as *mut f64,
+                    int(m)?,
+                )
+            };
+            check_blas(status, "cuBLAS dgmm")?;
+        }
+        Ok(c)
+    }
+
+    /// The transpose (`n × m`) of a column-major `m × n` `a`.
+    fn transpose(
+        &self,
+        a: &CudaSlice<f64>,
+        m: usize,
+        n: usize,
+    ) -> Result<CudaSlice<f64>, GpuError> {
+        let mut c = self.stream.alloc_zeros::<f64>(m * n)?;
+        {
+            let (one, zero) = (1.0f64, 0.0f64);
+            let (pa, _g1) = a.device_ptr(&self.stream);
+            let (pc, _g2) = c.device_ptr_mut(&self.stream);
+            let status = unsafe {
+                blas_sys::cublasDgeam(
+                    *self.blas.handle(),
+                    T,
+                    N,
+                    int(n)?,
+                    int(m)?,
+                    &one,
+                    pa as *const f64,
+                    int(m)?,
+                    &zero,
+                    pc as *const f64,
+                    int(n)?,
+                    pc as *mut f64,
+                    int(n)?,
+                )
+            };
+            check_blas(status, "cuBLAS geam")?;
+        }
+        Ok(c)
+    }
+}
+
+fn relative_error_of(residual: f64, norm: f64) -> f64 {
+    if norm > 0.0 {
+        residual / norm
+    } else {
+        0.0
+    }
+}
+
+fn check_blas(status: blas_sys::cublasStatus_t, what: &str) -> Result<(), GpuError> {
+    match status {
+        blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
+        blas_sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED => {
+            Err(GpuError::OutOfMemory(format!("{what}: {status:?}")))
+        }
+        other => Err(failed(what, other)),
+    }
+}
+
+fn check_solver(status: solver_sys::cusolverStatus_t, what: &str) -> Result<(), GpuError> {
+    match status {
+        solver_sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS => Ok(()),
+        solver_sys::cusolverStatus_t::CUSOLVER_STATUS_ALLOC_FAILED => {
+            Err(GpuError::OutOfMemory(format!("{what}: {status:?}")))
+        }
+        other => Err(failed(what, other)),
+    }
+}

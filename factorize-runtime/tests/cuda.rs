@@ -1,0 +1,128 @@
+//! The GPU engine keeps the CPU engine's contract. Without a usable GPU (CI, most machines)
+//! each GPU test prints why it skipped; the backend-selection test runs everywhere.
+
+use std::io::Write;
+
+use factorize_runtime::engine::{gpu_available, low_rank, relative_error, solve, WeightMatrix};
+use factorize_runtime::synthetic::{matrix_with_spectrum, optimal_relative_error, power_law};
+use factorize_runtime::{Backend, FactorizeConfig, FactorizeError, Precision};
+
+fn gpu(test: &str) -> bool {
+    match gpu_available() {
+        Ok(()) => true,
+        Err(reason) => {
+            // Straight to stderr: libtest captures `println!`, and a skip must be seen.
+            let _ = writeln!(std::io::stderr(), "skipped {test}: no usable GPU: {reason}");
+            false
+        }
+    }
+}
+
+fn cuda() -> FactorizeConfig {
+    FactorizeConfig {
+        backend: Backend::Cuda,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn backend_selection_never_panics_and_says_why() {
+    let w = matrix_with_spectrum(40, 30, &power_law(30, 0.5), 1);
+    let m = WeightMatrix::new("sel", &w, 40, 30).unwrap();
+    let auto = solve(&m, 5, &FactorizeConfig::default()).unwrap();
+    match gpu_available() {
+        Ok(()) => {
+            assert_eq!(auto.backend, Backend::Cuda);
+            assert_eq!(solve(&m, 5, &cuda()).unwrap().backend, Backend::Cuda);
+        }
+        Err(reason) => {
+            println!("no GPU here ({reason}): Auto must use the CPU, Cuda must be an error");
+            assert_eq!(auto.backend, Backend::Cpu);
+            let e = solve(&m, 5, &cuda()).unwrap_err();
+            assert!(
+                matches!(e, FactorizeError::BackendUnavailable { .. }),
+                "{e}"
+            );
+            assert!(
+                e.to_string().contains("`sel`") && e.to_string().contains(&reason),
+                "{e}"
+            );
+        }
+    }
+}
+
+fn check_against_cpu(out_dim: usize, in_dim: usize, sigma: &[f64], rank: usize) {
+    let w = matrix_with_spectrum(out_dim, in_dim, sigma, 17);
+    let m = WeightMatrix::new("gpu", &w, out_dim, in_dim).unwrap();
+    let g = solve(&m, rank, &cuda()).unwrap();
+    assert_eq!(g.backend, Backend::Cuda);
+    let measured = relative_error(&m, &g.factors.second, &g.factors.first, rank);
+    let optimum = optimal_relative_error(sigma, rank);
+    assert!(
+        (measured - optimum).abs() <= 1e-4 * optimum + 1e-12,
+        "{out_dim}x{in_dim} rank {rank}: GPU {measured} vs optimum {optimum}"
+    );
+    assert!((g.factors.relative_error - measured).abs() <= 1e-4 * optimum + 1e-12);
+    let c = low_rank(&m, rank, Precision::F64).unwrap();
+    assert!(
+        (g.factors.relative_error - c.relative_error).abs() <= 1e-4 * c.relative_error + 1e-12,
+        "GPU {} vs CPU {}",
+        g.factors.relative_error,
+        c.relative_error
+    );
+    for (a, b) in g
+        .factors
+        .singular_values
+        .iter()
+        .zip(&c.singular_values)
+        .take(8)
+    {
+        assert!((a - b).abs() <= 1e-6 * c.singular_values[0], "{a} vs {b}");
+    }
+}
+
+#[test]
+fn gpu_meets_the_optimum_and_agrees_with_the_cpu() {
+    if !gpu("gpu_meets_the_optimum_and_agrees_with_the_cpu") {
+        return;
+    }
+    // Dense path (block not much smaller than the side): square, wide, tall.
+    check_against_cpu(96, 96, &power_law(96, 0.7), 24);
+    check_against_cpu(64, 160, &power_law(64, 1.0), 16);
+    check_against_cpu(160, 64, &power_law(64, 0.4), 40);
+    check_against_cpu(50, 70, &[3.0, 2.0, 1.0], 3);
+    // Subspace iteration: rank small next to the side.
+    check_against_cpu(300, 600, &power_law(300, 0.5), 16);
+    check_against_cpu(640, 300, &power_law(300, 1.0), 16);
+    let flat = vec![1.0; 1024];
+    check_against_cpu(1024, 1024, &flat, 128);
+    check_against_cpu(2048, 1024, &power_law(1024, 0.6), 128);
+}
+
+#[test]
+fn gpu_special_matrices() {
+    if !gpu("gpu_special_matrices") {
+        return;
+    }
+    let z = vec![0.0; 20 * 30];
+    let m = WeightMatrix::new("zeros", &z, 20, 30).unwrap();
+    let f = solve(&m, 4, &cuda()).unwrap().factors;
+    assert_eq!(f.relative_error, 0.0);
+    assert!(f.first.iter().chain(&f.second).all(|x| x.is_finite()));
+    let ones = vec![1.0; 20 * 30];
+    let m = WeightMatrix::new("ones", &ones, 20, 30).unwrap();
+    let f = solve(&m, 1, &cuda()).unwrap().factors;
+    assert!(f.relative_error < 1e-10, "{}", f.relative_error);
+}
+
+#[test]
+fn gpu_is_deterministic() {
+    if !gpu("gpu_is_deterministic") {
+        return;
+    }
+    let w = matrix_with_spectrum(512, 700, &power_law(512, 0.8), 3);
+    let m = WeightMatrix::new("det", &w, 512, 700).unwrap();
+    let a = solve(&m, 32, &cuda()).unwrap().factors;
+    let b = solve(&m, 32, &cuda()).unwrap().factors;
+    assert_eq!(a, b);
+}
