@@ -70,6 +70,14 @@ pub enum FactorizeError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Calibration data is unusable (empty, or of the wrong width).
+    #[error("layer `{layer}`: calibration data: {reason}")]
+    Calibration {
+        /// The layer's path.
+        layer: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A weights file could not be read.
     #[error("cannot read `{path}`: {reason}")]
     Load {

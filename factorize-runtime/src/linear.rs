@@ -31,6 +31,7 @@ use num_traits::Float;
 use rand_distr::uniform::SampleUniform;
 
 use crate::cost::LayerKind;
+use crate::engine::calibrated::{fit_linear, Calibration, Fit};
 use crate::engine::{self, check_finite, WeightMatrix};
 use crate::report::{LayerReport, Status};
 use crate::{FactorizeConfig, FactorizeError, Method};
@@ -206,6 +207,128 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
                 layer
             }
         };
+        Ok((layer, row))
+    }
+}
+
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
+    FactorizedLinear<I, L, O, E, D>
+{
+    /// Builds the layer fitted to the outputs of `linear` on calibration inputs `inputs`
+    /// (rows × `I`), as [`Fit`] says: the exact output-optimal pair (default) or Composer's ALS.
+    /// The bias of the second map is refitted. The report row carries the calibration nmse.
+    ///
+    /// Errors: NaN/Inf in weights or inputs, no rows, `L > min(I, O)`.
+    pub fn from_linear_calibrated<N: Dim>(
+        path: &str,
+        linear: &Linear<I, O, E, D>,
+        inputs: &Tensor<(N, Const<I>), E, D>,
+        fit: Fit,
+    ) -> Result<(Self, LayerReport), FactorizeError> {
+        let weight = host_f64(&linear.weight);
+        let bias = host_f64(&linear.bias);
+        Self::fit_weights(path, &weight, &bias, inputs, fit, linear.weight.device())
+    }
+
+    /// Lowers the rank to `L2 < L` (checked when the call is compiled): the best rank-`L2`
+    /// approximation of this layer's `B·A` (truncated SVD of the product), bias kept.
+    pub fn reduce<const L2: usize>(
+        &self,
+        cfg: &FactorizeConfig,
+    ) -> Result<FactorizedLinear<I, L2, O, E, D>, FactorizeError> {
+        const {
+            assert!(
+                L2 < L,
+                "reduce::<L2>() needs L2 < L: a rank can only be lowered"
+            )
+        };
+        let product = self.product();
+        let linear = Linear {
+            weight: to_device(
+                self.second.weight.device(),
+                &product,
+                (Const::<O>, Const::<I>),
+                "reduce",
+            )?,
+            bias: self.second.bias.clone(),
+        };
+        FactorizedLinear::<I, L2, O, E, D>::from_linear(&linear, cfg)
+    }
+
+    /// Lowers the rank to `L2 < L` fitted to this layer's own outputs on `inputs`.
+    pub fn reduce_calibrated<const L2: usize, N: Dim>(
+        &self,
+        path: &str,
+        inputs: &Tensor<(N, Const<I>), E, D>,
+        fit: Fit,
+    ) -> Result<(FactorizedLinear<I, L2, O, E, D>, LayerReport), FactorizeError> {
+        const {
+            assert!(
+                L2 < L,
+                "reduce_calibrated::<L2>() needs L2 < L: a rank can only be lowered"
+            )
+        };
+        let bias = host_f64(&self.second.bias);
+        FactorizedLinear::<I, L2, O, E, D>::fit_weights(
+            path,
+            &self.product(),
+            &bias,
+            inputs,
+            fit,
+            self.second.weight.device(),
+        )
+    }
+
+    /// `B·A`, row-major `[O, I]`, in f64.
+    fn product(&self) -> Vec<f64> {
+        let a = host_f64(&self.first.weight);
+        let b = host_f64(&self.second.weight);
+        let am = faer::MatRef::from_row_major_slice(&a, L, I);
+        let bm = faer::MatRef::from_row_major_slice(&b, O, L);
+        let p = bm * am;
+        (0..O)
+            .flat_map(|o| (0..I).map(move |i| (o, i)))
+            .map(|(o, i)| p[(o, i)])
+            .collect()
+    }
+
+    fn fit_weights<N: Dim>(
+        path: &str,
+        weight: &[f64],
+        bias: &[f64],
+        inputs: &Tensor<(N, Const<I>), E, D>,
+        fit: Fit,
+        dev: &D,
+    ) -> Result<(Self, LayerReport), FactorizeError> {
+        let start = Instant::now();
+        let w = WeightMatrix::new(path, weight, O, I)?;
+        let x = host_f64(inputs);
+        let rows = inputs.shape().0.size();
+        let calib = Calibration::new(path, &x, rows, I)?;
+        let f = fit_linear(&w, bias, &calib, L, fit)?;
+        let layer = FactorizedLinear {
+            first: UnbiasedLinear {
+                weight: to_device(dev, &f.factors.first, (Const::<L>, Const::<I>), path)?,
+            },
+            second: Linear {
+                weight: to_device(dev, &f.factors.second, (Const::<O>, Const::<L>), path)?,
+                bias: to_device(dev, &f.bias, (Const::<O>,), path)?,
+            },
+        };
+        let mut row = LayerReport::kept(path, LayerKind::Linear, I, O, 1, Status::Replaced);
+        row.set_replaced(
+            L,
+            f.factors.relative_error,
+            crate::Backend::Cpu,
+            start.elapsed(),
+        );
+        row.nmse = Some(f.nmse);
+        if f.rank_deficient {
+            row.note = Some(format!(
+                "{rows} calibration rows cannot span {I} inputs (ridge {:.3e})",
+                f.ridge
+            ));
+        }
         Ok((layer, row))
     }
 }

@@ -107,6 +107,8 @@ pub struct LayerReport {
     pub backend: Option<Backend>,
     /// Time spent on this layer.
     pub time: Duration,
+    /// Output nmse on the calibration rows, for data-aware fits.
+    pub nmse: Option<f64>,
     /// Anything worth knowing about this layer, e.g. a fallback from the GPU to the CPU.
     pub note: Option<String>,
 }
@@ -138,6 +140,7 @@ impl LayerReport {
             relative_error: None,
             backend: None,
             time: Duration::ZERO,
+            nmse: None,
             note: None,
         }
     }
@@ -232,10 +235,10 @@ fn ratio(before: usize, after: usize) -> String {
 impl fmt::Display for FactorizeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let header = [
-            "layer", "kind", "shape", "rank", "status", "MACs/pos", "params", "rel err", "backend",
-            "time",
+            "layer", "kind", "shape", "rank", "status", "MACs/pos", "params", "rel err", "nmse",
+            "backend", "time",
         ];
-        let mut rows: Vec<[String; 10]> = self
+        let mut rows: Vec<[String; 11]> = self
             .layers
             .iter()
             .map(|r| {
@@ -252,6 +255,7 @@ impl fmt::Display for FactorizeReport {
                     format!("{} → {}", r.macs_before, r.macs_after),
                     format!("{} → {}", r.params_before, r.params_after),
                     r.relative_error.map_or("-".into(), |e| format!("{e:.4}")),
+                    r.nmse.map_or("-".into(), |e| format!("{e:.4}")),
                     r.backend
                         .map_or("-".into(), |b| format!("{b:?}").to_lowercase()),
                     format!("{:.1} ms", r.time.as_secs_f64() * 1e3),
@@ -272,6 +276,7 @@ impl fmt::Display for FactorizeReport {
             ),
             format!("{mb} → {ma} ({})", ratio(mb, ma)),
             format!("{pb} → {pa} ({})", ratio(pb, pa)),
+            String::new(),
             String::new(),
             String::new(),
             format!("{:.1} ms", self.total_time().as_secs_f64() * 1e3),

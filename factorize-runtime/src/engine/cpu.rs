@@ -86,7 +86,7 @@ fn solve<T: Real>(w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, Factoriz
         })
     });
     let g = gram(m.as_ref());
-    let (q, iterations) = top_eigenvectors(&g, rank, w.name())?;
+    let (q, iterations) = top_eigenvectors(&g, rank, w.name(), TOLERANCE)?;
 
     // R = Mᵀ·Q: its column norms are the singular values.
     let r = m.transpose() * &q;
@@ -194,17 +194,20 @@ pub(crate) fn block_size(rank: usize, s: usize) -> usize {
 }
 
 /// The `rank` leading eigenvectors of the symmetric `g`, as columns, and the iterations used.
-fn top_eigenvectors<T: Real>(
+/// `tolerance`: the subspace iteration stops once a step gains less than this fraction of the
+/// residual energy (see [`TOLERANCE`]).
+pub(crate) fn top_eigenvectors<T: Real>(
     g: &Mat<T>,
     rank: usize,
     layer: &str,
+    tolerance: f64,
 ) -> Result<(Mat<T>, usize), FactorizeError> {
     let s = g.nrows();
     let b = block_size(rank, s);
     // A dense eigensolve of the Gram matrix costs about as much as a dozen subspace steps with a
     // block of s/8 (measured with faer on 2 cores): iterate only for blocks well below that.
     if 8 * b <= s {
-        if let Some(found) = subspace_iteration(g, rank, b, layer)? {
+        if let Some(found) = subspace_iteration(g, rank, b, layer, tolerance)? {
             return Ok(found);
         }
     }
@@ -223,6 +226,7 @@ fn subspace_iteration<T: Real>(
     rank: usize,
     b: usize,
     layer: &str,
+    tolerance: f64,
 ) -> Result<Option<(Mat<T>, usize)>, FactorizeError> {
     let s = g.nrows();
     let trace: f64 = (0..s).map(|i| g[(i, i)].f64()).sum();
@@ -243,7 +247,7 @@ fn subspace_iteration<T: Real>(
         let theta = evd.S().column_vector();
         let energy: f64 = (b - rank..b).map(|i| theta[i].f64()).sum();
         let tail = (trace - energy).max(floor);
-        if previous.is_some_and(|p| energy - p <= TOLERANCE * tail) {
+        if previous.is_some_and(|p| energy - p <= tolerance * tail) {
             let y = evd.U();
             let leading = Mat::<T>::from_fn(b, rank, |i, j| y[(i, b - 1 - j)]);
             return Ok(Some((&q * leading, iteration)));

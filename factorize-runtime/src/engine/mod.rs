@@ -18,6 +18,7 @@
 //! assert_eq!((f.first.len(), f.second.len()), (3, 2));
 //! ```
 
+pub mod calibrated;
 mod cpu;
 #[cfg(feature = "cuda-engine")]
 mod cuda;
