@@ -151,3 +151,146 @@ fn deterministic_bit_for_bit_and_bad_calibration_is_an_error() {
         "{e}"
     );
 }
+
+mod model_level {
+    use dfdx::nn::modules::{Linear, ReLU};
+    use dfdx::prelude::*;
+    use factorize_runtime::engine::calibrated::{fit_linear, Calibration, Fit};
+    use factorize_runtime::engine::WeightMatrix;
+    use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
+    use factorize_runtime::{mirror, Factorizable, FactorizeConfig, FactorizeError, Status};
+
+    type Dev = Cpu;
+    type Batch = Tensor<(usize, Const<128>), f32, Dev>;
+
+    #[derive(Factorizable)]
+    #[factorize(latent_features = 24, min_features = 64)]
+    pub struct Two<E: Dtype, D: Device<E>> {
+        pub a: Linear<128, 128, E, D>,
+        pub act: ReLU,
+        pub b: (Linear<128, 96, E, D>,),
+        #[factorize(skip)]
+        pub head: Linear<96, 8, E, D>,
+    }
+
+    #[mirror]
+    impl<E: Dtype, D: Device<E>> Module<Tensor<(usize, Const<128>), E, D>> for Two<E, D> {
+        type Output = Tensor<(usize, Const<8>), E, D>;
+        type Error = D::Err;
+        fn try_forward(
+            &self,
+            x: Tensor<(usize, Const<128>), E, D>,
+        ) -> Result<Self::Output, D::Err> {
+            let h = self.act.try_forward(self.a.try_forward(x)?)?;
+            self.head.try_forward(self.b.try_forward(h)?)
+        }
+    }
+
+    fn setup() -> (Dev, Two<f32, Dev>, Batch) {
+        let dev = Dev::seed_from_u64(1);
+        let mut m = Two::<f32, Dev> {
+            a: BuildModule::build(&dev),
+            act: ReLU,
+            b: BuildModule::build(&dev),
+            head: BuildModule::build(&dev),
+        };
+        let wa: Vec<f32> = matrix_with_spectrum(128, 128, &power_law(128, 0.4), 3)
+            .iter()
+            .map(|x| *x as f32)
+            .collect();
+        let wb: Vec<f32> = matrix_with_spectrum(96, 128, &power_law(96, 0.4), 4)
+            .iter()
+            .map(|x| *x as f32)
+            .collect();
+        m.a.weight.copy_from(&wa);
+        m.b.0.weight.copy_from(&wb);
+        // Correlated inputs: a few strong directions, as real activations have.
+        let mix: Vec<f32> = matrix_with_spectrum(128, 128, &power_law(128, 1.5), 5)
+            .iter()
+            .map(|x| *x as f32 * 20.0)
+            .collect();
+        let mix: Tensor<Rank2<128, 128>, f32, Dev> = dev.tensor(mix);
+        let z: Tensor<(usize, Const<128>), f32, Dev> = dev.sample_normal_like(&(400, Const));
+        (dev, m, z.matmul(mix))
+    }
+
+    #[test]
+    fn each_layer_is_fitted_in_forward_order_to_the_inputs_it_sees() {
+        let (_dev, model, x) = setup();
+        let (f, report) = model
+            .factorize_calibrated(
+                &FactorizeConfig::default(),
+                Fit::Exact { ridge: 0.0 },
+                |m| {
+                    m.forward(x.clone());
+                },
+            )
+            .unwrap();
+        let rows: Vec<(&str, Status, bool)> = report
+            .layers
+            .iter()
+            .map(|r| (r.path.as_str(), r.status, r.nmse.is_some()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("a", Status::Replaced, true),
+                ("b.0", Status::Replaced, true),
+                ("head", Status::Skipped, false)
+            ]
+        );
+        // Layer b was fitted to what the calibrated layer a (then ReLU) hands it.
+        let h = f.act.forward(f.a.forward(x.clone()));
+        let h: Vec<f64> = h.as_vec().iter().map(|v| *v as f64).collect();
+        let w: Vec<f64> = model
+            .b
+            .0
+            .weight
+            .as_vec()
+            .iter()
+            .map(|v| *v as f64)
+            .collect();
+        let bias: Vec<f64> = model.b.0.bias.as_vec().iter().map(|v| *v as f64).collect();
+        let wm = WeightMatrix::new("b.0", &w, 96, 128).unwrap();
+        let xc = Calibration::new("b.0", &h, 400, 128).unwrap();
+        let expected = fit_linear(&wm, &bias, &xc, 24, Fit::Exact { ridge: 0.0 }).unwrap();
+        let first: Vec<f32> = expected.factors.first.iter().map(|v| *v as f32).collect();
+        assert_eq!(f.b.0.first.weight.as_vec(), first);
+        // And the model's output on the calibration batch is closer than weight-space SVD's.
+        let plain = model.factorize(&FactorizeConfig::default()).unwrap();
+        let y = model.forward(x.clone()).as_vec();
+        let err = |z: Vec<f32>| {
+            y.iter()
+                .zip(&z)
+                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                .sum::<f64>()
+        };
+        let (e_cal, e_svd) = (
+            err(f.forward(x.clone()).as_vec()),
+            err(plain.forward(x.clone()).as_vec()),
+        );
+        assert!(
+            e_cal < 0.5 * e_svd,
+            "calibrated {e_cal} vs weight-space {e_svd}"
+        );
+    }
+
+    #[test]
+    fn bad_calibration_data_is_an_error_and_the_model_is_untouched() {
+        let (dev, model, x) = setup();
+        let mut v = x.as_vec();
+        v[5] = f32::NAN;
+        let bad: Tensor<(usize, Const<128>), f32, Dev> = dev.tensor_from_vec(v, (400, Const));
+        let before = model.a.weight.as_vec();
+        let e = model
+            .factorize_calibrated(&FactorizeConfig::default(), Fit::exact(), |m| {
+                m.forward(bad.clone());
+            })
+            .unwrap_err();
+        assert!(
+            matches!(e, FactorizeError::NonFinite { ref layer, .. } if layer == "a"),
+            "{e}"
+        );
+        assert_eq!(model.a.weight.as_vec(), before);
+    }
+}

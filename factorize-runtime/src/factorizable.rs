@@ -9,6 +9,9 @@
 use dfdx::nn::modules::*;
 use dfdx::prelude::{Device, Dtype};
 
+use crate::calibrate::{calibrate, DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized};
+use crate::engine::calibrated::Fit;
+use crate::linear::host_f64;
 use crate::report::FactorizeReport;
 use crate::{FactorizeConfig, FactorizeError};
 
@@ -48,6 +51,26 @@ pub trait Factorizable {
         let model = self.factorize_into("", cfg, &mut report)?;
         Ok((model, report))
     }
+
+    /// Builds the variant with every replaced layer fitted to its outputs on calibration data
+    /// (see [`crate::engine::calibrated`]), in forward order, each on the inputs it sees in the
+    /// already-factorized model. `run` runs the calibration forward on the variant, e.g.
+    /// `|m| { m.forward(batch.clone()); }`; it is called once per replaced layer, plus once.
+    /// Report rows carry each layer's calibration nmse.
+    fn factorize_calibrated<F>(
+        &self,
+        cfg: &FactorizeConfig,
+        fit: Fit,
+        run: F,
+    ) -> Result<(Self::Factorized, FactorizeReport), FactorizeError>
+    where
+        Self: VisitDense + Sized,
+        Self::Factorized: VisitFactorized,
+        F: FnMut(&Self::Factorized),
+    {
+        let (model, report) = self.factorize_with_report(cfg)?;
+        calibrate(self, model, report, fit, run)
+    }
 }
 
 /// Modules without anything to factorize: the variant is a copy.
@@ -63,6 +86,23 @@ macro_rules! carried_over {
             ) -> Result<Self, FactorizeError> {
                 Ok(self.clone())
             }
+        }
+    )*};
+}
+
+macro_rules! carried_over_visits {
+    ($([$($generics:tt)*] $ty:ty;)*) => {$(
+        impl<$($generics)*> VisitFactorized for $ty {
+            fn visit_factorized(
+                &mut self,
+                _path: &str,
+                _f: &mut FactorizedVisitor<'_>,
+            ) -> Result<(), FactorizeError> {
+                Ok(())
+            }
+        }
+        impl<$($generics)*> VisitDense for $ty {
+            fn visit_dense(&self, _path: &str, _f: &mut DenseVisitor<'_>) {}
         }
     )*};
 }
@@ -91,6 +131,28 @@ carried_over! {
         crate::FactorizedLinear<I, L, O, E, D>;
 }
 
+carried_over_visits! {
+    [] ReLU;
+    [] FastGeLU;
+    [] AccurateGeLU;
+    [] Sigmoid;
+    [] Tanh;
+    [] Sin;
+    [] Cos;
+    [] Exp;
+    [] Ln;
+    [] Square;
+    [] Sqrt;
+    [] Abs;
+    [] Softmax;
+    [] Dropout;
+    [const N: usize] DropoutOneIn<N>;
+    [const M: usize, E: Dtype, D: Device<E>] LayerNorm1D<M, E, D>;
+    [const C: usize, E: Dtype, D: Device<E>] BatchNorm1D<C, E, D>;
+    [const V: usize, const M: usize, E: Dtype, D: Device<E>] Embedding<V, M, E, D>;
+    [const I: usize, const O: usize, E: Dtype, D: Device<E>] UnbiasedLinear<I, O, E, D>;
+}
+
 macro_rules! tuples {
     ($([$($name:ident $idx:tt),+])*) => {$(
         impl<$($name: Factorizable),+> Factorizable for ($($name,)+) {
@@ -108,6 +170,71 @@ macro_rules! tuples {
 }
 
 tuples! {
+    [A 0]
+    [A 0, B 1]
+    [A 0, B 1, C 2]
+    [A 0, B 1, C 2, F 3]
+    [A 0, B 1, C 2, F 3, G 4]
+    [A 0, B 1, C 2, F 3, G 4, H 5]
+}
+
+impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> VisitFactorized
+    for Linear<I, O, E, D>
+{
+    fn visit_factorized(
+        &mut self,
+        _path: &str,
+        _f: &mut FactorizedVisitor<'_>,
+    ) -> Result<(), FactorizeError> {
+        Ok(())
+    }
+}
+
+impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> VisitDense for Linear<I, O, E, D> {
+    fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
+        f(path, host_f64(&self.weight), host_f64(&self.bias));
+    }
+}
+
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> VisitFactorized
+    for crate::FactorizedLinear<I, L, O, E, D>
+{
+    fn visit_factorized(
+        &mut self,
+        path: &str,
+        f: &mut FactorizedVisitor<'_>,
+    ) -> Result<(), FactorizeError> {
+        f(path, self)
+    }
+}
+
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> VisitDense
+    for crate::FactorizedLinear<I, L, O, E, D>
+{
+    fn visit_dense(&self, _path: &str, _f: &mut DenseVisitor<'_>) {}
+}
+
+macro_rules! tuple_visits {
+    ($([$($name:ident $idx:tt),+])*) => {$(
+        impl<$($name: VisitFactorized),+> VisitFactorized for ($($name,)+) {
+            fn visit_factorized(
+                &mut self,
+                path: &str,
+                f: &mut FactorizedVisitor<'_>,
+            ) -> Result<(), FactorizeError> {
+                $(self.$idx.visit_factorized(&crate::__private::join(path, stringify!($idx)), f)?;)+
+                Ok(())
+            }
+        }
+        impl<$($name: VisitDense),+> VisitDense for ($($name,)+) {
+            fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
+                $(self.$idx.visit_dense(&crate::__private::join(path, stringify!($idx)), f);)+
+            }
+        }
+    )*};
+}
+
+tuple_visits! {
     [A 0]
     [A 0, B 1]
     [A 0, B 1, C 2]

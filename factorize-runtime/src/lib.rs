@@ -91,6 +91,7 @@
 //! at run time; [`report`] describes what happened.
 #![warn(missing_docs)]
 
+pub mod calibrate;
 pub mod config;
 pub mod cost;
 pub mod engine;

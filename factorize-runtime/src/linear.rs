@@ -30,6 +30,7 @@ use dfdx::prelude::*;
 use num_traits::Float;
 use rand_distr::uniform::SampleUniform;
 
+use crate::calibrate::{RecordInput, Refit};
 use crate::cost::LayerKind;
 use crate::engine::calibrated::{fit_linear, Calibration, Fit};
 use crate::engine::{self, check_finite, WeightMatrix};
@@ -95,6 +96,7 @@ impl<const I: usize, const L: usize, const O: usize, E, D, T, U> Module<T>
 where
     E: Dtype,
     D: Device<E>,
+    T: RecordInput,
     UnbiasedLinear<I, L, E, D>: Module<T, Output = U, Error = D::Err>,
     Linear<L, O, E, D>: Module<U, Error = D::Err>,
 {
@@ -102,8 +104,72 @@ where
     type Error = D::Err;
 
     fn try_forward(&self, x: T) -> Result<Self::Output, D::Err> {
+        // A no-op unless a calibration pass is recording on this thread.
+        x.record(self as *const Self as usize);
         self.second.try_forward(self.first.try_forward(x)?)
     }
+}
+
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Refit
+    for FactorizedLinear<I, L, O, E, D>
+{
+    fn address(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    fn in_dim(&self) -> usize {
+        I
+    }
+
+    fn refit(
+        &mut self,
+        path: &str,
+        weight: &[f64],
+        bias: &[f64],
+        inputs: &[f64],
+        fit: Fit,
+    ) -> Result<LayerReport, FactorizeError> {
+        let start = Instant::now();
+        let w = WeightMatrix::new(path, weight, O, I)?;
+        let calib = Calibration::new(path, inputs, inputs.len() / I, I)?;
+        let f = fit_linear(&w, bias, &calib, L, fit)?;
+        let dev = self.second.weight.device().clone();
+        let first = to_device(&dev, &f.factors.first, (Const::<L>, Const::<I>), path)?;
+        let second = to_device(&dev, &f.factors.second, (Const::<O>, Const::<L>), path)?;
+        let new_bias = to_device(&dev, &f.bias, (Const::<O>,), path)?;
+        // Assigned only once everything above succeeded.
+        self.first.weight = first;
+        self.second.weight = second;
+        self.second.bias = new_bias;
+        Ok(calibrated_row(path, I, O, L, &f, calib.rows(), start))
+    }
+}
+
+/// The report row of a data-aware fit.
+fn calibrated_row(
+    path: &str,
+    i: usize,
+    o: usize,
+    l: usize,
+    f: &crate::engine::calibrated::CalibratedFit,
+    rows: usize,
+    start: Instant,
+) -> LayerReport {
+    let mut row = LayerReport::kept(path, LayerKind::Linear, i, o, 1, Status::Replaced);
+    row.set_replaced(
+        l,
+        f.factors.relative_error,
+        crate::Backend::Cpu,
+        start.elapsed(),
+    );
+    row.nmse = Some(f.nmse);
+    if f.rank_deficient {
+        row.note = Some(format!(
+            "{rows} calibration rows cannot span {i} inputs (ridge {:.3e})",
+            f.ridge
+        ));
+    }
+    row
 }
 
 /// `count` values uniform in `±1/sqrt(fan_in)`, reproducible from `seed`.
@@ -232,6 +298,16 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
 
     /// Lowers the rank to `L2 < L` (checked when the call is compiled): the best rank-`L2`
     /// approximation of this layer's `B·A` (truncated SVD of the product), bias kept.
+    ///
+    /// Raising the rank does not build:
+    ///
+    /// ```compile_fail,E0080
+    /// use dfdx::prelude::*;
+    /// use factorize_runtime::{builders, FactorizeConfig, FactorizedLinear};
+    /// let dev: Cpu = Default::default();
+    /// let f = dev.build_module::<builders::FactorizedLinear<8, 2, 6>, f32>();
+    /// let _ = f.reduce::<3>(&FactorizeConfig::default());
+    /// ```
     pub fn reduce<const L2: usize>(
         &self,
         cfg: &FactorizeConfig,

@@ -6,6 +6,7 @@
 use dfdx::nn::modules::Linear;
 use dfdx::prelude::Storage;
 
+pub use crate::calibrate::{DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized};
 pub use crate::cost::{linear_decision, Decision, FactorizeParams, Latent};
 pub use crate::report::{FactorizeReport, LayerReport, Status};
 pub use crate::{Factorizable, FactorizeConfig, FactorizeError, FactorizedLinear};

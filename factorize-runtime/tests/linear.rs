@@ -233,3 +233,56 @@ fn bad_weights_are_an_error_and_the_source_is_untouched() {
     );
     assert_eq!(dense.bias.as_vec(), b);
 }
+
+#[test]
+fn calibrated_construction_and_typed_rank_reduction() {
+    use factorize_runtime::engine::calibrated::Fit;
+    let dev = Dev::seed_from_u64(2);
+    let dense = dense_with_spectrum::<64, 48>(&dev, &power_law(48, 0.3));
+    let x: Tensor<(usize, Const<64>), f32, Dev> = dev.sample_normal_like(&(200, Const));
+    let (f, row) = FactorizedLinear::<64, 16, 48, f32, Dev>::from_linear_calibrated(
+        "fc",
+        &dense,
+        &x,
+        Fit::Exact { ridge: 0.0 },
+    )
+    .unwrap();
+    assert!(row.nmse.unwrap() > 0.0 && row.nmse.unwrap() < 1.0);
+    // The calibrated layer reproduces the outputs on its data better than weight-space SVD.
+    let svd =
+        FactorizedLinear::<64, 16, 48, f32, Dev>::from_linear(&dense, &FactorizeConfig::default())
+            .unwrap();
+    let y = dense.forward(x.clone()).as_vec();
+    let err = |z: Vec<f32>| {
+        y.iter()
+            .zip(&z)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum::<f64>()
+    };
+    assert!(err(f.forward(x.clone()).as_vec()) <= err(svd.forward(x.clone()).as_vec()));
+
+    // Lowering the rank: from the weights, the result is the best rank-8 approximation of B·A.
+    let small: FactorizedLinear<64, 8, 48, f32, Dev> =
+        svd.reduce::<8>(&FactorizeConfig::default()).unwrap();
+    let direct =
+        FactorizedLinear::<64, 8, 48, f32, Dev>::from_linear(&dense, &FactorizeConfig::default())
+            .unwrap();
+    let (a, b) = (
+        small.forward(x.clone()).as_vec(),
+        direct.forward(x.clone()).as_vec(),
+    );
+    let diff: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = b.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+    assert!(diff <= 1e-4 * norm, "{diff} vs {norm}");
+    // From data: fitted to the layer's own outputs.
+    let (smaller, row) = f
+        .reduce_calibrated::<8, usize>("fc", &x, Fit::exact())
+        .unwrap();
+    let _: &FactorizedLinear<64, 8, 48, f32, Dev> = &smaller;
+    assert_eq!(row.latent, 8);
+}

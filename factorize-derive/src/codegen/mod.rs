@@ -5,6 +5,7 @@ mod factorize;
 pub mod mirror;
 mod types;
 mod variant;
+mod visits;
 
 use proc_macro2::{Ident, TokenStream};
 use quote::{format_ident, quote};
@@ -27,6 +28,7 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
     let variant = variant::expand(cont);
     let collection = collection::expand(cont);
     let factorize = factorize::expand(cont);
+    let visits = visits::expand(cont);
     quote! {
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]
@@ -34,5 +36,6 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
         #variant
         #collection
         #factorize
+        #visits
     }
 }

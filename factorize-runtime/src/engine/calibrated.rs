@@ -22,7 +22,7 @@
 //! let x: Vec<f64> = (0..20).flat_map(|i| [i as f64, 1.0, 1.0]).collect();
 //! let m = WeightMatrix::new("fc", &w, 2, 3).unwrap();
 //! let calib = Calibration::new("fc", &x, 20, 3).unwrap();
-//! let fit = fit_linear(&m, &[0.0, 0.0], &calib, 1, Fit::exact()).unwrap();
+//! let fit = fit_linear(&m, &[0.0, 0.0], &calib, 1, Fit::Exact { ridge: 0.0 }).unwrap();
 //! assert!(fit.nmse < 1e-20); // rank 1 is exact on these inputs
 //! ```
 
