@@ -93,6 +93,7 @@
 
 pub mod calibrate;
 pub mod config;
+pub mod conv;
 pub mod cost;
 pub mod engine;
 mod error;
