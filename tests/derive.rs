@@ -401,3 +401,100 @@ width_cases! {
     W12: 450 x 64 latent 56;
     W13: 450 x 64 latent 57;
 }
+
+mod convolutions {
+    use super::Dev;
+    use dfdx::nn::modules::ReLU;
+    use dfdx::prelude::*;
+    use factorize_runtime::conv::Conv2D;
+    use factorize_runtime::{mirror, Factorizable, FactorizeConfig, FactorizedConv2D, Status};
+
+    /// Convolutions under factorize_convs, min_channels and latent_channels (default 0.25).
+    #[derive(Factorizable)]
+    pub struct ConvNet<E: Dtype, D: Device<E>> {
+        pub stem: Conv2D<3, 256, 3, 1, 1, 1, E, D>,
+        pub body: Conv2D<256, 256, 3, 1, 1, 1, E, D>,
+        pub proj: (Conv2D<256, 256, 1, 1, 0, 1, E, D>, ReLU),
+        #[factorize(latent = 0.9)]
+        pub wide: Conv2D<256, 256, 1, 1, 0, 1, E, D>,
+        #[factorize(skip)]
+        pub frozen: Conv2D<256, 256, 3, 2, 1, 1, E, D>,
+    }
+
+    #[mirror]
+    impl<E: Dtype, D: Device<E>, B: Dim, H: Dim, W: Dim> Module<Tensor<(B, Const<3>, H, W), E, D>>
+        for ConvNet<E, D>
+    {
+        type Output = Tensor<(B, Const<256>, usize, usize), E, D>;
+        type Error = D::Err;
+        fn try_forward(
+            &self,
+            x: Tensor<(B, Const<3>, H, W), E, D>,
+        ) -> Result<Self::Output, D::Err> {
+            let x = self.body.try_forward(self.stem.try_forward(x)?)?;
+            let x = self.wide.try_forward(self.proj.try_forward(x)?)?;
+            self.frozen.try_forward(x)
+        }
+    }
+
+    #[derive(Factorizable)]
+    #[factorize(factorize_convs = false)]
+    pub struct NoConvs<E: Dtype, D: Device<E>> {
+        pub body: Conv2D<256, 256, 3, 1, 1, 1, E, D>,
+    }
+
+    #[test]
+    fn conv_fields_follow_the_rule() {
+        let dev: Dev = Default::default();
+        let net = ConvNet::<f32, Dev> {
+            stem: BuildModule::build(&dev),
+            body: BuildModule::build(&dev),
+            proj: BuildModule::build(&dev),
+            wide: BuildModule::build(&dev),
+            frozen: BuildModule::build(&dev),
+        };
+        let (f, report) = net
+            .factorize_with_report(&FactorizeConfig::default())
+            .unwrap();
+        let _: &Conv2D<3, 256, 3, 1, 1, 1, f32, Dev> = &f.stem; // 3 < min_channels
+        let _: &FactorizedConv2D<256, 64, 256, 3, 1, 1, 1, f32, Dev> = &f.body; // 0.25 · 256
+        let _: &FactorizedConv2D<256, 64, 256, 1, 1, 0, 1, f32, Dev> = &f.proj.0;
+        let _: &Conv2D<256, 256, 1, 1, 0, 1, f32, Dev> = &f.wide; // 230 > break-even 127
+        let _: &Conv2D<256, 256, 3, 2, 1, 1, f32, Dev> = &f.frozen;
+        let rows: Vec<(&str, Status, usize)> = report
+            .layers
+            .iter()
+            .map(|r| (r.path.as_str(), r.status, r.kernel))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("stem", Status::TooNarrow { width: 3, min: 256 }, 3),
+                ("body", Status::Replaced, 3),
+                ("proj.0", Status::Replaced, 1),
+                (
+                    "wide",
+                    Status::NoSaving {
+                        latent: 230,
+                        max_rank: 127
+                    },
+                    1
+                ),
+                ("frozen", Status::Skipped, 3),
+            ]
+        );
+        assert_eq!(report.layers[1].macs_after, 64 * (256 * 9 + 256));
+        let x: Tensor<Rank4<1, 3, 6, 6>, f32, Dev> = dev.sample_normal();
+        let (a, b) = (net.forward(x.clone()), f.forward(x));
+        assert_eq!(a.shape().concrete(), b.shape().concrete());
+
+        let plain = NoConvs::<f32, Dev> {
+            body: BuildModule::build(&dev),
+        };
+        let (g, report) = plain
+            .factorize_with_report(&FactorizeConfig::default())
+            .unwrap();
+        let _: &Conv2D<256, 256, 3, 1, 1, 1, f32, Dev> = &g.body;
+        assert_eq!(report.layers[0].status, Status::Disabled);
+    }
+}

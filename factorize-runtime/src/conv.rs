@@ -159,6 +159,9 @@ fn patch_rows(
     (all, oh, ow)
 }
 
+/// A batched convolution's output: `B × O × OH × OW`, the spatial dims known at run time.
+pub type Output4<B, const O: usize, E, D, T> = Tensor<(B, Const<O>, usize, usize), E, D, T>;
+
 /// The convolution of `x` (`B × I × H × W`) with `weight` (`[O, I, K, K]`) and an optional bias.
 pub(crate) fn conv2d<
     const I: usize,
@@ -177,7 +180,7 @@ pub(crate) fn conv2d<
     x: Tensor<(B, Const<I>, H, W), E, D, T>,
     weight: &Tensor<Rank4<O, I, K, K>, E, D>,
     bias: Option<&Tensor<Rank1<O>, E, D>>,
-) -> Result<Tensor<(B, Const<O>, usize, usize), E, D, T>, D::Err> {
+) -> Result<Output4<B, O, E, D, T>, D::Err> {
     let (b, _, h, w) = *x.shape();
     let (hh, ww) = (h.size(), w.size());
     let dev = x.device().clone();
@@ -260,5 +263,88 @@ impl<
         let y = self.try_forward(x)?;
         let (_, _, oh, ow) = *y.shape();
         y.try_reshape_like(&(Const::<O>, oh, ow))
+    }
+}
+
+/// A convolution without bias: the first map of [`crate::FactorizedConv2D`].
+#[derive(Debug, Clone)]
+pub struct UnbiasedConv2D<
+    const I: usize,
+    const O: usize,
+    const K: usize,
+    const S: usize,
+    const P: usize,
+    const DIL: usize,
+    E: Dtype,
+    D: Storage<E>,
+> {
+    /// `[O, I, K, K]`.
+    pub weight: Tensor<Rank4<O, I, K, K>, E, D>,
+}
+
+impl<
+        const I: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Storage<E>,
+    > NonMutableModule for UnbiasedConv2D<I, O, K, S, P, DIL, E, D>
+{
+}
+
+impl<
+        const I: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype + Float + SampleUniform,
+        D: Device<E>,
+    > TensorCollection<E, D> for UnbiasedConv2D<I, O, K, S, P, DIL, E, D>
+{
+    type To<E2: Dtype, D2: Device<E2>> = UnbiasedConv2D<I, O, K, S, P, DIL, E2, D2>;
+
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        visitor.visit_fields(
+            Self::tensor(
+                "weight",
+                |s| &s.weight,
+                |s| &mut s.weight,
+                TensorOptions::reset_with(|t| {
+                    let b = E::ONE / E::from_usize(I * K * K).unwrap_or(E::ONE).sqrt();
+                    t.try_fill_with_distr(Uniform::new(-b, b))
+                }),
+            ),
+            |weight| UnbiasedConv2D { weight },
+        )
+    }
+}
+
+impl<
+        const I: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        B: Dim,
+        H: Dim,
+        W: Dim,
+        E: Dtype,
+        D: Device<E>,
+        T: Tape<E, D> + Merge<NoneTape>,
+    > Module<Tensor<(B, Const<I>, H, W), E, D, T>> for UnbiasedConv2D<I, O, K, S, P, DIL, E, D>
+{
+    type Output = Tensor<(B, Const<O>, usize, usize), E, D, T>;
+    type Error = D::Err;
+
+    fn try_forward(&self, x: Tensor<(B, Const<I>, H, W), E, D, T>) -> Result<Self::Output, D::Err> {
+        conv2d::<I, O, K, S, P, DIL, B, H, W, E, D, T>(x, &self.weight, None)
     }
 }

@@ -98,6 +98,7 @@ pub mod cost;
 pub mod engine;
 mod error;
 mod factorizable;
+mod factorized_conv;
 mod linear;
 mod progress;
 pub mod report;
@@ -109,6 +110,7 @@ pub use cost::{Decision, FactorizeParams, Latent, LayerKind};
 pub use error::FactorizeError;
 pub use factorizable::Factorizable;
 pub use factorize_derive::{mirror, Factorizable};
+pub use factorized_conv::FactorizedConv2D;
 pub use linear::FactorizedLinear;
 pub use report::{FactorizeReport, LayerReport, Status};
 

@@ -7,7 +7,7 @@ use dfdx::nn::modules::Linear;
 use dfdx::prelude::Storage;
 
 pub use crate::calibrate::{DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized};
-pub use crate::cost::{linear_decision, Decision, FactorizeParams, Latent};
+pub use crate::cost::{conv_decision, linear_decision, Decision, FactorizeParams, Latent};
 pub use crate::report::{FactorizeReport, LayerReport, Status};
 pub use crate::{Factorizable, FactorizeConfig, FactorizeError, FactorizedLinear};
 pub use dfdx::nn::{ModuleVisitor, TensorCollection};
@@ -15,7 +15,9 @@ pub use dfdx::prelude::{Device, Dtype};
 pub use num_traits::Float;
 pub use rand_distr::uniform::SampleUniform;
 
+use crate::conv::Conv2D;
 use crate::cost::LayerKind;
+use crate::FactorizedConv2D;
 
 /// A compile-time boolean, the outcome of the cost rule for one field.
 pub struct Pick<const REPLACE: bool>;
@@ -132,4 +134,182 @@ pub fn join(parent: &str, child: &str) -> String {
     } else {
         format!("{parent}.{child}")
     }
+}
+
+/// The type of a `Conv2D` field in the factorized variant.
+pub trait ChooseConv<
+    const I: usize,
+    const L: usize,
+    const O: usize,
+    const K: usize,
+    const S: usize,
+    const P: usize,
+    const DIL: usize,
+    E: Dtype,
+    D: Storage<E>,
+>
+{
+    /// The chosen type.
+    type Out;
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Storage<E>,
+    > ChooseConv<I, L, O, K, S, P, DIL, E, D> for Pick<false>
+{
+    type Out = Conv2D<I, O, K, S, P, DIL, E, D>;
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Storage<E>,
+    > ChooseConv<I, L, O, K, S, P, DIL, E, D> for Pick<true>
+{
+    type Out = FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>;
+}
+
+/// Builds the chosen convolution type from the dense one and reports it.
+pub trait FactorizeConv<
+    const I: usize,
+    const L: usize,
+    const O: usize,
+    const K: usize,
+    const S: usize,
+    const P: usize,
+    const DIL: usize,
+    E: Dtype,
+    D: Device<E>,
+>: ChooseConv<I, L, O, K, S, P, DIL, E, D>
+{
+    /// Builds the field of the variant at `path`; `decision` is the cost rule's verdict.
+    fn build(
+        path: &str,
+        dense: &Conv2D<I, O, K, S, P, DIL, E, D>,
+        decision: Decision,
+        cfg: &FactorizeConfig,
+        report: &mut FactorizeReport,
+    ) -> Result<Self::Out, FactorizeError>;
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > FactorizeConv<I, L, O, K, S, P, DIL, E, D> for Pick<false>
+{
+    fn build(
+        path: &str,
+        dense: &Conv2D<I, O, K, S, P, DIL, E, D>,
+        decision: Decision,
+        _cfg: &FactorizeConfig,
+        report: &mut FactorizeReport,
+    ) -> Result<Self::Out, FactorizeError> {
+        report.push(LayerReport::kept(
+            path,
+            LayerKind::Conv2d,
+            I,
+            O,
+            K,
+            decision.into(),
+        ));
+        Ok(dense.clone())
+    }
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > FactorizeConv<I, L, O, K, S, P, DIL, E, D> for Pick<true>
+{
+    fn build(
+        path: &str,
+        dense: &Conv2D<I, O, K, S, P, DIL, E, D>,
+        _decision: Decision,
+        cfg: &FactorizeConfig,
+        report: &mut FactorizeReport,
+    ) -> Result<Self::Out, FactorizeError> {
+        let (layer, row) = FactorizedConv2D::from_conv_named(path, dense, cfg)?;
+        report.push(row);
+        Ok(layer)
+    }
+}
+
+/// A `Conv2D` field marked `#[factorize(skip)]`.
+pub fn skipped_conv<
+    const I: usize,
+    const O: usize,
+    const K: usize,
+    const S: usize,
+    const P: usize,
+    const DIL: usize,
+    E: Dtype,
+    D: Device<E>,
+>(
+    path: &str,
+    dense: &Conv2D<I, O, K, S, P, DIL, E, D>,
+    report: &mut FactorizeReport,
+) -> Conv2D<I, O, K, S, P, DIL, E, D> {
+    report.push(LayerReport::kept(
+        path,
+        LayerKind::Conv2d,
+        I,
+        O,
+        K,
+        Status::Skipped,
+    ));
+    dense.clone()
+}
+
+/// A `Conv2D` field with generic dims and an explicit rank (checked at compile time).
+pub fn forced_conv<
+    const I: usize,
+    const L: usize,
+    const O: usize,
+    const K: usize,
+    const S: usize,
+    const P: usize,
+    const DIL: usize,
+    E: Dtype,
+    D: Device<E>,
+>(
+    path: &str,
+    dense: &Conv2D<I, O, K, S, P, DIL, E, D>,
+    cfg: &FactorizeConfig,
+    report: &mut FactorizeReport,
+) -> Result<FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>, FactorizeError> {
+    <Pick<true> as FactorizeConv<I, L, O, K, S, P, DIL, E, D>>::build(
+        path,
+        dense,
+        Decision::Replace { latent: L },
+        cfg,
+        report,
+    )
 }

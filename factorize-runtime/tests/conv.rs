@@ -189,3 +189,65 @@ fn tensor_collection_and_default_init() {
     assert_eq!(c.weight.as_vec(), d.weight.as_vec());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+mod factorized {
+    use super::Dev;
+    use dfdx::prelude::*;
+    use factorize_runtime::conv::Conv2D;
+    use factorize_runtime::cost::LayerKind;
+    use factorize_runtime::engine::{relative_error, WeightMatrix};
+    use factorize_runtime::synthetic::{matrix_with_spectrum, optimal_relative_error, power_law};
+    use factorize_runtime::{FactorizeConfig, FactorizedConv2D, Status};
+
+    fn conv_with_spectrum(dev: &Dev, sigma: &[f64]) -> Conv2D<8, 12, 3, 2, 1, 1, f64, Dev> {
+        let mut c = Conv2D::<8, 12, 3, 2, 1, 1, f64, Dev>::build(dev);
+        // The weight as the matrix [O, I·K·K] = [12, 72].
+        c.weight.copy_from(&matrix_with_spectrum(12, 72, sigma, 4));
+        c
+    }
+
+    #[test]
+    fn weights_meet_the_optimum_of_the_unfolded_kernel() {
+        let dev = Dev::seed_from_u64(3);
+        let sigma = power_law(12, 0.7);
+        let dense = conv_with_spectrum(&dev, &sigma);
+        let (f, row) = FactorizedConv2D::<8, 4, 12, 3, 2, 1, 1, f64, Dev>::from_conv_named(
+            "block.conv",
+            &dense,
+            &FactorizeConfig::default(),
+        )
+        .unwrap();
+        let w = dense.weight.as_vec();
+        let m = WeightMatrix::new("c", &w, 12, 72).unwrap();
+        let measured = relative_error(&m, &f.second.weight.as_vec(), &f.first.weight.as_vec(), 4);
+        let optimum = optimal_relative_error(&sigma, 4);
+        assert!(
+            (measured / optimum - 1.0).abs() < 1e-4,
+            "{measured} vs {optimum}"
+        );
+        assert_eq!(f.second.bias.as_vec(), dense.bias.as_vec());
+        assert_eq!(
+            (row.kind, row.kernel, row.status),
+            (LayerKind::Conv2d, 3, Status::Replaced)
+        );
+        assert_eq!((row.macs_before, row.macs_after), (72 * 12, 4 * (72 + 12)));
+    }
+
+    #[test]
+    fn outputs_are_unchanged_when_the_kernel_has_rank_at_most_latent() {
+        let dev = Dev::seed_from_u64(4);
+        let dense = conv_with_spectrum(&dev, &[1.0, 0.5, 0.25]);
+        let f = FactorizedConv2D::<8, 3, 12, 3, 2, 1, 1, f64, Dev>::from_conv(
+            &dense,
+            &FactorizeConfig::default(),
+        )
+        .unwrap();
+        let x: Tensor<Rank4<2, 8, 9, 9>, f64, Dev> = dev.sample_normal();
+        let (a, b) = (dense.forward(x.clone()).as_vec(), f.forward(x).as_vec());
+        let num: f64 = a.iter().zip(&b).map(|(p, q)| (p - q).powi(2)).sum();
+        let den: f64 = a.iter().map(|p| p * p).sum();
+        assert!((num / den).sqrt() < 1e-10);
+        // Trainable like any dfdx module, and its parameter count is the factorized one.
+        assert_eq!(f.num_trainable_params(), 3 * 72 + 12 * 3 + 12);
+    }
+}

@@ -22,6 +22,7 @@ pub fn field_params(cont: &Container<'_>, field: &Field<'_>) -> TokenStream {
     if let Some(latent) = &field.attrs.latent {
         let t = latent.tokens();
         overrides.push(quote!(latent_features: #t));
+        overrides.push(quote!(latent_channels: #t));
     }
     if let Some(v) = field.attrs.min_features {
         overrides.push(quote!(min_features: #v));
@@ -55,6 +56,22 @@ pub fn node_type(node: &Node<'_>, params: &TokenStream, field: &Field<'_>) -> To
             quote_spanned! {d.ty.span()=>
                 <#pv::Pick<{ #pv::linear_decision(&#params, #vi, #vo).is_replace() }>
                     as #pv::ChooseLinear<#i, { #pv::linear_decision(&#params, #vi, #vo).latent() }, #o, #e, #dev>>::Out
+            }
+        }
+        Node::Conv(d) if skip => {
+            let ty = d.ty;
+            quote!(#ty)
+        }
+        Node::Conv(d) => {
+            let (i, o, k, st, pa, di, e, dev) = conv_args(d);
+            if d.generic_dim.is_some() {
+                let l = forced_rank(field);
+                return quote_spanned!(d.ty.span()=> ::factorize_runtime::FactorizedConv2D<#i, #l, #o, #k, #st, #pa, #di, #e, #dev>);
+            }
+            let (vi, vo, vk) = (dim(i), dim(o), dim(k));
+            quote_spanned! {d.ty.span()=>
+                <#pv::Pick<{ #pv::conv_decision(&#params, #vi, #vo, #vk, 1).is_replace() }>
+                    as #pv::ChooseConv<#i, { #pv::conv_decision(&#params, #vi, #vo, #vk, 1).latent() }, #o, #k, #st, #pa, #di, #e, #dev>>::Out
             }
         }
         Node::Tuple(items) => {
@@ -113,6 +130,39 @@ pub fn node_value(
                     )?
             }
         }
+        Node::Conv(_) if skip => quote!(#pv::skipped_conv(#path, #access, __report)),
+        Node::Conv(d) => {
+            let (i, o, k, st, pa, di, e, dev) = conv_args(d);
+            let (vi, vo, vk) = (dim(i), dim(o), dim(k));
+            if d.generic_dim.is_some() {
+                let l = forced_rank(field);
+                let message = format!(
+                    "#[factorize(latent = {l})] on field `{}` breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*k*k*out/(in*k*k+out)) - 1, and min(in, out) at least min_channels",
+                    field.ident
+                );
+                return quote_spanned! {d.ty.span()=>
+                    {
+                        const {
+                            ::core::assert!(
+                                #pv::conv_decision(&#params, #vi, #vo, #vk, 1).is_replace(),
+                                #message
+                            )
+                        };
+                        #pv::forced_conv::<#i, #l, #o, #k, #st, #pa, #di, #e, #dev>(#path, #access, __cfg, __report)?
+                    }
+                };
+            }
+            quote_spanned! {d.ty.span()=>
+                <#pv::Pick<{ #pv::conv_decision(&#params, #vi, #vo, #vk, 1).is_replace() }>
+                    as #pv::FactorizeConv<#i, { #pv::conv_decision(&#params, #vi, #vo, #vk, 1).latent() }, #o, #k, #st, #pa, #di, #e, #dev>>::build(
+                        #path,
+                        #access,
+                        #pv::conv_decision(&#params, #vi, #vo, #vk, 1),
+                        __cfg,
+                        __report,
+                    )?
+            }
+        }
         Node::Tuple(items) => {
             let items = items.iter().enumerate().map(|(k, n)| {
                 let index = syn::Index::from(k);
@@ -143,6 +193,23 @@ fn dim(arg: &syn::GenericArgument) -> TokenStream {
         }
     }
     quote!(#arg)
+}
+
+type ConvArgs<'a> = (
+    &'a syn::GenericArgument,
+    &'a syn::GenericArgument,
+    &'a syn::GenericArgument,
+    &'a syn::GenericArgument,
+    &'a syn::GenericArgument,
+    &'a syn::GenericArgument,
+    &'a syn::GenericArgument,
+    &'a syn::GenericArgument,
+);
+
+fn conv_args<'a>(d: &crate::internals::ast::ConvDims<'a>) -> ConvArgs<'a> {
+    (
+        d.in_dim, d.out_dim, d.kernel, d.stride, d.padding, d.dilation, d.dtype, d.device,
+    )
 }
 
 fn forced_rank(field: &Field<'_>) -> TokenStream {

@@ -30,6 +30,8 @@ pub struct Field<'a> {
 pub enum Node<'a> {
     /// `Linear<I, O, E, D>` written out.
     Linear(LinearDims<'a>),
+    /// `Conv2D<I, O, K, S, P, DIL, E, D>` written out.
+    Conv(ConvDims<'a>),
     /// A tuple of modules written out: dfdx's sequential model.
     Tuple(Vec<Node<'a>>),
     /// Anything else: carried over through its `Factorizable` impl.
@@ -40,6 +42,20 @@ pub struct LinearDims<'a> {
     pub ty: &'a Type,
     pub in_dim: &'a GenericArgument,
     pub out_dim: &'a GenericArgument,
+    pub dtype: &'a GenericArgument,
+    pub device: &'a GenericArgument,
+    /// The first of the struct's own const generics the dims use, if any.
+    pub generic_dim: Option<Ident>,
+}
+
+pub struct ConvDims<'a> {
+    pub ty: &'a Type,
+    pub in_dim: &'a GenericArgument,
+    pub out_dim: &'a GenericArgument,
+    pub kernel: &'a GenericArgument,
+    pub stride: &'a GenericArgument,
+    pub padding: &'a GenericArgument,
+    pub dilation: &'a GenericArgument,
     pub dtype: &'a GenericArgument,
     pub device: &'a GenericArgument,
     /// The first of the struct's own const generics the dims use, if any.
@@ -177,13 +193,35 @@ fn classify<'a>(ty: &'a Type, const_params: &[Ident]) -> Node<'a> {
             let Some(last) = p.path.segments.last() else {
                 return Node::Other(ty);
             };
-            if last.ident != "Linear" {
-                return Node::Other(ty);
-            }
             let PathArguments::AngleBracketed(args) = &last.arguments else {
                 return Node::Other(ty);
             };
             let args: Vec<&GenericArgument> = args.args.iter().collect();
+            if last.ident == "Conv2D" {
+                let [in_dim, out_dim, kernel, stride, padding, dilation, dtype, device] =
+                    args.as_slice()
+                else {
+                    return Node::Other(ty);
+                };
+                let generic_dim = [in_dim, out_dim, kernel, stride, padding, dilation]
+                    .iter()
+                    .find_map(|a| mentions(a, const_params));
+                return Node::Conv(ConvDims {
+                    ty,
+                    in_dim,
+                    out_dim,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    dtype,
+                    device,
+                    generic_dim,
+                });
+            }
+            if last.ident != "Linear" {
+                return Node::Other(ty);
+            }
             let [in_dim, out_dim, dtype, device] = args.as_slice() else {
                 return Node::Other(ty);
             };

@@ -9,13 +9,13 @@ pub fn check(cx: &mut Ctxt, cont: &Container<'_>) {
         if field.attrs.skip.is_some() {
             continue;
         }
-        let has_linear = contains_linear(&field.node);
-        if !has_linear {
+        let (has_linear, has_conv) = (contains_linear(&field.node), contains_conv(&field.node));
+        if !has_linear && !has_conv {
             if let Some(latent) = &field.attrs.latent {
                 cx.syn_error(syn::Error::new(
                     latent.span(),
                     format!(
-                        "`latent` applies to a `Linear<..>` field or a tuple with `Linear` layers written out; `{}` is neither (put it on the nested struct's fields)",
+                        "`latent` applies to a `Linear<..>` or `Conv2D<..>` field, or a tuple with such layers written out; `{}` is neither (put it on the nested struct's fields)",
                         field.ident
                     ),
                 ));
@@ -23,7 +23,8 @@ pub fn check(cx: &mut Ctxt, cont: &Container<'_>) {
             continue;
         }
         if let Some(latent) = &field.attrs.latent {
-            latent.check(cx, "latent", 0.5);
+            // Fractions: [0, 0.5) for linears, [0, 1) for convolutions.
+            latent.check(cx, "latent", if has_linear { 0.5 } else { 1.0 });
         }
         check_generic_dims(cx, field.ident, &field.node, field.attrs.latent);
     }
@@ -33,7 +34,15 @@ fn contains_linear(node: &Node<'_>) -> bool {
     match node {
         Node::Linear(_) => true,
         Node::Tuple(items) => items.iter().any(contains_linear),
-        Node::Other(_) => false,
+        Node::Conv(_) | Node::Other(_) => false,
+    }
+}
+
+fn contains_conv(node: &Node<'_>) -> bool {
+    match node {
+        Node::Conv(_) => true,
+        Node::Tuple(items) => items.iter().any(contains_conv),
+        Node::Linear(_) | Node::Other(_) => false,
     }
 }
 
@@ -43,9 +52,20 @@ fn check_generic_dims(
     node: &Node<'_>,
     latent: Option<LatentValue>,
 ) {
-    match node {
-        Node::Linear(dims) => {
-            let Some(param) = &dims.generic_dim else {
+    let (ty, generic_dim) = match node {
+        Node::Linear(dims) => (dims.ty, &dims.generic_dim),
+        Node::Conv(dims) => (dims.ty, &dims.generic_dim),
+        Node::Tuple(items) => {
+            for item in items {
+                check_generic_dims(cx, field, item, latent);
+            }
+            return;
+        }
+        Node::Other(_) => return,
+    };
+    {
+        {
+            let Some(param) = generic_dim else {
                 return;
             };
             match latent {
@@ -57,18 +77,12 @@ fn check_generic_dims(
                     ),
                 )),
                 None => cx.error_spanned_by(
-                    dims.ty,
+                    ty,
                     format!(
                         "field `{field}` has dims that use the struct's const generic `{param}`, and stable Rust cannot evaluate the cost rule on them in a type; add `#[factorize(latent = <rank>)]` (the rule is then checked for every instantiation) or `#[factorize(skip)]`"
                     ),
                 ),
             }
         }
-        Node::Tuple(items) => {
-            for item in items {
-                check_generic_dims(cx, field, item, latent);
-            }
-        }
-        Node::Other(_) => {}
     }
 }

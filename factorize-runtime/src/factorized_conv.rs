@@ -1,0 +1,204 @@
+//! [`FactorizedConv2D`]: a `K × K` convolution `I → O` replaced by a `K × K` convolution `I → L`
+//! (same stride, padding and dilation, no bias) and a `1 × 1` convolution `L → O` with bias.
+//!
+//! It costs `L·(I·K·K + O)` multiply-adds per output position instead of `I·K·K·O`. The weights
+//! come from the truncated SVD of the dense weight seen as a matrix `[O, I·K·K]`: the first
+//! factor reshaped to `[L, I, K, K]`, the second to `[O, L, 1, 1]`; the relative error of that
+//! matrix is the Eckart–Young optimum, as for [`crate::FactorizedLinear`].
+//!
+//! ```
+//! use dfdx::prelude::*;
+//! use factorize_runtime::conv::Conv2D;
+//! use factorize_runtime::{FactorizeConfig, FactorizedConv2D};
+//! let dev: Cpu = Default::default();
+//! let dense = Conv2D::<16, 32, 3, 1, 1, 1, f32, Cpu>::build(&dev);
+//! let small = FactorizedConv2D::<16, 8, 32, 3, 1, 1, 1, f32, Cpu>::from_conv(&dense, &FactorizeConfig::default()).unwrap();
+//! let y = small.forward(dev.zeros::<Rank4<1, 16, 10, 10>>());
+//! assert_eq!(y.shape().concrete(), [1, 32, 10, 10]);
+//! ```
+
+use std::time::Instant;
+
+use dfdx::prelude::*;
+use num_traits::Float;
+use rand_distr::uniform::SampleUniform;
+
+use crate::conv::{Conv2D, UnbiasedConv2D};
+use crate::cost::LayerKind;
+use crate::engine::{self, check_finite, WeightMatrix};
+use crate::linear::{host_f64, to_device};
+use crate::report::{LayerReport, Status};
+use crate::{FactorizeConfig, FactorizeError, Method};
+
+/// A factorized convolution: `K × K`, `I → L`, no bias; then `1 × 1`, `L → O`, with bias.
+#[derive(Debug, Clone)]
+pub struct FactorizedConv2D<
+    const I: usize,
+    const L: usize,
+    const O: usize,
+    const K: usize,
+    const S: usize,
+    const P: usize,
+    const DIL: usize,
+    E: Dtype,
+    D: Storage<E>,
+> {
+    /// The `K × K` map to `L` channels.
+    pub first: UnbiasedConv2D<I, L, K, S, P, DIL, E, D>,
+    /// The `1 × 1` map to `O` channels, with the bias.
+    pub second: Conv2D<L, O, 1, 1, 0, 1, E, D>,
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Storage<E>,
+    > NonMutableModule for FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
+{
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype + Float + SampleUniform,
+        D: Device<E>,
+    > TensorCollection<E, D> for FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
+{
+    type To<E2: Dtype, D2: Device<E2>> = FactorizedConv2D<I, L, O, K, S, P, DIL, E2, D2>;
+
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        visitor.visit_fields(
+            (
+                Self::module("first", |s| &s.first, |s| &mut s.first),
+                Self::module("second", |s| &s.second, |s| &mut s.second),
+            ),
+            |(first, second)| FactorizedConv2D { first, second },
+        )
+    }
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+        X,
+        Y,
+    > Module<X> for FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
+where
+    UnbiasedConv2D<I, L, K, S, P, DIL, E, D>: Module<X, Output = Y, Error = D::Err>,
+    Conv2D<L, O, 1, 1, 0, 1, E, D>: Module<Y, Error = D::Err>,
+{
+    type Output = <Conv2D<L, O, 1, 1, 0, 1, E, D> as Module<Y>>::Output;
+    type Error = D::Err;
+
+    fn try_forward(&self, x: X) -> Result<Self::Output, D::Err> {
+        self.second.try_forward(self.first.try_forward(x)?)
+    }
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
+{
+    /// Builds the factorized convolution from `conv` (truncated SVD of `[O, I·K·K]` by
+    /// default); `conv` is only read.
+    pub fn from_conv(
+        conv: &Conv2D<I, O, K, S, P, DIL, E, D>,
+        cfg: &FactorizeConfig,
+    ) -> Result<Self, FactorizeError> {
+        Self::from_conv_named("conv", conv, cfg).map(|(layer, _)| layer)
+    }
+
+    /// As [`Self::from_conv`], naming the layer `path` in errors and in the report row.
+    pub fn from_conv_named(
+        path: &str,
+        conv: &Conv2D<I, O, K, S, P, DIL, E, D>,
+        cfg: &FactorizeConfig,
+    ) -> Result<(Self, LayerReport), FactorizeError> {
+        let start = Instant::now();
+        let fan_in = I * K * K;
+        let weight = host_f64(&conv.weight);
+        check_finite(path, "bias", &host_f64(&conv.bias))?;
+        let w = WeightMatrix::new(path, &weight, O, fan_in)?;
+        w.check_rank(L)?;
+        let dev = conv.weight.device();
+        let mut row = LayerReport::kept(path, LayerKind::Conv2d, I, O, K, Status::Replaced);
+        let (first, second, error, backend, note) = match cfg.method {
+            Method::Svd => {
+                let solved = engine::solve(&w, L, cfg)?;
+                let f = solved.factors;
+                (
+                    f.first,
+                    f.second,
+                    f.relative_error,
+                    solved.backend,
+                    solved.note,
+                )
+            }
+            Method::Fresh => {
+                let first = crate::linear::fresh_uniform(L * fan_in, fan_in, 1);
+                let second = crate::linear::fresh_uniform(O * L, L, 2);
+                let err = engine::relative_error(&w, &second, &first, L);
+                (first, second, err, crate::Backend::Cpu, None)
+            }
+        };
+        let bias = match cfg.method {
+            Method::Svd => conv.bias.clone(),
+            Method::Fresh => to_device(
+                dev,
+                &crate::linear::fresh_uniform(O, L, 3),
+                (Const::<O>,),
+                path,
+            )?,
+        };
+        let layer = FactorizedConv2D {
+            first: UnbiasedConv2D {
+                weight: to_device(
+                    dev,
+                    &first,
+                    (Const::<L>, Const::<I>, Const::<K>, Const::<K>),
+                    path,
+                )?,
+            },
+            second: Conv2D {
+                weight: to_device(
+                    dev,
+                    &second,
+                    (Const::<O>, Const::<L>, Const::<1>, Const::<1>),
+                    path,
+                )?,
+                bias,
+            },
+        };
+        row.set_replaced(L, error, backend, start.elapsed());
+        row.note = note;
+        Ok((layer, row))
+    }
+}
