@@ -18,8 +18,9 @@
 
 use std::time::{Duration, Instant};
 
-use dfdx::nn::modules::{AccurateGeLU, LayerNorm1D, Linear};
+use dfdx::nn::modules::{AccurateGeLU, LayerNorm1D, Linear, ReLU};
 use dfdx::prelude::*;
+use factorize_runtime::conv::Conv2D;
 use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
 use factorize_runtime::weights::{factorize_matrix, read_matrices, read_tensors, NamedMatrix};
 use factorize_runtime::{
@@ -62,6 +63,26 @@ where
             .norm
             .try_forward(x.clone().try_add(self.attn_out.try_forward(x)?)?)?;
         h.clone().try_add(self.ffn.try_forward(h)?)
+    }
+}
+
+/// A convolutional block: a 3×3 conv and a 1×1 projection, 256 channels.
+#[derive(Factorizable)]
+pub struct ConvBlock<E: Dtype, D: Device<E>> {
+    pub body: Conv2D<256, 256, 3, 1, 1, 1, E, D>,
+    pub act: ReLU,
+    pub proj: Conv2D<256, 256, 1, 1, 0, 1, E, D>,
+}
+
+#[mirror]
+impl<E: Dtype, D: Device<E>, B: Dim, H: Dim, W: Dim> Module<Tensor<(B, Const<256>, H, W), E, D>>
+    for ConvBlock<E, D>
+{
+    type Output = Tensor<(B, Const<256>, usize, usize), E, D>;
+    type Error = D::Err;
+    fn try_forward(&self, x: Tensor<(B, Const<256>, H, W), E, D>) -> Result<Self::Output, D::Err> {
+        self.proj
+            .try_forward(self.act.try_forward(self.body.try_forward(x)?)?)
     }
 }
 
@@ -138,6 +159,39 @@ fn built_in() -> Result<(), FactorizeError> {
     let t1 = time(|| small.forward(x.clone()));
     println!(
         "forward, batch {BATCH}: dense {:.2} ms, factorized {:.2} ms ({:.2}x faster)",
+        t0.as_secs_f64() * 1e3,
+        t1.as_secs_f64() * 1e3,
+        t0.as_secs_f64() / t1.as_secs_f64()
+    );
+
+    println!("\nA convolutional block (3×3 then 1×1, 256 channels) with trained-like kernels.\n");
+    let mut convs = ConvBlock::<f32, Dev> {
+        body: BuildModule::build(&dev),
+        act: ReLU,
+        proj: BuildModule::build(&dev),
+    };
+    // The kernels unfolded to [O, I·K·K] get power-law spectra.
+    let unfolded = |o: usize, fan_in: usize, seed| -> Vec<f32> {
+        matrix_with_spectrum(o, fan_in, &power_law(o.min(fan_in), 0.6), seed)
+            .into_iter()
+            .map(|x| x as f32)
+            .collect()
+    };
+    convs.body.weight.copy_from(&unfolded(256, 256 * 9, 4));
+    convs.proj.weight.copy_from(&unfolded(256, 256, 5));
+    let (small_convs, report) = convs.factorize_with_report(&FactorizeConfig::default())?;
+    println!("{report}");
+    let images: Tensor<Rank4<4, 256, 28, 28>, f32, Dev> = dev.sample_normal();
+    let y0 = convs.forward(images.clone()).as_vec();
+    let y1 = small_convs.forward(images.clone()).as_vec();
+    println!(
+        "output relative error on 4 Gaussian 28×28 images: {:.4}",
+        relative(&y0, &y1)
+    );
+    let t0 = time(|| convs.forward(images.clone()));
+    let t1 = time(|| small_convs.forward(images.clone()));
+    println!(
+        "forward, batch 4: dense {:.1} ms, factorized {:.1} ms ({:.2}x faster)",
         t0.as_secs_f64() * 1e3,
         t1.as_secs_f64() * 1e3,
         t0.as_secs_f64() / t1.as_secs_f64()
