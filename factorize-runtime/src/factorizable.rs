@@ -243,22 +243,9 @@ tuple_visits! {
     [A 0, B 1, C 2, F 3, G 4, H 5]
 }
 
-// Convolutions: carried over by the Factorizable of tuples/aliases, and not refitted by the
-// model-level calibration (data-aware convolution fits are not built yet).
-macro_rules! conv_visits {
-    ($([$($generics:tt)*] $ty:ty;)*) => {$(
-        impl<$($generics)*> VisitFactorized for $ty {
-            fn visit_factorized(&mut self, _path: &str, _f: &mut FactorizedVisitor<'_>) -> Result<(), FactorizeError> {
-                Ok(())
-            }
-        }
-        impl<$($generics)*> VisitDense for $ty {
-            fn visit_dense(&self, _path: &str, _f: &mut DenseVisitor<'_>) {}
-        }
-    )*};
-}
-
-conv_visits! {
+// Convolutions are not refitted by the model-level calibration (data-aware convolution fits
+// are not built yet): their walks visit nothing.
+carried_over_visits! {
     [const I: usize, const O: usize, const K: usize, const S: usize, const P: usize, const DIL: usize, E: Dtype, D: Device<E>]
         crate::conv::Conv2D<I, O, K, S, P, DIL, E, D>;
     [const I: usize, const L: usize, const O: usize, const K: usize, const S: usize, const P: usize, const DIL: usize, E: Dtype, D: Device<E>]

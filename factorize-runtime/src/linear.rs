@@ -181,8 +181,9 @@ pub(crate) fn fresh_uniform(count: usize, fan_in: usize, seed: u64) -> Vec<f64> 
         .collect()
 }
 
-/// Reads a tensor to `f64` on the host.
-pub(crate) fn host_f64<S: Shape, E: Dtype, D: Device<E>>(t: &Tensor<S, E, D>) -> Vec<f64> {
+/// Reads a tensor (with or without a tape) to `f64` on the host; NaN where a value has no
+/// `f64` form, so that the finiteness checks catch it.
+pub(crate) fn host_f64<S: Shape, E: Dtype, D: Storage<E>, T>(t: &Tensor<S, E, D, T>) -> Vec<f64> {
     t.as_vec()
         .into_iter()
         .map(|x| x.to_f64().unwrap_or(f64::NAN))
@@ -210,6 +211,25 @@ pub(crate) fn to_device<S: Shape, E: Dtype, D: Device<E>>(
 impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
     FactorizedLinear<I, L, O, E, D>
 {
+    /// The layer from host factors: `first` `[L, I]` and `second` `[O, L]`, row-major.
+    fn from_host(
+        dev: &D,
+        first: &[f64],
+        second: &[f64],
+        bias: Tensor<Rank1<O>, E, D>,
+        path: &str,
+    ) -> Result<Self, FactorizeError> {
+        Ok(FactorizedLinear {
+            first: UnbiasedLinear {
+                weight: to_device(dev, first, (Const::<L>, Const::<I>), path)?,
+            },
+            second: Linear {
+                weight: to_device(dev, second, (Const::<O>, Const::<L>), path)?,
+                bias,
+            },
+        })
+    }
+
     /// Builds the factorized layer from `linear` as `cfg` says (truncated SVD by default).
     ///
     /// `linear` is only read. Errors: NaN/Inf in its weight or bias, `L > min(I, O)`, a failed
@@ -241,15 +261,7 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
             Method::Svd => {
                 let solved = engine::solve(&w, L, cfg)?;
                 let f = &solved.factors;
-                let layer = FactorizedLinear {
-                    first: UnbiasedLinear {
-                        weight: to_device(dev, &f.first, (Const::<L>, Const::<I>), path)?,
-                    },
-                    second: Linear {
-                        weight: to_device(dev, &f.second, (Const::<O>, Const::<L>), path)?,
-                        bias: linear.bias.clone(),
-                    },
-                };
+                let layer = Self::from_host(dev, &f.first, &f.second, linear.bias.clone(), path)?;
                 row.set_replaced(L, f.relative_error, solved.backend, start.elapsed());
                 row.note = solved.note;
                 layer
@@ -260,15 +272,8 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
                 let first = fresh_uniform(L * I, I, 1);
                 let second = fresh_uniform(O * L, L, 2);
                 let err = engine::relative_error(&w, &second, &first, L);
-                let layer = FactorizedLinear {
-                    first: UnbiasedLinear {
-                        weight: to_device(dev, &first, (Const::<L>, Const::<I>), path)?,
-                    },
-                    second: Linear {
-                        weight: to_device(dev, &second, (Const::<O>, Const::<L>), path)?,
-                        bias: to_device(dev, &fresh_uniform(O, L, 3), (Const::<O>,), path)?,
-                    },
-                };
+                let bias = to_device(dev, &fresh_uniform(O, L, 3), (Const::<O>,), path)?;
+                let layer = Self::from_host(dev, &first, &second, bias, path)?;
                 row.set_replaced(L, err, crate::Backend::Cpu, start.elapsed());
                 layer
             }
@@ -382,29 +387,8 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
         let rows = inputs.shape().0.size();
         let calib = Calibration::new(path, &x, rows, I)?;
         let f = fit_linear(&w, bias, &calib, L, fit)?;
-        let layer = FactorizedLinear {
-            first: UnbiasedLinear {
-                weight: to_device(dev, &f.factors.first, (Const::<L>, Const::<I>), path)?,
-            },
-            second: Linear {
-                weight: to_device(dev, &f.factors.second, (Const::<O>, Const::<L>), path)?,
-                bias: to_device(dev, &f.bias, (Const::<O>,), path)?,
-            },
-        };
-        let mut row = LayerReport::kept(path, LayerKind::Linear, I, O, 1, Status::Replaced);
-        row.set_replaced(
-            L,
-            f.factors.relative_error,
-            crate::Backend::Cpu,
-            start.elapsed(),
-        );
-        row.nmse = Some(f.nmse);
-        if f.rank_deficient {
-            row.note = Some(format!(
-                "{rows} calibration rows cannot span {I} inputs (ridge {:.3e})",
-                f.ridge
-            ));
-        }
-        Ok((layer, row))
+        let bias = to_device(dev, &f.bias, (Const::<O>,), path)?;
+        let layer = Self::from_host(dev, &f.factors.first, &f.factors.second, bias, path)?;
+        Ok((layer, calibrated_row(path, I, O, L, &f, rows, start)))
     }
 }
