@@ -82,26 +82,33 @@ impl<
                     "weight",
                     |s| &s.weight,
                     |s| &mut s.weight,
-                    TensorOptions::reset_with(|t| {
-                        // PyTorch's default init: bounded by 1/sqrt(fan_in), fan_in = I·K·K.
-                        let b = E::ONE / E::from_usize(I * K * K).unwrap_or(E::ONE).sqrt();
-                        t.try_fill_with_distr(Uniform::new(-b, b))
-                    }),
+                    TensorOptions::reset_with(pytorch_init::<_, E, D, I, K>),
                 ),
                 Self::tensor(
                     "bias",
                     |s| &s.bias,
                     |s| &mut s.bias,
-                    TensorOptions::reset_with(|t| {
-                        // PyTorch's default init: bounded by 1/sqrt(fan_in), fan_in = I·K·K.
-                        let b = E::ONE / E::from_usize(I * K * K).unwrap_or(E::ONE).sqrt();
-                        t.try_fill_with_distr(Uniform::new(-b, b))
-                    }),
+                    TensorOptions::reset_with(pytorch_init::<_, E, D, I, K>),
                 ),
             ),
             |(weight, bias)| Conv2D { weight, bias },
         )
     }
+}
+
+/// PyTorch's default init of a convolution's weight and bias: uniform in ±1/sqrt(fan_in),
+/// fan_in = `I·K·K`.
+fn pytorch_init<
+    S: Shape,
+    E: Dtype + Float + SampleUniform,
+    D: Device<E>,
+    const I: usize,
+    const K: usize,
+>(
+    t: &mut Tensor<S, E, D>,
+) -> Result<(), D::Err> {
+    let b = E::ONE / E::from_usize(I * K * K).unwrap_or(E::ONE).sqrt();
+    t.try_fill_with_distr(Uniform::new(-b, b))
 }
 
 /// PyTorch's output size, or 0 when the dilated kernel does not fit.
@@ -316,10 +323,7 @@ impl<
                 "weight",
                 |s| &s.weight,
                 |s| &mut s.weight,
-                TensorOptions::reset_with(|t| {
-                    let b = E::ONE / E::from_usize(I * K * K).unwrap_or(E::ONE).sqrt();
-                    t.try_fill_with_distr(Uniform::new(-b, b))
-                }),
+                TensorOptions::reset_with(pytorch_init::<_, E, D, I, K>),
             ),
             |weight| UnbiasedConv2D { weight },
         )
