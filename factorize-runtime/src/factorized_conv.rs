@@ -25,6 +25,7 @@ use rand_distr::uniform::SampleUniform;
 
 use crate::conv::{Conv2D, UnbiasedConv2D};
 use crate::cost::LayerKind;
+use crate::engine::calibrated::{fit_linear, Calibration, Fit};
 use crate::engine::{self, check_finite, WeightMatrix};
 use crate::linear::{host_f64, to_device};
 use crate::report::{LayerReport, Status};
@@ -201,4 +202,114 @@ impl<
         row.note = note;
         Ok((layer, row))
     }
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
+{
+    /// Builds the factorized convolution fitted to the outputs of `conv` on calibration images
+    /// (`N × I × H × W`): every `K × K` patch (with the layer's stride, padding and dilation) is
+    /// one calibration row of the unfolded weight `[O, I·K·K]`, fitted as
+    /// [`crate::engine::calibrated::fit_linear`] does; the bias is refitted. The report row
+    /// carries the calibration nmse over all output positions.
+    pub fn from_conv_calibrated<N: Dim, H: Dim, W: Dim>(
+        path: &str,
+        conv: &Conv2D<I, O, K, S, P, DIL, E, D>,
+        images: &Tensor<(N, Const<I>, H, W), E, D>,
+        fit: Fit,
+    ) -> Result<(Self, LayerReport), FactorizeError> {
+        let start = Instant::now();
+        let (n, _, h, w) = *images.shape();
+        let (h, w) = (h.size(), w.size());
+        let pixels = host_f64(images);
+        let rows = patches::<I, K, S, P, DIL>(&pixels, n.size(), h, w);
+        let fan_in = I * K * K;
+        if rows.is_empty() {
+            return Err(FactorizeError::Calibration {
+                layer: path.to_string(),
+                reason: format!("no {K}×{K} patch fits in {h}×{w} images"),
+            });
+        }
+        let weight = host_f64(&conv.weight);
+        let bias = host_f64(&conv.bias);
+        let m = WeightMatrix::new(path, &weight, O, fan_in)?;
+        let calib = Calibration::new(path, &rows, rows.len() / fan_in, fan_in)?;
+        let f = fit_linear(&m, &bias, &calib, L, fit)?;
+        let dev = conv.weight.device();
+        let layer = FactorizedConv2D {
+            first: UnbiasedConv2D {
+                weight: to_device(
+                    dev,
+                    &f.factors.first,
+                    (Const::<L>, Const::<I>, Const::<K>, Const::<K>),
+                    path,
+                )?,
+            },
+            second: Conv2D {
+                weight: to_device(
+                    dev,
+                    &f.factors.second,
+                    (Const::<O>, Const::<L>, Const::<1>, Const::<1>),
+                    path,
+                )?,
+                bias: to_device(dev, &f.bias, (Const::<O>,), path)?,
+            },
+        };
+        let mut row = LayerReport::kept(path, LayerKind::Conv2d, I, O, K, Status::Replaced);
+        row.set_replaced(
+            L,
+            f.factors.relative_error,
+            crate::Backend::Cpu,
+            start.elapsed(),
+        );
+        row.nmse = Some(f.nmse);
+        Ok((layer, row))
+    }
+}
+
+/// The `K × K` patches of `images` (`n × I × h × w`, row-major) as rows of length `I·K·K`
+/// ordered like the unfolded weight `[O, I, K, K]` (channel, then kernel row, then column),
+/// zero where a patch reaches into the padding.
+fn patches<const I: usize, const K: usize, const S: usize, const P: usize, const DIL: usize>(
+    images: &[f64],
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Vec<f64> {
+    let (oh, ow) = (
+        crate::conv::output_size(h, K, S, P, DIL),
+        crate::conv::output_size(w, K, S, P, DIL),
+    );
+    let mut rows = Vec::with_capacity(n * oh * ow * I * K * K);
+    for b in 0..n {
+        for i in 0..oh {
+            for j in 0..ow {
+                for c in 0..I {
+                    for a in 0..K {
+                        for q in 0..K {
+                            let r = (S * i + DIL * a) as isize - P as isize;
+                            let col = (S * j + DIL * q) as isize - P as isize;
+                            let inside =
+                                r >= 0 && col >= 0 && (r as usize) < h && (col as usize) < w;
+                            rows.push(if inside {
+                                images[((b * I + c) * h + r as usize) * w + col as usize]
+                            } else {
+                                0.0
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    rows
 }

@@ -251,3 +251,70 @@ mod factorized {
         assert_eq!(f.num_trainable_params(), 3 * 72 + 12 * 3 + 12);
     }
 }
+
+mod calibrated {
+    use super::Dev;
+    use dfdx::prelude::*;
+    use factorize_runtime::conv::Conv2D;
+    use factorize_runtime::engine::calibrated::Fit;
+    use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
+    use factorize_runtime::{FactorizeConfig, FactorizeError, FactorizedConv2D};
+
+    /// nmse measured on the outputs themselves.
+    fn measured(a: &[f64], b: &[f64]) -> f64 {
+        let n = a.len() as f64;
+        let mean = a.iter().sum::<f64>() / n;
+        let var = a.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>() / n / var
+    }
+
+    #[test]
+    fn patches_fit_matches_the_conv_outputs_and_beats_weight_svd() {
+        let dev = Dev::seed_from_u64(5);
+        let mut dense = Conv2D::<8, 12, 3, 2, 1, 1, f64, Dev>::build(&dev);
+        dense
+            .weight
+            .copy_from(&matrix_with_spectrum(12, 72, &power_law(12, 0.3), 4));
+        // Images whose channels are strongly correlated, as feature maps are.
+        let mix: Tensor<Rank2<8, 8>, f64, Dev> =
+            dev.tensor(matrix_with_spectrum(8, 8, &power_law(8, 2.0), 6));
+        let z: Tensor<Rank2<486, 8>, f64, Dev> = dev.sample_normal();
+        let x = z
+            .matmul(mix)
+            .reshape::<Rank4<6, 9, 9, 8>>()
+            .permute::<Rank4<6, 8, 9, 9>, Axes4<0, 3, 1, 2>>();
+        let x: Tensor<Rank4<6, 8, 9, 9>, f64, Dev> =
+            dev.tensor_from_vec(x.as_vec(), (Const, Const, Const, Const));
+        let (f, row) = FactorizedConv2D::<8, 3, 12, 3, 2, 1, 1, f64, Dev>::from_conv_calibrated(
+            "conv",
+            &dense,
+            &x,
+            Fit::Exact { ridge: 0.0 },
+        )
+        .unwrap();
+        let y = dense.forward(x.clone()).as_vec();
+        let got = measured(&y, &f.forward(x.clone()).as_vec());
+        assert!(
+            (got / row.nmse.unwrap() - 1.0).abs() < 1e-8,
+            "{got} vs {}",
+            row.nmse.unwrap()
+        );
+        let svd = FactorizedConv2D::<8, 3, 12, 3, 2, 1, 1, f64, Dev>::from_conv(
+            &dense,
+            &FactorizeConfig::default(),
+        )
+        .unwrap();
+        assert!(got < measured(&y, &svd.forward(x.clone()).as_vec()));
+
+        let tiny: Tensor<Rank4<1, 8, 1, 1>, f64, Dev> = dev.sample_normal();
+        let dilated = Conv2D::<8, 12, 3, 1, 0, 2, f64, Dev>::build(&dev);
+        let e = FactorizedConv2D::<8, 3, 12, 3, 1, 0, 2, f64, Dev>::from_conv_calibrated(
+            "c",
+            &dilated,
+            &tiny,
+            Fit::exact(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, FactorizeError::Calibration { .. }), "{e}");
+    }
+}
