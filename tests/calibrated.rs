@@ -301,3 +301,65 @@ mod model_level {
         assert_eq!(model.a.weight.as_vec(), before);
     }
 }
+
+mod model_level_convolutions {
+    use dfdx::nn::modules::ReLU;
+    use dfdx::prelude::*;
+    use factorize_runtime::conv::Conv2D;
+    use factorize_runtime::engine::calibrated::Fit;
+    use factorize_runtime::{mirror, Factorizable, FactorizeConfig, FactorizedConv2D};
+
+    type Dev = Cpu;
+
+    #[derive(Factorizable)]
+    #[factorize(min_channels = 16, latent_channels = 4)]
+    pub struct Convs<E: Dtype, D: Device<E>> {
+        pub a: Conv2D<16, 16, 3, 1, 1, 1, E, D>,
+        pub act: ReLU,
+        pub b: Conv2D<16, 16, 3, 2, 1, 1, E, D>,
+    }
+
+    #[mirror]
+    impl<E: Dtype, D: Device<E>> Module<Tensor<Rank4<4, 16, 8, 8>, E, D>> for Convs<E, D> {
+        type Output = Tensor<(Const<4>, Const<16>, usize, usize), E, D>;
+        type Error = D::Err;
+        fn try_forward(&self, x: Tensor<Rank4<4, 16, 8, 8>, E, D>) -> Result<Self::Output, D::Err> {
+            self.b
+                .try_forward(self.act.try_forward(self.a.try_forward(x)?)?)
+        }
+    }
+
+    #[test]
+    fn convolutions_are_fitted_in_forward_order_too() {
+        let dev = Dev::seed_from_u64(8);
+        let model = Convs::<f64, Dev> {
+            a: BuildModule::build(&dev),
+            act: ReLU,
+            b: BuildModule::build(&dev),
+        };
+        let x: Tensor<Rank4<4, 16, 8, 8>, f64, Dev> = dev.sample_normal();
+        let (f, report) = model
+            .factorize_calibrated(
+                &FactorizeConfig::default(),
+                Fit::Exact { ridge: 0.0 },
+                |m| {
+                    m.forward(x.clone());
+                },
+            )
+            .unwrap();
+        assert!(report.layers.iter().all(|r| r.nmse.is_some()), "{report}");
+        // Layer b was fitted on what the refitted layer a (then ReLU) hands it.
+        let h = f.act.forward(f.a.forward(x.clone()));
+        let h: Tensor<Rank4<4, 16, 8, 8>, f64, Dev> =
+            dev.tensor_from_vec(h.as_vec(), (Const, Const, Const, Const));
+        let (expected, _) =
+            FactorizedConv2D::<16, 4, 16, 3, 2, 1, 1, f64, Dev>::from_conv_calibrated(
+                "b",
+                &model.b,
+                &h,
+                Fit::Exact { ridge: 0.0 },
+            )
+            .unwrap();
+        assert_eq!(f.b.first.weight.as_vec(), expected.first.weight.as_vec());
+    }
+}

@@ -11,15 +11,24 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use dfdx::prelude::{Device, Dtype, Shape, Storage, Tensor};
+use dfdx::prelude::{Device, Dtype, HasShape, Shape, Storage, Tensor};
 
 use crate::engine::calibrated::Fit;
 use crate::linear::host_f64;
 use crate::report::{FactorizeReport, LayerReport};
 use crate::FactorizeError;
 
-/// Recorded calls: layer address and input values.
-type Calls = Vec<(usize, Vec<f64>)>;
+/// One recorded forward call of a layer: its input's shape and values (row-major).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedInput {
+    /// The input tensor's dims, e.g. `[rows, in]` or `[batch, channels, height, width]`.
+    pub shape: Vec<usize>,
+    /// Its values, row-major.
+    pub values: Vec<f64>,
+}
+
+/// Recorded calls: layer address and input.
+type Calls = Vec<(usize, RecordedInput)>;
 
 thread_local! {
     static RECORDER: RefCell<Option<Calls>> = const { RefCell::new(None) };
@@ -67,7 +76,14 @@ impl<S: Shape, E: Dtype, D: Device<E> + Storage<E>, T> RecordInput for Tensor<S,
     fn record(&self, layer: usize) {
         RECORDER.with(|r| {
             if let Some(calls) = r.borrow_mut().as_mut() {
-                calls.push((layer, host_f64(self)));
+                let shape = self.shape().concrete().into();
+                calls.push((
+                    layer,
+                    RecordedInput {
+                        shape,
+                        values: host_f64(self),
+                    },
+                ));
             }
         });
     }
@@ -77,15 +93,14 @@ impl<S: Shape, E: Dtype, D: Device<E> + Storage<E>, T> RecordInput for Tensor<S,
 pub trait Refit {
     /// Identifies the layer in recordings.
     fn address(&self) -> usize;
-    /// Number of inputs per row.
-    fn in_dim(&self) -> usize;
-    /// Refits the layer to the dense `weight` (`[out, in]`) and `bias` on `inputs` (rows × in).
+    /// Refits the layer to the dense `weight` (`[out, in]`, a convolution's unfolded to
+    /// `[O, I·K·K]`) and `bias`, on the inputs it received in the recorded forward calls.
     fn refit(
         &mut self,
         path: &str,
         weight: &[f64],
         bias: &[f64],
-        inputs: &[f64],
+        inputs: &[RecordedInput],
         fit: Fit,
     ) -> Result<LayerReport, FactorizeError>;
 }
@@ -149,14 +164,14 @@ where
         seen
     };
     for address in order {
-        let inputs: Vec<f64> = {
+        let inputs: Vec<RecordedInput> = {
             let recording = Recording::start();
             run(&model);
             recording
                 .take()
                 .into_iter()
                 .filter(|(a, _)| *a == address)
-                .flat_map(|(_, v)| v)
+                .map(|(_, input)| input)
                 .collect()
         };
         model.visit_factorized("", &mut |path, layer| {

@@ -235,15 +235,99 @@ tuple_visits! {
     [A 0, B 1, C 2, F 3, G 4, H 5]
 }
 
-// Convolutions are not refitted by the model-level calibration (data-aware convolution fits
-// are not built yet): their walks visit nothing. A dense `Conv2D` is only ever reached by the
-// derive's syntax, so it has no `Factorizable` of its own.
-carried_over_visits! {
-    [const I: usize, const O: usize, const K: usize, const S: usize, const P: usize, const DIL: usize, E: Dtype, D: Device<E>]
-        crate::conv::Conv2D<I, O, K, S, P, DIL, E, D>;
+// A dense `Conv2D` is only ever reached by the derive's syntax, so it has no `Factorizable`
+// of its own; the calibration walks see its unfolded weight `[O, I·K·K]`.
+impl<
+        const I: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > VisitDense for crate::conv::Conv2D<I, O, K, S, P, DIL, E, D>
+{
+    fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
+        f(path, host_f64(&self.weight), host_f64(&self.bias));
+    }
 }
 
-carried_over! {
-    [const I: usize, const L: usize, const O: usize, const K: usize, const S: usize, const P: usize, const DIL: usize, E: Dtype, D: Device<E>]
-        crate::FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>;
+impl<
+        const I: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > VisitFactorized for crate::conv::Conv2D<I, O, K, S, P, DIL, E, D>
+{
+    fn visit_factorized(
+        &mut self,
+        _path: &str,
+        _f: &mut FactorizedVisitor<'_>,
+    ) -> Result<(), FactorizeError> {
+        Ok(())
+    }
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > Factorizable for crate::FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
+{
+    type Factorized = Self;
+    fn factorize_into(
+        &self,
+        _path: &str,
+        _cfg: &FactorizeConfig,
+        _report: &mut FactorizeReport,
+    ) -> Result<Self, FactorizeError> {
+        Ok(self.clone())
+    }
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > VisitFactorized for crate::FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
+{
+    fn visit_factorized(
+        &mut self,
+        path: &str,
+        f: &mut FactorizedVisitor<'_>,
+    ) -> Result<(), FactorizeError> {
+        f(path, self)
+    }
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > VisitDense for crate::FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
+{
+    fn visit_dense(&self, _path: &str, _f: &mut DenseVisitor<'_>) {}
 }

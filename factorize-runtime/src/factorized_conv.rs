@@ -23,9 +23,10 @@ use dfdx::prelude::*;
 use num_traits::Float;
 use rand_distr::uniform::SampleUniform;
 
+use crate::calibrate::{RecordInput, RecordedInput, Refit};
 use crate::conv::{Conv2D, UnbiasedConv2D};
 use crate::cost::LayerKind;
-use crate::engine::calibrated::{fit_linear, Calibration, Fit};
+use crate::engine::calibrated::{fit_linear, CalibratedFit, Calibration, Fit};
 use crate::engine::{self, check_finite, WeightMatrix};
 use crate::linear::{host_f64, to_device};
 use crate::report::{LayerReport, Status};
@@ -105,6 +106,7 @@ impl<
         Y,
     > Module<X> for FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
 where
+    X: RecordInput,
     UnbiasedConv2D<I, L, K, S, P, DIL, E, D>: Module<X, Output = Y, Error = D::Err>,
     Conv2D<L, O, 1, 1, 0, 1, E, D>: Module<Y, Error = D::Err>,
 {
@@ -112,6 +114,8 @@ where
     type Error = D::Err;
 
     fn try_forward(&self, x: X) -> Result<Self::Output, D::Err> {
+        // A no-op unless a calibration pass is recording on this thread.
+        x.record(self as *const Self as usize);
         self.second.try_forward(self.first.try_forward(x)?)
     }
 }
@@ -227,29 +231,21 @@ impl<
         images: &Tensor<(N, Const<I>, H, W), E, D>,
         fit: Fit,
     ) -> Result<(Self, LayerReport), FactorizeError> {
-        let start = Instant::now();
         let (n, _, h, w) = *images.shape();
-        let (h, w) = (h.size(), w.size());
-        let pixels = host_f64(images);
-        let rows = patches::<I, K, S, P, DIL>(&pixels, n.size(), h, w);
-        let fan_in = I * K * K;
-        if rows.is_empty() {
-            return Err(FactorizeError::Calibration {
-                layer: path.to_string(),
-                reason: format!("no {K}×{K} patch fits in {h}×{w} images"),
-            });
-        }
+        let input = RecordedInput {
+            shape: vec![n.size(), I, h.size(), w.size()],
+            values: host_f64(images),
+        };
         let weight = host_f64(&conv.weight);
         let bias = host_f64(&conv.bias);
-        let m = WeightMatrix::new(path, &weight, O, fan_in)?;
-        let calib = Calibration::new(path, &rows, rows.len() / fan_in, fan_in)?;
-        let f = fit_linear(&m, &bias, &calib, L, fit)?;
+        let (fitted, row) =
+            fit_images::<I, L, O, K, S, P, DIL>(path, &weight, &bias, &[input], fit)?;
         let dev = conv.weight.device();
         let layer = FactorizedConv2D {
             first: UnbiasedConv2D {
                 weight: to_device(
                     dev,
-                    &f.factors.first,
+                    &fitted.factors.first,
                     (Const::<L>, Const::<I>, Const::<K>, Const::<K>),
                     path,
                 )?,
@@ -257,23 +253,115 @@ impl<
             second: Conv2D {
                 weight: to_device(
                     dev,
-                    &f.factors.second,
+                    &fitted.factors.second,
                     (Const::<O>, Const::<L>, Const::<1>, Const::<1>),
                     path,
                 )?,
-                bias: to_device(dev, &f.bias, (Const::<O>,), path)?,
+                bias: to_device(dev, &fitted.bias, (Const::<O>,), path)?,
             },
         };
-        let mut row = LayerReport::kept(path, LayerKind::Conv2d, I, O, K, Status::Replaced);
-        row.set_replaced(
-            L,
-            f.factors.relative_error,
-            crate::Backend::Cpu,
-            start.elapsed(),
-        );
-        row.nmse = Some(f.nmse);
         Ok((layer, row))
     }
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > Refit for FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
+{
+    fn address(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    fn refit(
+        &mut self,
+        path: &str,
+        weight: &[f64],
+        bias: &[f64],
+        inputs: &[RecordedInput],
+        fit: Fit,
+    ) -> Result<LayerReport, FactorizeError> {
+        let (fitted, row) = fit_images::<I, L, O, K, S, P, DIL>(path, weight, bias, inputs, fit)?;
+        let dev = self.second.weight.device().clone();
+        let first = to_device(
+            &dev,
+            &fitted.factors.first,
+            (Const::<L>, Const::<I>, Const::<K>, Const::<K>),
+            path,
+        )?;
+        let second = to_device(
+            &dev,
+            &fitted.factors.second,
+            (Const::<O>, Const::<L>, Const::<1>, Const::<1>),
+            path,
+        )?;
+        let new_bias = to_device(&dev, &fitted.bias, (Const::<O>,), path)?;
+        // Assigned only once everything above succeeded.
+        self.first.weight = first;
+        self.second.weight = second;
+        self.second.bias = new_bias;
+        Ok(row)
+    }
+}
+
+/// The data-aware fit of a convolution's unfolded weight `[O, I·K·K]` on the `K × K` patches of
+/// the recorded images (`[n, I, h, w]` or `[I, h, w]` each), and its report row.
+fn fit_images<
+    const I: usize,
+    const L: usize,
+    const O: usize,
+    const K: usize,
+    const S: usize,
+    const P: usize,
+    const DIL: usize,
+>(
+    path: &str,
+    weight: &[f64],
+    bias: &[f64],
+    inputs: &[RecordedInput],
+    fit: Fit,
+) -> Result<(CalibratedFit, LayerReport), FactorizeError> {
+    let start = Instant::now();
+    let fan_in = I * K * K;
+    let mut rows = Vec::new();
+    for input in inputs {
+        let (n, h, w) = match input.shape.as_slice() {
+            [n, c, h, w] if *c == I => (*n, *h, *w),
+            [c, h, w] if *c == I => (1, *h, *w),
+            other => {
+                return Err(FactorizeError::Calibration {
+                    layer: path.to_string(),
+                    reason: format!("expected images with {I} channels, got dims {other:?}"),
+                })
+            }
+        };
+        rows.extend(patches::<I, K, S, P, DIL>(&input.values, n, h, w));
+    }
+    if rows.is_empty() {
+        return Err(FactorizeError::Calibration {
+            layer: path.to_string(),
+            reason: format!("no {K}×{K} patch fits in the calibration images"),
+        });
+    }
+    let m = WeightMatrix::new(path, weight, O, fan_in)?;
+    let calib = Calibration::new(path, &rows, rows.len() / fan_in, fan_in)?;
+    let f = fit_linear(&m, bias, &calib, L, fit)?;
+    let mut row = LayerReport::kept(path, LayerKind::Conv2d, I, O, K, Status::Replaced);
+    row.set_replaced(
+        L,
+        f.factors.relative_error,
+        crate::Backend::Cpu,
+        start.elapsed(),
+    );
+    row.nmse = Some(f.nmse);
+    Ok((f, row))
 }
 
 /// The `K × K` patches of `images` (`n × I × h × w`, row-major) as rows of length `I·K·K`

@@ -30,7 +30,7 @@ use dfdx::prelude::*;
 use num_traits::Float;
 use rand_distr::uniform::SampleUniform;
 
-use crate::calibrate::{RecordInput, Refit};
+use crate::calibrate::{RecordInput, RecordedInput, Refit};
 use crate::cost::LayerKind;
 use crate::engine::calibrated::{fit_linear, Calibration, Fit};
 use crate::engine::{self, check_finite, WeightMatrix};
@@ -117,21 +117,21 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Ref
         self as *const Self as usize
     }
 
-    fn in_dim(&self) -> usize {
-        I
-    }
-
     fn refit(
         &mut self,
         path: &str,
         weight: &[f64],
         bias: &[f64],
-        inputs: &[f64],
+        inputs: &[RecordedInput],
         fit: Fit,
     ) -> Result<LayerReport, FactorizeError> {
         let start = Instant::now();
         let w = WeightMatrix::new(path, weight, O, I)?;
-        let calib = Calibration::new(path, inputs, inputs.len() / I, I)?;
+        let inputs: Vec<f64> = inputs
+            .iter()
+            .flat_map(|x| x.values.iter().copied())
+            .collect();
+        let calib = Calibration::new(path, &inputs, inputs.len() / I, I)?;
         let f = fit_linear(&w, bias, &calib, L, fit)?;
         let dev = self.second.weight.device().clone();
         let first = to_device(&dev, &f.factors.first, (Const::<L>, Const::<I>), path)?;
