@@ -7,7 +7,7 @@ use factorize_runtime::engine::{gpu_available, low_rank, relative_error, solve, 
 use factorize_runtime::synthetic::{matrix_with_spectrum, optimal_relative_error, power_law};
 use factorize_runtime::{Backend, FactorizeConfig, FactorizeError, Precision};
 
-fn gpu(test: &str) -> bool {
+pub(crate) fn gpu(test: &str) -> bool {
     match gpu_available() {
         Ok(()) => true,
         Err(reason) => {
@@ -125,4 +125,97 @@ fn gpu_is_deterministic() {
     let a = solve(&m, 32, &cuda()).unwrap().factors;
     let b = solve(&m, 32, &cuda()).unwrap().factors;
     assert_eq!(a, b);
+}
+
+mod calibrated {
+    use super::gpu;
+    use factorize_runtime::engine::calibrated::{fit_linear, fit_linear_on, Calibration, Fit};
+    use factorize_runtime::engine::{gpu_available, WeightMatrix};
+    use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
+    use factorize_runtime::{Backend, FactorizeError};
+
+    fn case(out_dim: usize, in_dim: usize, rows: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let w = matrix_with_spectrum(out_dim, in_dim, &power_law(out_dim.min(in_dim), 0.5), 1);
+        let mix = matrix_with_spectrum(in_dim, in_dim, &power_law(in_dim, 1.0), 2);
+        let z = matrix_with_spectrum(rows, in_dim, &vec![1.0; rows.min(in_dim)], 3);
+        let (zm, mm) = (
+            faer::MatRef::from_row_major_slice(&z, rows, in_dim),
+            faer::MatRef::from_row_major_slice(&mix, in_dim, in_dim),
+        );
+        let xm = zm * mm;
+        let x: Vec<f64> = (0..rows)
+            .flat_map(|i| (0..in_dim).map(move |j| (i, j)))
+            .map(|(i, j)| xm[(i, j)] + 0.3)
+            .collect();
+        let bias: Vec<f64> = (0..out_dim).map(|o| (o as f64).sin()).collect();
+        (w, x, bias)
+    }
+
+    #[test]
+    fn gpu_exact_fit_agrees_with_the_cpu() {
+        if !gpu("gpu_exact_fit_agrees_with_the_cpu") {
+            return;
+        }
+        // wide, tall, rank-deficient rows, and a rank small enough for the subspace iteration.
+        for (o, i, n, rank, ridge) in [
+            (64, 160, 300, 16, 0.0),
+            (200, 64, 300, 16, 0.0),
+            (64, 160, 50, 16, 0.1),
+            (512, 512, 1000, 24, 0.1),
+            (700, 300, 900, 20, 0.0),
+        ] {
+            let (w, x, bias) = case(o, i, n);
+            let m = WeightMatrix::new("fc", &w, o, i).unwrap();
+            let c = Calibration::new("fc", &x, n, i).unwrap();
+            let cpu = fit_linear(&m, &bias, &c, rank, Fit::Exact { ridge }).unwrap();
+            let (g, backend) =
+                fit_linear_on(&m, &bias, &c, rank, Fit::Exact { ridge }, Backend::Cuda).unwrap();
+            assert_eq!(backend, Backend::Cuda);
+            assert!(
+                (g.nmse / cpu.nmse - 1.0).abs() < 1e-6,
+                "{o}x{i} n {n}: GPU {} vs CPU {}",
+                g.nmse,
+                cpu.nmse
+            );
+            assert!((g.factors.relative_error - cpu.factors.relative_error).abs() < 1e-6);
+            let db: f64 = g
+                .bias
+                .iter()
+                .zip(&cpu.bias)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                db < 1e-6 * (1.0 + cpu.bias.iter().map(|b| b.abs()).fold(0.0, f64::max)),
+                "bias {db}"
+            );
+        }
+    }
+
+    #[test]
+    fn backend_choice_for_calibrated_fits() {
+        let (w, x, bias) = case(40, 30, 60);
+        let m = WeightMatrix::new("fc", &w, 40, 30).unwrap();
+        let c = Calibration::new("fc", &x, 60, 30).unwrap();
+        let (_, cpu) = fit_linear_on(&m, &bias, &c, 4, Fit::exact(), Backend::Cpu).unwrap();
+        assert_eq!(cpu, Backend::Cpu);
+        let (_, als) = fit_linear_on(&m, &bias, &c, 4, Fit::als(), Backend::Cuda).unwrap();
+        assert_eq!(als, Backend::Cpu, "ALS runs on the CPU");
+        match gpu_available() {
+            Ok(()) => {
+                let (_, auto) =
+                    fit_linear_on(&m, &bias, &c, 4, Fit::exact(), Backend::Auto).unwrap();
+                assert_eq!(auto, Backend::Cuda);
+            }
+            Err(_) => {
+                let (_, auto) =
+                    fit_linear_on(&m, &bias, &c, 4, Fit::exact(), Backend::Auto).unwrap();
+                assert_eq!(auto, Backend::Cpu);
+                let e = fit_linear_on(&m, &bias, &c, 4, Fit::exact(), Backend::Cuda).unwrap_err();
+                assert!(
+                    matches!(e, FactorizeError::BackendUnavailable { .. }),
+                    "{e}"
+                );
+            }
+        }
+    }
 }

@@ -31,7 +31,7 @@ use faer::{Mat, MatRef, Side};
 
 use super::cpu::{split_factors, top_eigenvectors};
 use super::{check_finite, low_rank, LowRank, WeightMatrix};
-use crate::{FactorizeError, Precision};
+use crate::{Backend, FactorizeError, Precision};
 
 /// How the pair is fitted to the calibration data.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -134,13 +134,23 @@ pub struct CalibratedFit {
     pub rank_deficient: bool,
 }
 
+/// The mean row, accumulated row by row (the rows are contiguous).
+fn column_means(x: &Calibration<'_>) -> Vec<f64> {
+    let mut mean = vec![0.0; x.cols];
+    for row in x.data.chunks_exact(x.cols) {
+        for (m, v) in mean.iter_mut().zip(row) {
+            *m += v;
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= x.rows as f64);
+    mean
+}
+
 /// Second moment of the centred rows and the row mean.
-fn moments(x: MatRef<'_, f64>) -> (Mat<f64>, Vec<f64>) {
-    let (n, d) = (x.nrows(), x.ncols());
-    let mean: Vec<f64> = (0..d)
-        .map(|j| (0..n).map(|i| x[(i, j)]).sum::<f64>() / n as f64)
-        .collect();
-    let centred = Mat::<f64>::from_fn(n, d, |i, j| x[(i, j)] - mean[j]);
+fn moments(x: &Calibration<'_>) -> (Mat<f64>, Vec<f64>) {
+    let mean = column_means(x);
+    let xm = x.matrix();
+    let centred = Mat::<f64>::from_fn(x.rows, x.cols, |i, j| xm[(i, j)] - mean[j]);
     (centred.transpose() * &centred, mean)
 }
 
@@ -176,7 +186,7 @@ pub fn fit_linear(
         });
     }
     let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
-    let (c, mean) = moments(x.matrix());
+    let (c, mean) = moments(x);
     let rank_deficient = x.rows <= in_dim;
     let trace: f64 = (0..in_dim).map(|i| c[(i, i)]).sum();
     let scale = trace / in_dim as f64;
@@ -285,6 +295,113 @@ fn nmse_from_moments(
     } else {
         err
     }
+}
+
+/// [`fit_linear`] on the backend asked for: the exact fit runs on the GPU under
+/// `Backend::Cuda`, or under `Backend::Auto` when one is usable (falling back to the CPU when
+/// it runs out of memory); ALS always runs on the CPU. Returns the backend used.
+pub fn fit_linear_on(
+    w: &WeightMatrix<'_>,
+    bias: &[f64],
+    x: &Calibration<'_>,
+    rank: usize,
+    fit: Fit,
+    backend: Backend,
+) -> Result<(CalibratedFit, Backend), FactorizeError> {
+    if let (Fit::Exact { ridge }, true) = (fit, backend != Backend::Cpu) {
+        match super::gpu_available() {
+            Ok(()) => {
+                if let Some(done) = gpu_fit(w, bias, x, rank, ridge, backend)? {
+                    return Ok((done, Backend::Cuda));
+                }
+            }
+            Err(reason) if backend == Backend::Cuda => {
+                return Err(FactorizeError::BackendUnavailable {
+                    layer: w.name().to_string(),
+                    backend,
+                    reason,
+                })
+            }
+            Err(_) => {}
+        }
+    }
+    Ok((fit_linear(w, bias, x, rank, fit)?, Backend::Cpu))
+}
+
+/// The exact fit on the GPU; `None` when it ran out of memory under `Backend::Auto`.
+#[cfg(feature = "cuda-engine")]
+fn gpu_fit(
+    w: &WeightMatrix<'_>,
+    bias: &[f64],
+    x: &Calibration<'_>,
+    rank: usize,
+    ridge: f64,
+    backend: Backend,
+) -> Result<Option<CalibratedFit>, FactorizeError> {
+    use super::cuda::{calibrated, GpuError};
+    let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
+    w.check_rank(rank)?;
+    check_finite(w.name(), "bias", bias)?;
+    if x.cols != in_dim || bias.len() != out_dim {
+        return Err(FactorizeError::Shape {
+            layer: w.name().to_string(),
+            tensor: "calibration input",
+            expected: x.rows * in_dim,
+            actual: x.data.len(),
+            shape: format!("[{}, {in_dim}]", x.rows),
+        });
+    }
+    let mean = column_means(x);
+    let done = match calibrated(w, x.data, x.rows, &mean, ridge, rank) {
+        Ok(done) => done,
+        Err(GpuError::OutOfMemory(_)) if backend == Backend::Auto => return Ok(None),
+        Err(GpuError::OutOfMemory(reason) | GpuError::Failed(reason)) => {
+            return Err(FactorizeError::Device {
+                layer: w.name().to_string(),
+                reason,
+            })
+        }
+    };
+    let f = done.factors;
+    let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
+    let a = MatRef::from_row_major_slice(&f.first, rank, in_dim);
+    let b = MatRef::from_row_major_slice(&f.second, out_dim, rank);
+    let mu = MatRef::from_column_major_slice(&mean, in_dim, 1);
+    let centre = wm * mu;
+    let shift = &centre - b * (a * mu);
+    let new_bias: Vec<f64> = (0..out_dim).map(|o| bias[o] + shift[(o, 0)]).collect();
+    // The variance of all outputs: spread around each output's mean plus spread of those means.
+    let per_output: Vec<f64> = (0..out_dim).map(|o| centre[(o, 0)] + bias[o]).collect();
+    let m = per_output.iter().sum::<f64>() / out_dim as f64;
+    let n = x.rows as f64;
+    let cells = n * out_dim as f64;
+    let var =
+        (done.output_energy + n * per_output.iter().map(|v| (v - m).powi(2)).sum::<f64>()) / cells;
+    let err = done.error_energy / cells;
+    Ok(Some(CalibratedFit {
+        factors: f,
+        bias: new_bias,
+        nmse: if var > 0.0 { err / var } else { err },
+        ridge: done.ridge,
+        rank_deficient: x.rows <= in_dim,
+    }))
+}
+
+/// Without the GPU engine there is nothing to run (`gpu_available` says so first).
+#[cfg(not(feature = "cuda-engine"))]
+fn gpu_fit(
+    w: &WeightMatrix<'_>,
+    _bias: &[f64],
+    _x: &Calibration<'_>,
+    _rank: usize,
+    _ridge: f64,
+    backend: Backend,
+) -> Result<Option<CalibratedFit>, FactorizeError> {
+    Err(FactorizeError::BackendUnavailable {
+        layer: w.name().to_string(),
+        backend,
+        reason: super::gpu_available().err().unwrap_or_default(),
+    })
 }
 
 /// Composer-style alternating least squares in covariance form, from the weight-space SVD.

@@ -298,10 +298,11 @@ impl Gpu {
         g: &CudaSlice<f64>,
         s: usize,
         rank: usize,
+        tolerance: f64,
     ) -> Result<(CudaSlice<f64>, usize), GpuError> {
         let b = block_size(rank, s);
         if 4 * b <= s {
-            if let Some(found) = self.subspace_iteration(g, s, rank, b)? {
+            if let Some(found) = self.subspace_iteration(g, s, rank, b, tolerance)? {
                 return Ok(found);
             }
         }
@@ -327,29 +328,77 @@ impl Gpu {
         Ok(out)
     }
 
+    /// The trace of a Gram matrix `g` (`s × s`): its diagonal is nonnegative, so the absolute
+    /// sum of the diagonal.
+    fn gram_trace(&self, g: &CudaSlice<f64>, s: usize) -> Result<f64, GpuError> {
+        let mut out = 0.0f64;
+        let (pg, _g) = g.device_ptr(&self.stream);
+        let status = unsafe {
+            blas_sys::cublasDasum_v2(
+                *self.blas.handle(),
+                int(s)?,
+                pg as *const f64,
+                int(s + 1)?,
+                &mut out,
+            )
+        };
+        check_blas(status, "cuBLAS asum")?;
+        Ok(out)
+    }
+
+    /// `Σ x_i·y_i` over two equally long blocks.
+    fn dot(&self, x: &CudaSlice<f64>, y: &CudaSlice<f64>) -> Result<f64, GpuError> {
+        let mut out = 0.0f64;
+        let (px, _gx) = x.device_ptr(&self.stream);
+        let (py, _gy) = y.device_ptr(&self.stream);
+        let status = unsafe {
+            blas_sys::cublasDdot_v2(
+                *self.blas.handle(),
+                int(x.len())?,
+                px as *const f64,
+                1,
+                py as *const f64,
+                1,
+                &mut out,
+            )
+        };
+        check_blas(status, "cuBLAS dot")?;
+        Ok(out)
+    }
+
+    /// Adds `value` to the diagonal of the `n × n` `a`.
+    fn add_to_diagonal(
+        &self,
+        a: &mut CudaSlice<f64>,
+        n: usize,
+        value: f64,
+    ) -> Result<(), GpuError> {
+        let ones = self.stream.clone_htod(&vec![1.0f64; n])?;
+        let (po, _g1) = ones.device_ptr(&self.stream);
+        let (pa, _g2) = a.device_ptr_mut(&self.stream);
+        let status = unsafe {
+            blas_sys::cublasDaxpy_v2(
+                *self.blas.handle(),
+                int(n)?,
+                &value,
+                po as *const f64,
+                1,
+                pa as *mut f64,
+                int(n + 1)?,
+            )
+        };
+        check_blas(status, "cuBLAS axpy")
+    }
+
     fn subspace_iteration(
         &self,
         g: &CudaSlice<f64>,
         s: usize,
         rank: usize,
         b: usize,
+        tolerance: f64,
     ) -> Result<Option<(CudaSlice<f64>, usize)>, GpuError> {
-        // The diagonal of a Gram matrix is nonnegative: its absolute sum is the trace.
-        let trace = {
-            let mut out = 0.0f64;
-            let (pg, _g) = g.device_ptr(&self.stream);
-            let status = unsafe {
-                blas_sys::cublasDasum_v2(
-                    *self.blas.handle(),
-                    int(s)?,
-                    pg as *const f64,
-                    int(s + 1)?,
-                    &mut out,
-                )
-            };
-            check_blas(status, "cuBLAS asum")?;
-            out
-        };
+        let trace = self.gram_trace(g, s)?;
         let floor = trace * f64::EPSILON * s as f64;
         let omega = Gaussian::new(SEED).signs(s * b);
         let omega = self.stream.clone_htod(&omega)?;
@@ -381,7 +430,7 @@ impl Gpu {
                 let theta = self.syevd(&mut values_only, b, false)?;
                 let energy: f64 = theta[b - rank..].iter().sum();
                 let tail = (trace - energy).max(floor);
-                if previous.is_some_and(|p| energy - p <= TOLERANCE * tail) {
+                if previous.is_some_and(|p| energy - p <= tolerance * tail) {
                     self.syevd(&mut h, b, true)?;
                     let y = self.leading_columns(&h, b, b, rank)?;
                     let mut ritz = self.stream.alloc_zeros::<f64>(s * rank)?;
@@ -441,7 +490,7 @@ impl Gpu {
             )?;
         }
         let norm = self.norm(&a)?;
-        let (q, iterations) = self.top_eigenvectors(&g, s, rank)?;
+        let (q, iterations) = self.top_eigenvectors(&g, s, rank, TOLERANCE)?;
         drop(g);
         // R = Mᵀ·Q (t × rank).
         let mut r = self.stream.alloc_zeros::<f64>(t * rank)?;
@@ -631,6 +680,217 @@ fn relative_error_of(residual: f64, norm: f64) -> f64 {
         residual / norm
     } else {
         0.0
+    }
+}
+
+/// What the GPU returns for a data-aware fit; the host adds the bias and the nmse.
+pub(crate) struct CalibratedOnGpu {
+    /// The pair, as the weight-space engine returns it.
+    pub(crate) factors: LowRank,
+    /// `tr(Δ·C₀·Δᵀ)`: the squared output error summed over the rows, bias refitted.
+    pub(crate) error_energy: f64,
+    /// `tr(W·C₀·Wᵀ)`: the spread of the outputs around their per-output means.
+    pub(crate) output_energy: f64,
+    /// The absolute ridge added to `C₀`.
+    pub(crate) ridge: f64,
+}
+
+/// The exact data-aware fit (see `engine::calibrated`) on the GPU, in f64: `x` is `rows × in`
+/// row-major with row mean `mean`.
+pub(crate) fn calibrated(
+    w: &WeightMatrix<'_>,
+    x: &[f64],
+    rows: usize,
+    mean: &[f64],
+    ridge: f64,
+    rank: usize,
+) -> Result<CalibratedOnGpu, GpuError> {
+    let gpu = GPU
+        .get_or_init(init)
+        .as_ref()
+        .map_err(|e| GpuError::Failed(e.clone()))?;
+    let gpu = gpu
+        .lock()
+        .map_err(|_| GpuError::Failed("GPU state poisoned".into()))?;
+    gpu.calibrated(w, x, rows, mean, ridge, rank)
+}
+
+impl Gpu {
+    fn calibrated(
+        &self,
+        w: &WeightMatrix<'_>,
+        x: &[f64],
+        rows: usize,
+        mean: &[f64],
+        ridge: f64,
+        rank: usize,
+    ) -> Result<CalibratedOnGpu, GpuError> {
+        let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
+        // Row-major W [out, in] is the column-major Wᵀ (in × out); likewise X is Xᵀ (in × rows).
+        let wt = self.stream.clone_htod(w.data())?;
+        let mu = self.stream.clone_htod(mean)?;
+        // C₀ = Xᵀ·X − N·μ·μᵀ.
+        let mut c = self.stream.alloc_zeros::<f64>(in_dim * in_dim)?;
+        {
+            let xt = self.stream.clone_htod(x)?;
+            self.gemm(
+                (N, T),
+                (in_dim, in_dim, rows),
+                1.0,
+                (&xt, in_dim),
+                (&xt, in_dim),
+                0.0,
+                (&mut c, in_dim),
+            )?;
+        }
+        self.gemm(
+            (N, T),
+            (in_dim, in_dim, 1),
+            -(rows as f64),
+            (&mu, in_dim),
+            (&mu, in_dim),
+            1.0,
+            (&mut c, in_dim),
+        )?;
+        let rho = ridge * self.gram_trace(&c, in_dim)? / in_dim as f64;
+        // tr(W·C₀·Wᵀ) = Σ (WᵀW) ∘ C₀.
+        let output_energy = {
+            let mut k = self.stream.alloc_zeros::<f64>(in_dim * in_dim)?;
+            self.gemm(
+                (N, T),
+                (in_dim, in_dim, out_dim),
+                1.0,
+                (&wt, in_dim),
+                (&wt, in_dim),
+                0.0,
+                (&mut k, in_dim),
+            )?;
+            self.dot(&k, &c)?
+        };
+        let mut cr = self.stream.clone_dtod(&c)?;
+        self.add_to_diagonal(&mut cr, in_dim, rho)?;
+        let (q, iterations) = if out_dim <= in_dim {
+            // Leading eigenvectors of W·C·Wᵀ (out × out).
+            let mut t1 = self.stream.alloc_zeros::<f64>(out_dim * in_dim)?;
+            self.gemm(
+                (T, N),
+                (out_dim, in_dim, in_dim),
+                1.0,
+                (&wt, in_dim),
+                (&cr, in_dim),
+                0.0,
+                (&mut t1, out_dim),
+            )?;
+            let mut g = self.stream.alloc_zeros::<f64>(out_dim * out_dim)?;
+            self.gemm(
+                (N, N),
+                (out_dim, out_dim, in_dim),
+                1.0,
+                (&t1, out_dim),
+                (&wt, in_dim),
+                0.0,
+                (&mut g, out_dim),
+            )?;
+            self.top_eigenvectors(&g, out_dim, rank, 1e-9)?
+        } else {
+            // Through the smaller C^{1/2}·Wᵀ·W·C^{1/2} (in × in), mapped back by W·C^{1/2}.
+            let mut v = self.stream.clone_dtod(&cr)?;
+            let lambda = self.syevd(&mut v, in_dim, true)?;
+            let roots: Vec<f64> = lambda.iter().map(|l| l.max(0.0).sqrt()).collect();
+            let roots = self.stream.clone_htod(&roots)?;
+            let vs = self.dgmm(&v, in_dim, in_dim, &roots)?;
+            let mut root = self.stream.alloc_zeros::<f64>(in_dim * in_dim)?;
+            self.gemm(
+                (N, T),
+                (in_dim, in_dim, in_dim),
+                1.0,
+                (&vs, in_dim),
+                (&v, in_dim),
+                0.0,
+                (&mut root, in_dim),
+            )?;
+            let mut ws = self.stream.alloc_zeros::<f64>(out_dim * in_dim)?;
+            self.gemm(
+                (T, N),
+                (out_dim, in_dim, in_dim),
+                1.0,
+                (&wt, in_dim),
+                (&root, in_dim),
+                0.0,
+                (&mut ws, out_dim),
+            )?;
+            let mut h = self.stream.alloc_zeros::<f64>(in_dim * in_dim)?;
+            self.gemm(
+                (T, N),
+                (in_dim, in_dim, out_dim),
+                1.0,
+                (&ws, out_dim),
+                (&ws, out_dim),
+                0.0,
+                (&mut h, in_dim),
+            )?;
+            let (y, iterations) = self.top_eigenvectors(&h, in_dim, rank, 1e-9)?;
+            let mut u = self.stream.alloc_zeros::<f64>(out_dim * rank)?;
+            self.gemm(
+                (N, N),
+                (out_dim, rank, in_dim),
+                1.0,
+                (&ws, out_dim),
+                (&y, in_dim),
+                0.0,
+                (&mut u, out_dim),
+            )?;
+            if !self.cholesky_qr2(&mut u, out_dim, rank)? {
+                return Err(GpuError::Failed(
+                    "Cholesky-QR breakdown on the output basis".into(),
+                ));
+            }
+            (u, iterations)
+        };
+        // R = Wᵀ·Q; BA = Q·Qᵀ·W, so the error is tr(W·C₀·Wᵀ) − tr(Rᵀ·C₀·R).
+        let mut r = self.stream.alloc_zeros::<f64>(in_dim * rank)?;
+        self.gemm(
+            (N, N),
+            (in_dim, rank, out_dim),
+            1.0,
+            (&wt, in_dim),
+            (&q, out_dim),
+            0.0,
+            (&mut r, in_dim),
+        )?;
+        let captured = {
+            let mut cr0 = self.stream.alloc_zeros::<f64>(in_dim * rank)?;
+            self.gemm(
+                (N, N),
+                (in_dim, rank, in_dim),
+                1.0,
+                (&c, in_dim),
+                (&r, in_dim),
+                0.0,
+                (&mut cr0, in_dim),
+            )?;
+            self.dot(&r, &cr0)?
+        };
+        let (norm_w, norm_r) = (self.norm(&wt)?, self.norm(&r)?);
+        let relative_error = if norm_w > 0.0 {
+            (norm_w.powi(2) - norm_r.powi(2)).max(0.0).sqrt() / norm_w
+        } else {
+            0.0
+        };
+        let factors = self.split(
+            &q,
+            &r,
+            (out_dim, in_dim, rank),
+            true,
+            relative_error,
+            iterations,
+        )?;
+        Ok(CalibratedOnGpu {
+            factors,
+            error_energy: (output_energy - captured).max(0.0),
+            output_energy,
+            ridge: rho,
+        })
     }
 }
 
