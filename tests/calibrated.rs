@@ -283,6 +283,59 @@ mod model_level {
     }
 
     #[test]
+    fn held_out_nmse_is_reported_per_layer() {
+        let (dev, model, x) = setup();
+        let (mut f, mut report) = model
+            .factorize_calibrated(&FactorizeConfig::default(), Fit::exact(), |m| {
+                m.forward(x.clone());
+            })
+            .unwrap();
+        let held: Batch = dev.sample_normal_like(&(100, Const));
+        model
+            .evaluate_heldout(&mut f, &mut report, |m| {
+                m.forward(held.clone());
+            })
+            .unwrap();
+        let with: Vec<&str> = report
+            .layers
+            .iter()
+            .filter(|r| r.nmse_heldout.is_some())
+            .map(|r| r.path.as_str())
+            .collect();
+        assert_eq!(with, ["a", "b.0"]);
+        assert!(report.to_string().contains("held"));
+        // Layer a's figure is the nmse of its outputs against the dense layer's on those rows.
+        let y0: Vec<f64> = model
+            .a
+            .forward(held.clone())
+            .as_vec()
+            .iter()
+            .map(|v| *v as f64)
+            .collect();
+        let y1: Vec<f64> =
+            f.a.forward(held.clone())
+                .as_vec()
+                .iter()
+                .map(|v| *v as f64)
+                .collect();
+        let n = y0.len() as f64;
+        let mean = y0.iter().sum::<f64>() / n;
+        let var = y0.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        let err = y0
+            .iter()
+            .zip(&y1)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            / n;
+        let reported = report.layers[0].nmse_heldout.unwrap();
+        assert!(
+            (err / var / reported - 1.0).abs() < 1e-3,
+            "{} vs {reported}",
+            err / var
+        );
+    }
+
+    #[test]
     fn bad_calibration_data_is_an_error_and_the_model_is_untouched() {
         let (dev, model, x) = setup();
         let mut v = x.as_vec();

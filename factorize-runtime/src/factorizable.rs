@@ -9,7 +9,9 @@
 use dfdx::nn::modules::*;
 use dfdx::prelude::{Device, Dtype};
 
-use crate::calibrate::{calibrate, DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized};
+use crate::calibrate::{
+    calibrate, evaluate_heldout, DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized,
+};
 use crate::engine::calibrated::Fit;
 use crate::linear::host_f64;
 use crate::report::FactorizeReport;
@@ -70,6 +72,23 @@ pub trait Factorizable {
     {
         let (model, report) = self.factorize_with_report(cfg)?;
         calibrate(self, model, report, fit, run)
+    }
+
+    /// Fills `nmse_heldout` in `report`'s rows: each factorized layer of `factorized` against its
+    /// dense original in `self`, on the inputs it receives while `run` runs the forward on
+    /// held-out data (a recording pass, as in [`Self::factorize_calibrated`]).
+    fn evaluate_heldout<F>(
+        &self,
+        factorized: &mut Self::Factorized,
+        report: &mut FactorizeReport,
+        run: F,
+    ) -> Result<(), FactorizeError>
+    where
+        Self: VisitDense + Sized,
+        Self::Factorized: VisitFactorized,
+        F: FnMut(&Self::Factorized),
+    {
+        evaluate_heldout(self, factorized, report, run)
     }
 }
 

@@ -26,7 +26,7 @@ use rand_distr::uniform::SampleUniform;
 use crate::calibrate::{RecordInput, RecordedInput, Refit};
 use crate::conv::{Conv2D, UnbiasedConv2D};
 use crate::cost::LayerKind;
-use crate::engine::calibrated::{fit_linear, CalibratedFit, Calibration, Fit};
+use crate::engine::calibrated::{fit_linear, nmse, CalibratedFit, Calibration, Fit};
 use crate::engine::{self, check_finite, WeightMatrix};
 use crate::linear::{host_f64, to_device};
 use crate::report::{LayerReport, Status};
@@ -309,6 +309,61 @@ impl<
         self.second.bias = new_bias;
         Ok(row)
     }
+
+    fn nmse_on(
+        &self,
+        path: &str,
+        weight: &[f64],
+        bias: &[f64],
+        inputs: &[RecordedInput],
+    ) -> Result<f64, FactorizeError> {
+        let fan_in = I * K * K;
+        let rows = image_patches::<I, K, S, P, DIL>(path, inputs)?;
+        let m = WeightMatrix::new(path, weight, O, fan_in)?;
+        let calib = Calibration::new(path, &rows, rows.len() / fan_in, fan_in)?;
+        let factors = crate::linear::current_factors(
+            O,
+            fan_in,
+            L,
+            host_f64(&self.first.weight),
+            host_f64(&self.second.weight),
+        );
+        nmse(&m, bias, &factors, &host_f64(&self.second.bias), &calib)
+    }
+}
+
+/// The `K × K` patches of the recorded images (`[n, I, h, w]` or `[I, h, w]` each), as rows.
+fn image_patches<
+    const I: usize,
+    const K: usize,
+    const S: usize,
+    const P: usize,
+    const DIL: usize,
+>(
+    path: &str,
+    inputs: &[RecordedInput],
+) -> Result<Vec<f64>, FactorizeError> {
+    let mut rows = Vec::new();
+    for input in inputs {
+        let (n, h, w) = match input.shape.as_slice() {
+            [n, c, h, w] if *c == I => (*n, *h, *w),
+            [c, h, w] if *c == I => (1, *h, *w),
+            other => {
+                return Err(FactorizeError::Calibration {
+                    layer: path.to_string(),
+                    reason: format!("expected images with {I} channels, got dims {other:?}"),
+                })
+            }
+        };
+        rows.extend(patches::<I, K, S, P, DIL>(&input.values, n, h, w));
+    }
+    if rows.is_empty() {
+        return Err(FactorizeError::Calibration {
+            layer: path.to_string(),
+            reason: format!("no {K}×{K} patch fits in the calibration images"),
+        });
+    }
+    Ok(rows)
 }
 
 /// The data-aware fit of a convolution's unfolded weight `[O, I·K·K]` on the `K × K` patches of
@@ -330,26 +385,7 @@ fn fit_images<
 ) -> Result<(CalibratedFit, LayerReport), FactorizeError> {
     let start = Instant::now();
     let fan_in = I * K * K;
-    let mut rows = Vec::new();
-    for input in inputs {
-        let (n, h, w) = match input.shape.as_slice() {
-            [n, c, h, w] if *c == I => (*n, *h, *w),
-            [c, h, w] if *c == I => (1, *h, *w),
-            other => {
-                return Err(FactorizeError::Calibration {
-                    layer: path.to_string(),
-                    reason: format!("expected images with {I} channels, got dims {other:?}"),
-                })
-            }
-        };
-        rows.extend(patches::<I, K, S, P, DIL>(&input.values, n, h, w));
-    }
-    if rows.is_empty() {
-        return Err(FactorizeError::Calibration {
-            layer: path.to_string(),
-            reason: format!("no {K}×{K} patch fits in the calibration images"),
-        });
-    }
+    let rows = image_patches::<I, K, S, P, DIL>(path, inputs)?;
     let m = WeightMatrix::new(path, weight, O, fan_in)?;
     let calib = Calibration::new(path, &rows, rows.len() / fan_in, fan_in)?;
     let f = fit_linear(&m, bias, &calib, L, fit)?;

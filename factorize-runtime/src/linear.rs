@@ -32,7 +32,7 @@ use rand_distr::uniform::SampleUniform;
 
 use crate::calibrate::{RecordInput, RecordedInput, Refit};
 use crate::cost::LayerKind;
-use crate::engine::calibrated::{fit_linear, Calibration, Fit};
+use crate::engine::calibrated::{fit_linear, nmse, Calibration, Fit};
 use crate::engine::{self, check_finite, WeightMatrix};
 use crate::report::{LayerReport, Status};
 use crate::{FactorizeConfig, FactorizeError, Method};
@@ -142,6 +142,49 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Ref
         self.second.weight = second;
         self.second.bias = new_bias;
         Ok(calibrated_row(path, I, O, L, &f, calib.rows(), start))
+    }
+
+    fn nmse_on(
+        &self,
+        path: &str,
+        weight: &[f64],
+        bias: &[f64],
+        inputs: &[RecordedInput],
+    ) -> Result<f64, FactorizeError> {
+        let w = WeightMatrix::new(path, weight, O, I)?;
+        let inputs: Vec<f64> = inputs
+            .iter()
+            .flat_map(|x| x.values.iter().copied())
+            .collect();
+        let calib = Calibration::new(path, &inputs, inputs.len() / I, I)?;
+        let factors = current_factors(
+            O,
+            I,
+            L,
+            host_f64(&self.first.weight),
+            host_f64(&self.second.weight),
+        );
+        nmse(&w, bias, &factors, &host_f64(&self.second.bias), &calib)
+    }
+}
+
+/// A layer's current factors as a [`crate::engine::LowRank`], for measuring it.
+pub(crate) fn current_factors(
+    out_dim: usize,
+    in_dim: usize,
+    rank: usize,
+    first: Vec<f64>,
+    second: Vec<f64>,
+) -> crate::engine::LowRank {
+    crate::engine::LowRank {
+        out_dim,
+        in_dim,
+        rank,
+        first,
+        second,
+        singular_values: Vec::new(),
+        relative_error: f64::NAN,
+        iterations: 0,
     }
 }
 

@@ -109,6 +109,9 @@ pub struct LayerReport {
     pub time: Duration,
     /// Output nmse on the calibration rows, for data-aware fits.
     pub nmse: Option<f64>,
+    /// Output nmse on held-out rows, when evaluated
+    /// ([`crate::Factorizable::evaluate_heldout`]).
+    pub nmse_heldout: Option<f64>,
     /// Anything worth knowing about this layer, e.g. a fallback from the GPU to the CPU.
     pub note: Option<String>,
 }
@@ -141,6 +144,7 @@ impl LayerReport {
             backend: None,
             time: Duration::ZERO,
             nmse: None,
+            nmse_heldout: None,
             note: None,
         }
     }
@@ -255,7 +259,12 @@ impl fmt::Display for FactorizeReport {
                     format!("{} → {}", r.macs_before, r.macs_after),
                     format!("{} → {}", r.params_before, r.params_after),
                     r.relative_error.map_or("-".into(), |e| format!("{e:.4}")),
-                    r.nmse.map_or("-".into(), |e| format!("{e:.4}")),
+                    match (r.nmse, r.nmse_heldout) {
+                        (None, None) => "-".into(),
+                        (Some(c), None) => format!("{c:.4}"),
+                        (None, Some(h)) => format!("held {h:.4}"),
+                        (Some(c), Some(h)) => format!("{c:.4} / held {h:.4}"),
+                    },
                     r.backend
                         .map_or("-".into(), |b| format!("{b:?}").to_lowercase()),
                     format!("{:.1} ms", r.time.as_secs_f64() * 1e3),
