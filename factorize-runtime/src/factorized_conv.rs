@@ -132,6 +132,35 @@ impl<
         D: Device<E>,
     > FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
 {
+    /// The layer from host factors: `first` `[L, I·K·K]` and `second` `[O, L]`, row-major.
+    fn from_host(
+        dev: &D,
+        first: &[f64],
+        second: &[f64],
+        bias: Tensor<Rank1<O>, E, D>,
+        path: &str,
+    ) -> Result<Self, FactorizeError> {
+        Ok(FactorizedConv2D {
+            first: UnbiasedConv2D {
+                weight: to_device(
+                    dev,
+                    first,
+                    (Const::<L>, Const::<I>, Const::<K>, Const::<K>),
+                    path,
+                )?,
+            },
+            second: Conv2D {
+                weight: to_device(
+                    dev,
+                    second,
+                    (Const::<O>, Const::<L>, Const::<1>, Const::<1>),
+                    path,
+                )?,
+                bias,
+            },
+        })
+    }
+
     /// Builds the factorized convolution from `conv` (truncated SVD of `[O, I·K·K]` by
     /// default); `conv` is only read.
     pub fn from_conv(
@@ -183,25 +212,7 @@ impl<
                 path,
             )?,
         };
-        let layer = FactorizedConv2D {
-            first: UnbiasedConv2D {
-                weight: to_device(
-                    dev,
-                    &first,
-                    (Const::<L>, Const::<I>, Const::<K>, Const::<K>),
-                    path,
-                )?,
-            },
-            second: Conv2D {
-                weight: to_device(
-                    dev,
-                    &second,
-                    (Const::<O>, Const::<L>, Const::<1>, Const::<1>),
-                    path,
-                )?,
-                bias,
-            },
-        };
+        let layer = Self::from_host(dev, &first, &second, bias, path)?;
         row.set_replaced(L, error, backend, start.elapsed());
         row.note = note;
         Ok((layer, row))
@@ -241,25 +252,14 @@ impl<
         let (fitted, row) =
             fit_images::<I, L, O, K, S, P, DIL>(path, &weight, &bias, &[input], fit)?;
         let dev = conv.weight.device();
-        let layer = FactorizedConv2D {
-            first: UnbiasedConv2D {
-                weight: to_device(
-                    dev,
-                    &fitted.factors.first,
-                    (Const::<L>, Const::<I>, Const::<K>, Const::<K>),
-                    path,
-                )?,
-            },
-            second: Conv2D {
-                weight: to_device(
-                    dev,
-                    &fitted.factors.second,
-                    (Const::<O>, Const::<L>, Const::<1>, Const::<1>),
-                    path,
-                )?,
-                bias: to_device(dev, &fitted.bias, (Const::<O>,), path)?,
-            },
-        };
+        let bias = to_device(dev, &fitted.bias, (Const::<O>,), path)?;
+        let layer = Self::from_host(
+            dev,
+            &fitted.factors.first,
+            &fitted.factors.second,
+            bias,
+            path,
+        )?;
         Ok((layer, row))
     }
 }
@@ -290,23 +290,15 @@ impl<
     ) -> Result<LayerReport, FactorizeError> {
         let (fitted, row) = fit_images::<I, L, O, K, S, P, DIL>(path, weight, bias, inputs, fit)?;
         let dev = self.second.weight.device().clone();
-        let first = to_device(
+        let bias = to_device(&dev, &fitted.bias, (Const::<O>,), path)?;
+        // Replaces the layer only once the new one is complete.
+        *self = Self::from_host(
             &dev,
             &fitted.factors.first,
-            (Const::<L>, Const::<I>, Const::<K>, Const::<K>),
-            path,
-        )?;
-        let second = to_device(
-            &dev,
             &fitted.factors.second,
-            (Const::<O>, Const::<L>, Const::<1>, Const::<1>),
+            bias,
             path,
         )?;
-        let new_bias = to_device(&dev, &fitted.bias, (Const::<O>,), path)?;
-        // Assigned only once everything above succeeded.
-        self.first.weight = first;
-        self.second.weight = second;
-        self.second.bias = new_bias;
         Ok(row)
     }
 

@@ -134,13 +134,9 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Ref
         let calib = Calibration::new(path, &inputs, inputs.len() / I, I)?;
         let f = fit_linear(&w, bias, &calib, L, fit)?;
         let dev = self.second.weight.device().clone();
-        let first = to_device(&dev, &f.factors.first, (Const::<L>, Const::<I>), path)?;
-        let second = to_device(&dev, &f.factors.second, (Const::<O>, Const::<L>), path)?;
-        let new_bias = to_device(&dev, &f.bias, (Const::<O>,), path)?;
-        // Assigned only once everything above succeeded.
-        self.first.weight = first;
-        self.second.weight = second;
-        self.second.bias = new_bias;
+        let bias = to_device(&dev, &f.bias, (Const::<O>,), path)?;
+        // Replaces the layer only once the new one is complete.
+        *self = Self::from_host(&dev, &f.factors.first, &f.factors.second, bias, path)?;
         Ok(calibrated_row(path, I, O, L, &f, calib.rows(), start))
     }
 
