@@ -22,6 +22,7 @@ pub mod calibrated;
 mod cpu;
 #[cfg(feature = "cuda-engine")]
 mod cuda;
+mod filter;
 mod gaussian;
 
 pub(crate) use gaussian::Gaussian;
