@@ -149,3 +149,30 @@ fn bad_input_is_an_error_naming_the_layer() {
         assert!(e.to_string().contains("`fc`"));
     }
 }
+
+#[test]
+fn the_first_non_finite_value_is_named_in_long_weights() {
+    // The scan works chunk by chunk: values on both sides of a chunk border, and extreme but
+    // finite values (which must not be mistaken for overflow), exercise it.
+    let mut w = vec![f64::MAX; 5000];
+    w[0] = -0.0;
+    w[1] = f64::MIN_POSITIVE / 2.0;
+    assert!(WeightMatrix::new("big", &w, 50, 100).is_ok());
+    for (bad, value) in [
+        (1023, f64::NAN),
+        (1024, f64::NEG_INFINITY),
+        (4999, f64::INFINITY),
+    ] {
+        let mut v = w.clone();
+        v[bad] = value;
+        let later = (bad + 3000).min(v.len() - 1);
+        if later > bad {
+            v[later] = f64::NAN;
+        }
+        let e = WeightMatrix::new("big", &v, 50, 100).unwrap_err();
+        assert!(
+            matches!(e, FactorizeError::NonFinite { index, .. } if index == bad),
+            "{bad}: {e}"
+        );
+    }
+}

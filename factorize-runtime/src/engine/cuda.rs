@@ -1,17 +1,19 @@
 //! The GPU engine (cudarc: cuBLAS + cuSOLVER, loaded at run time), in f64.
 //!
 //! Same mathematics and contract as the CPU engine (see `cpu.rs`): `G = M·Mᵀ` by one GEMM; its
-//! leading eigenvectors by subspace iteration (GEMMs, Cholesky-QR2 orthonormalisation, the
-//! trace of the block as the convergence signal, one Rayleigh–Ritz at the end) or by the dense
-//! `syevd` when the block is not much smaller than the side or the iteration breaks down;
-//! `R = Mᵀ·Q`, the residual `M − Q·Rᵀ` and its norm on the device; the balanced split on the
-//! host. Everything runs in f64: Hopper's FP64 tensor cores make it nearly as fast as f32, and
-//! the Gram matrix squares the condition number.
+//! leading eigenvectors by Chebyshev-filtered subspace iteration (GEMMs, Cholesky-QR2
+//! orthonormalisation, a few Rayleigh–Ritz checks placed by the observed convergence rate; see
+//! `subspace_iteration`) or by the dense `syevd` when the block is not much smaller than the
+//! side or the iteration breaks down; `R = Mᵀ·Q`, the residual `M − Q·Rᵀ` and its norm on the
+//! device; the balanced split on the device, so the host receives only the factors. Everything
+//! runs in f64: Hopper's FP64 tensor cores make it nearly as fast as f32, and the Gram matrix
+//! squares the condition number.
 //!
 //! One context, stream and pair of library handles serve every layer (created on first use).
 //! cudarc panics when a library is missing, so availability is probed first with its own
 //! `is_culib_present`, and initialisation failures become errors, never panics.
 
+use std::cell::{Ref, RefCell};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::sys as blas_sys;
@@ -20,6 +22,7 @@ use cudarc::cusolver::{sys as solver_sys, DnHandle};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError};
 
 use super::cpu::{block_size, MAX_ITERATIONS, SEED, TOLERANCE};
+use super::filter::Chebyshev;
 use super::gaussian::Gaussian;
 use super::{LowRank, WeightMatrix};
 
@@ -47,10 +50,51 @@ fn failed(what: &str, e: impl std::fmt::Debug) -> GpuError {
     GpuError::Failed(format!("{what}: {e:?}"))
 }
 
+/// Products with `G` between the first Rayleigh–Ritz checks of the GPU iteration.
+const CHECK_SPACING: usize = 3;
+
+/// Whether the top-`rank` Ritz energy has settled, given its gains between checks: the last
+/// gain is below `threshold`, or (when the gains shrink at least twofold) the energy still
+/// missing, extrapolated geometrically from the last two, is.
+fn settled(gains: &[f64], threshold: f64) -> bool {
+    match gains {
+        [] => false,
+        [.., last] if *last <= threshold => true,
+        [.., before, last] => {
+            let ratio = last / before;
+            (0.0..=0.5).contains(&ratio) && last * ratio / (1.0 - ratio) <= threshold
+        }
+        [_] => false,
+    }
+}
+
+/// Products until the energy should have settled, from the geometric rate of the last two gains;
+/// `None` before two gains are known.
+fn products_to_settle(gains: &[f64], threshold: f64) -> Option<usize> {
+    let [.., before, last] = gains else {
+        return None;
+    };
+    let ratio = last / before;
+    if !(ratio > 0.0 && ratio < 1.0) {
+        return Some(CHECK_SPACING);
+    }
+    let missing = last * ratio / (1.0 - ratio);
+    let intervals = (threshold / missing).ln() / ratio.ln();
+    Some(((intervals * CHECK_SPACING as f64).ceil() as usize).clamp(1, 2 * CHECK_SPACING))
+}
+
+/// How far the Chebyshev filter may scale the leading direction past the cutoff: Cholesky-QR2
+/// orthonormalises blocks with a condition number up to about 1e8 in f64; this keeps two
+/// orders of magnitude from that edge.
+const FILTER_LIMIT: f64 = 1e6;
+
 struct Gpu {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     solver: DnHandle,
+    /// The start block of the last subspace iteration, `(s, b, signs)`: layers of one size share
+    /// it, which saves generating and uploading it per layer.
+    start: RefCell<Option<(usize, usize, CudaSlice<f64>)>>,
 }
 
 // The handles are used under the mutex only.
@@ -87,6 +131,7 @@ fn init() -> Result<Mutex<Gpu>, String> {
         stream,
         blas,
         solver,
+        start: RefCell::new(None),
     }))
 }
 
@@ -292,6 +337,19 @@ impl Gpu {
         Ok(self.stream.clone_dtoh(&values)?)
     }
 
+    /// The fixed random-sign start block `s × b` (see `SEED`), uploaded once per size.
+    fn start_block(&self, s: usize, b: usize) -> Result<Ref<'_, CudaSlice<f64>>, GpuError> {
+        let cached = matches!(&*self.start.borrow(), Some((cs, cb, _)) if (*cs, *cb) == (s, b));
+        if !cached {
+            let block = self.stream.clone_htod(&Gaussian::new(SEED).signs(s * b))?;
+            *self.start.borrow_mut() = Some((s, b, block));
+        }
+        Ref::filter_map(self.start.borrow(), |c| {
+            c.as_ref().map(|(_, _, block)| block)
+        })
+        .map_err(|_| GpuError::Failed("start block missing".into()))
+    }
+
     /// The `rank` leading eigenvectors of `g` (`s × s`), leading first, as an `s × rank` block.
     fn top_eigenvectors(
         &self,
@@ -319,12 +377,23 @@ impl Gpu {
         cols: usize,
         rank: usize,
     ) -> Result<CudaSlice<f64>, GpuError> {
-        let mut out = self.stream.alloc_zeros::<f64>(rows * rank)?;
+        // One GEMM with the exchange matrix instead of `rank` small copies (launch-bound).
+        let mut exchange = vec![0.0f64; rank * rank];
         for j in 0..rank {
-            let src = a.slice((cols - 1 - j) * rows..(cols - j) * rows);
-            let mut dst = out.slice_mut(j * rows..(j + 1) * rows);
-            self.stream.memcpy_dtod(&src, &mut dst)?;
+            exchange[j * rank + (rank - 1 - j)] = 1.0;
         }
+        let exchange = self.stream.clone_htod(&exchange)?;
+        let last = a.slice((cols - rank) * rows..cols * rows);
+        let mut out = self.stream.alloc_zeros::<f64>(rows * rank)?;
+        self.gemm(
+            (N, N),
+            (rows, rank, rank),
+            1.0,
+            (&last, rows),
+            (&exchange, rank),
+            0.0,
+            (&mut out, rows),
+        )?;
         Ok(out)
     }
 
@@ -390,6 +459,15 @@ impl Gpu {
         check_blas(status, "cuBLAS axpy")
     }
 
+    /// Chebyshev-filtered subspace iteration (see `filter`); `None` when it did not settle
+    /// within `MAX_ITERATIONS` products with `g` or the block lost its rank.
+    ///
+    /// A Rayleigh–Ritz step costs a `b × b` `syevd` (about three filtered steps on an H100), so
+    /// it is not done every step: first after three products (its Ritz values place the filter),
+    /// then every `CHECK_SPACING` products, and once two gains of the top-`rank` Ritz energy
+    /// are known, after as many products as their ratio predicts are needed. It stops when the
+    /// last gain, or the energy still missing by geometric extrapolation of the last two gains,
+    /// is below `tolerance` of the residual energy (see `settled`).
     fn subspace_iteration(
         &self,
         g: &CudaSlice<f64>,
@@ -400,38 +478,43 @@ impl Gpu {
     ) -> Result<Option<(CudaSlice<f64>, usize)>, GpuError> {
         let trace = self.gram_trace(g, s)?;
         let floor = trace * f64::EPSILON * s as f64;
-        let omega = Gaussian::new(SEED).signs(s * b);
-        let omega = self.stream.clone_htod(&omega)?;
         let mut q = self.stream.alloc_zeros::<f64>(s * b)?;
-        self.gemm(
-            (N, N),
-            (s, b, s),
-            1.0,
-            (g, s),
-            (&omega, s),
-            0.0,
-            (&mut q, s),
-        )?;
-        if !self.cholesky_qr2(&mut q, s, b)? {
-            return Ok(None);
+        {
+            let omega = self.start_block(s, b)?;
+            self.gemm(
+                (N, N),
+                (s, b, s),
+                1.0,
+                (g, s),
+                (&*omega, s),
+                0.0,
+                (&mut q, s),
+            )?;
         }
         let mut z = self.stream.alloc_zeros::<f64>(s * b)?;
+        let mut spare = self.stream.alloc_zeros::<f64>(s * b)?;
         let mut h = self.stream.alloc_zeros::<f64>(b * b)?;
+        let mut products = 1;
+        let mut filter = None;
+        let mut gains: Vec<f64> = Vec::new();
         let mut previous: Option<f64> = None;
-        for iteration in 1..=MAX_ITERATIONS {
+        let mut next_check = 3;
+        loop {
+            // Here q is the block to orthonormalise.
+            if !self.cholesky_qr2(&mut q, s, b)? {
+                return Ok(None);
+            }
             self.gemm((N, N), (s, b, s), 1.0, (g, s), (&q, s), 0.0, (&mut z, s))?;
-            // Every third step from the fifth, Rayleigh–Ritz: H = Qᵀ·G·Q; the energy of its
-            // top `rank` eigenvalues only grows towards the optimum, so a small gain means done.
-            // (A check costs as much as two or three steps: checking less often is cheaper.)
-            if iteration >= 5 && (iteration - 5) % 3 == 0 {
+            products += 1;
+            if products >= next_check {
                 self.gemm((T, N), (b, b, s), 1.0, (&q, s), (&z, s), 0.0, (&mut h, b))?;
-                // Eigenvalues only for the check; the vectors once it passes.
-                let mut values_only = self.stream.clone_dtod(&h)?;
-                let theta = self.syevd(&mut values_only, b, false)?;
+                let theta = self.syevd(&mut h, b, true)?;
                 let energy: f64 = theta[b - rank..].iter().sum();
                 let tail = (trace - energy).max(floor);
-                if previous.is_some_and(|p| energy - p <= tolerance * tail) {
-                    self.syevd(&mut h, b, true)?;
+                if let Some(p) = previous {
+                    gains.push(energy - p);
+                }
+                if settled(&gains, tolerance * tail) {
                     let y = self.leading_columns(&h, b, b, rank)?;
                     let mut ritz = self.stream.alloc_zeros::<f64>(s * rank)?;
                     self.gemm(
@@ -443,16 +526,100 @@ impl Gpu {
                         0.0,
                         (&mut ritz, s),
                     )?;
-                    return Ok(Some((ritz, iteration)));
+                    return Ok(Some((ritz, products)));
                 }
                 previous = Some(energy);
+                filter = Chebyshev::from_ritz(theta[0], theta[b - 1], FILTER_LIMIT);
+                let wait = products_to_settle(&gains, tolerance * tail)
+                    .unwrap_or(CHECK_SPACING)
+                    .max(filter.map_or(1, |f| f.degree));
+                next_check = products + wait;
             }
-            std::mem::swap(&mut q, &mut z);
-            if !self.cholesky_qr2(&mut q, s, b)? {
+            if products >= MAX_ITERATIONS {
                 return Ok(None);
             }
+            // q ← p(G)·q, given z = G·q.
+            match filter {
+                None => std::mem::swap(&mut q, &mut z),
+                Some(f) => {
+                    let degree = f
+                        .degree
+                        .min(next_check.saturating_sub(products))
+                        .min(MAX_ITERATIONS - products)
+                        .max(1);
+                    products += degree - 1;
+                    [q, z, spare] = self.chebyshev_block(g, (s, b), f, degree, [q, z, spare])?;
+                }
+            }
         }
-        Ok(None)
+    }
+
+    /// `T_d((G − m·I)/e)·q` given `[q, z = G·q, spare]`, by the recurrence of `filter`: the
+    /// result first, then the two other buffers (overwritten).
+    fn chebyshev_block(
+        &self,
+        g: &CudaSlice<f64>,
+        (s, b): (usize, usize),
+        filter: Chebyshev,
+        degree: usize,
+        [q, z, mut spare]: [CudaSlice<f64>; 3],
+    ) -> Result<[CudaSlice<f64>; 3], GpuError> {
+        let (m, e) = (filter.center, filter.half_width);
+        // Y₀ = q, Y₁ = (z − m·q)/e.
+        self.axpby((1.0 / e, &z), (-m / e, &q), &mut spare, (s, b))?;
+        let (mut previous, mut current, mut next) = (q, spare, z);
+        for _ in 1..degree {
+            // Y_{k+1} = 2/e·G·Y_k − 2m/e·Y_k − Y_{k−1}
+            self.axpby(
+                (-2.0 * m / e, &current),
+                (-1.0, &previous),
+                &mut next,
+                (s, b),
+            )?;
+            self.gemm(
+                (N, N),
+                (s, b, s),
+                2.0 / e,
+                (g, s),
+                (&current, s),
+                1.0,
+                (&mut next, s),
+            )?;
+            (previous, current, next) = (current, next, previous);
+        }
+        Ok([current, previous, next])
+    }
+
+    /// `out = α·x + β·y` for column-major `rows × cols` blocks.
+    fn axpby(
+        &self,
+        (alpha, x): (f64, &CudaSlice<f64>),
+        (beta, y): (f64, &CudaSlice<f64>),
+        out: &mut CudaSlice<f64>,
+        (rows, cols): (usize, usize),
+    ) -> Result<(), GpuError> {
+        let (px, _g1) = x.device_ptr(&self.stream);
+        let (py, _g2) = y.device_ptr(&self.stream);
+        let (po, _g3) = out.device_ptr_mut(&self.stream);
+        // geam: the one cuBLAS call that sums two blocks into a third.
+        let status = unsafe {
+            blas_sys::cublasDgeam(
+                *self.blas.handle(),
+                N,
+                N,
+                int(rows)?,
+                int(cols)?,
+                &alpha,
+                px as *const f64,
+                int(rows)?,
+                &beta,
+                py as *const f64,
+                int(rows)?,
+                po as *mut f64,
+                int(rows)?,
+            )
+        };
+        check_blas(status, "cuBLAS geam")
     }
 
     fn low_rank(&self, w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, GpuError> {
@@ -911,5 +1078,35 @@ fn check_solver(status: solver_sys::cusolverStatus_t, what: &str) -> Result<(), 
             Err(GpuError::OutOfMemory(format!("{what}: {status:?}")))
         }
         other => Err(failed(what, other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settles_on_a_small_gain_or_a_small_extrapolated_rest() {
+        assert!(!settled(&[], 1.0));
+        assert!(!settled(&[2.0], 1.0));
+        assert!(settled(&[0.5], 1.0));
+        // Gains 100 then 10: ratio 0.1, about 1.1 still missing.
+        assert!(!settled(&[100.0, 10.0], 1.0));
+        assert!(settled(&[100.0, 10.0], 1.2));
+        // A slow ratio never extrapolates.
+        assert!(!settled(&[10.0, 9.0], 8.0));
+    }
+
+    #[test]
+    fn waits_as_long_as_the_rate_predicts_within_bounds() {
+        assert_eq!(products_to_settle(&[1.0], 1e-6), None);
+        // Ratio 0.1 per interval, 1.1e-1 missing, 1e-3 wanted: about two intervals.
+        assert_eq!(
+            products_to_settle(&[10.0, 1.0], 1e-3),
+            Some(2 * CHECK_SPACING)
+        );
+        assert_eq!(products_to_settle(&[10.0, 1.0], 0.1), Some(1));
+        // Growing gains: no rate to trust, the default spacing.
+        assert_eq!(products_to_settle(&[1.0, 2.0], 1e-3), Some(CHECK_SPACING));
     }
 }

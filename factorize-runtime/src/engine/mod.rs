@@ -111,7 +111,21 @@ impl<'a> WeightMatrix<'a> {
 
 /// Errors with the first non-finite value of `data`, naming the layer and the tensor.
 pub fn check_finite(layer: &str, tensor: &'static str, data: &[f64]) -> Result<(), FactorizeError> {
-    match data.iter().position(|x| !x.is_finite()) {
+    // `x·0` is 0 for a finite `x` and NaN otherwise; summing a chunk without an early exit
+    // lets the compiler vectorise the scan (a `position` over every value does not), and only a
+    // chunk that sums to NaN is searched.
+    const CHUNK: usize = 1024;
+    let clean = |chunk: &[f64]| chunk.iter().fold(0.0, |acc, x| acc + x * 0.0) == 0.0;
+    let first_bad = data
+        .chunks(CHUNK)
+        .position(|chunk| !clean(chunk))
+        .and_then(|c| {
+            data[c * CHUNK..]
+                .iter()
+                .position(|x| !x.is_finite())
+                .map(|i| c * CHUNK + i)
+        });
+    match first_bad {
         None => Ok(()),
         Some(index) => Err(FactorizeError::NonFinite {
             layer: layer.to_string(),
