@@ -1,7 +1,7 @@
 //! Model-level data-aware factorization: every replaced layer fitted, in forward order, to the
 //! inputs it sees in the already-factorized model.
 //!
-//! Inputs are captured by a recording pass: while a [`Recording`] is active on the thread,
+//! Inputs are captured by a recording pass: while a `Recording` is active on the thread,
 //! every [`crate::FactorizedLinear`] forward appends its input rows, keyed by the layer's
 //! address, so it works through the user's own forward, nested structs and tuples alike. For
 //! `n` replaced layers the calibration forward runs `n + 1` times: once to learn the order in
