@@ -24,6 +24,7 @@ use num_traits::Float;
 use rand_distr::uniform::SampleUniform;
 
 use crate::calibrate::{RecordInput, RecordedInput, Refit};
+use crate::conv::unfold::Geometry;
 use crate::conv::{Conv2D, UnbiasedConv2D};
 use crate::cost::LayerKind;
 use crate::engine::calibrated::{fit_linear, nmse, CalibratedFit, Calibration, Fit};
@@ -394,36 +395,28 @@ fn fit_images<
 
 /// The `K × K` patches of `images` (`n × I × h × w`, row-major) as rows of length `I·K·K`
 /// ordered like the unfolded weight `[O, I, K, K]` (channel, then kernel row, then column),
-/// zero where a patch reaches into the padding.
+/// zero where a patch reaches into the padding: each image's unfolded matrix, transposed.
 fn patches<const I: usize, const K: usize, const S: usize, const P: usize, const DIL: usize>(
     images: &[f64],
     n: usize,
     h: usize,
     w: usize,
 ) -> Vec<f64> {
-    let (oh, ow) = (
-        crate::conv::output_size(h, K, S, P, DIL),
-        crate::conv::output_size(w, K, S, P, DIL),
-    );
-    let mut rows = Vec::with_capacity(n * oh * ow * I * K * K);
-    for b in 0..n {
-        for i in 0..oh {
-            for j in 0..ow {
-                for c in 0..I {
-                    for a in 0..K {
-                        for q in 0..K {
-                            let r = (S * i + DIL * a) as isize - P as isize;
-                            let col = (S * j + DIL * q) as isize - P as isize;
-                            let inside =
-                                r >= 0 && col >= 0 && (r as usize) < h && (col as usize) < w;
-                            rows.push(if inside {
-                                images[((b * I + c) * h + r as usize) * w + col as usize]
-                            } else {
-                                0.0
-                            });
-                        }
-                    }
-                }
+    let g = Geometry::new(I, (h, w), K, S, P, DIL);
+    let (fan_in, positions) = (g.fan_in(), g.positions());
+    let mut unfolded = vec![0.0; fan_in * positions];
+    let mut rows = vec![0.0; n * positions * fan_in];
+    if rows.is_empty() {
+        return rows;
+    }
+    for (image, rows) in images
+        .chunks_exact(g.image_len())
+        .zip(rows.chunks_exact_mut(positions * fan_in))
+    {
+        g.unfold(image, 0..g.out_height, &mut unfolded);
+        for (r, column) in unfolded.chunks_exact(positions).enumerate() {
+            for (position, &v) in column.iter().enumerate() {
+                rows[position * fan_in + r] = v;
             }
         }
     }

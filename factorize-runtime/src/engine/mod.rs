@@ -28,6 +28,7 @@ mod gaussian;
 pub(crate) use gaussian::Gaussian;
 
 pub use cpu::low_rank;
+pub(crate) use cpu::Real;
 
 use std::time::{Duration, Instant};
 

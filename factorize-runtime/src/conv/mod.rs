@@ -7,8 +7,11 @@
 //! dims are run-time `usize` dims (the batch and channel dims stay as given / `Const<O>`).
 //! An input smaller than the dilated kernel gives an empty output, where PyTorch raises.
 //!
-//! Autograd comes from dfdx's own ops (im2col as a batched `gather` from the channels-last
-//! input with one extra zero row standing for the padding, then one `matmul`), so `backward`
+//! On dfdx's `Cpu` device in f32 and f64 a convolution is one autograd op: each image is
+//! unfolded (im2col) one band of output rows at a time and multiplied by the weight with
+//! faer's GEMM, images in parallel, and the backward pass folds (col2im) the gradient the same
+//! way (`conv/unfold.rs`, `conv/host.rs`, `conv/cpu.rs`). Other devices and dtypes compose
+//! dfdx's own ops (a batched `gather`, then `matmul`; `conv/gather.rs`). Either way `backward`
 //! reaches the input, the weight and the bias. Grouped convolutions are not offered.
 //!
 //! # Generics
@@ -28,6 +31,11 @@ use dfdx::prelude::*;
 use num_traits::Float;
 use rand_distr::uniform::SampleUniform;
 use rand_distr::Uniform;
+
+mod cpu;
+mod gather;
+mod host;
+pub(crate) mod unfold;
 
 /// A `K × K` convolution `I → O` with stride `S`, zero padding `P` and dilation `DIL`.
 #[derive(Debug, Clone)]
@@ -128,48 +136,11 @@ pub const fn output_size(
     }
 }
 
-/// For every output position and kernel offset, the row (`h·W + w`) of the channels-last input
-/// it reads, or `H·W` (the zero row) where it falls in the padding. Repeated for each batch item.
-fn patch_rows(
-    batch: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    s: usize,
-    p: usize,
-    dil: usize,
-) -> (Vec<usize>, usize, usize) {
-    let (oh, ow) = (output_size(h, k, s, p, dil), output_size(w, k, s, p, dil));
-    let mut one = Vec::with_capacity(oh * ow * k * k);
-    for i in 0..oh {
-        for j in 0..ow {
-            for a in 0..k {
-                for b in 0..k {
-                    let (r, c) = (
-                        (s * i + dil * a) as isize - p as isize,
-                        (s * j + dil * b) as isize - p as isize,
-                    );
-                    let inside = r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w;
-                    one.push(if inside {
-                        r as usize * w + c as usize
-                    } else {
-                        h * w
-                    });
-                }
-            }
-        }
-    }
-    let mut all = Vec::with_capacity(batch * one.len());
-    for _ in 0..batch {
-        all.extend_from_slice(&one);
-    }
-    (all, oh, ow)
-}
-
 /// A batched convolution's output: `B × O × OH × OW`, the spatial dims known at run time.
 pub type Output4<B, const O: usize, E, D, T> = Tensor<(B, Const<O>, usize, usize), E, D, T>;
 
-/// The convolution of `x` (`B × I × H × W`) with `weight` (`[O, I, K, K]`) and an optional bias.
+/// The convolution of `x` (`B × I × H × W`) with `weight` (`[O, I, K, K]`) and an optional bias:
+/// the host kernel on `Cpu` in f32/f64, dfdx's composed ops elsewhere.
 pub(crate) fn conv2d<
     const I: usize,
     const O: usize,
@@ -188,42 +159,34 @@ pub(crate) fn conv2d<
     weight: &Tensor<Rank4<O, I, K, K>, E, D>,
     bias: Option<&Tensor<Rank1<O>, E, D>>,
 ) -> Result<Output4<B, O, E, D, T>, D::Err> {
-    let (b, _, h, w) = *x.shape();
-    let (hh, ww) = (h.size(), w.size());
-    let dev = x.device().clone();
-    let (rows, oh, ow) = patch_rows(b.size(), hh, ww, K, S, P, DIL);
-    if oh == 0 || ow == 0 {
-        // The dilated kernel does not fit: an empty output (PyTorch raises instead).
-        let (_, tape) = x.split_tape();
-        let empty: Tensor<(B, Const<O>, usize, usize), E, D> =
-            dev.try_zeros_like(&(b, Const::<O>, oh, ow))?;
-        return Ok(empty.put_tape(tape));
-    }
-    // Channels last, one row per pixel, then the zero row that stands for the padding.
-    let x = x.try_permute::<_, Axes4<0, 2, 3, 1>>()?;
-    let x = x.try_reshape_like(&(b, hh * ww, Const::<I>))?;
-    let zeros: Tensor<(B, usize, Const<I>), E, D> = dev.try_zeros_like(&(b, 1usize, Const::<I>))?;
-    let x = (x, zeros).try_concat_along(Axis::<1>)?;
-    let idx = dev.try_tensor_from_vec(rows, (b, oh * ow * K * K))?;
-    let patches: Tensor<(B, usize, Const<I>), E, D, T> = x.try_gather(idx)?;
-    let patches = patches.try_reshape_like(&(b, oh * ow, K * K * I))?;
-    // weight [O, I, K, K] as a (K·K·I) × O matrix, rows ordered like the patches: (kh, kw, c).
-    let wmat = weight
-        .retaped::<T>()
-        .try_permute::<_, Axes4<2, 3, 1, 0>>()?
-        .try_reshape_like(&(K * K * I, Const::<O>))?;
-    let y = patches.try_matmul(wmat)?;
-    let y = match bias {
-        Some(bias) => {
-            let shape = *y.shape();
-            y.try_add(bias.retaped::<T>().try_broadcast_like(&shape)?)?
+    // Contiguous (a no-op for the usual contiguous tensors), so that the host kernel may read
+    // the buffers as they are; a copy's backward op on the tape routes gradients back.
+    let (x, tape) = x.try_contiguous()?.split_tape();
+    let (weight, weight_tape) = weight.retaped::<T>().try_contiguous()?.split_tape();
+    let (bias, bias_tape) = match bias {
+        Some(b) => {
+            let (b, t) = b.retaped::<T>().try_contiguous()?.split_tape();
+            (Some(b), t)
         }
-        None => y,
+        None => (None, T::default()),
     };
-    y.try_permute::<_, Axes3<0, 2, 1>>()?
-        .try_reshape_like(&(b, Const::<O>, oh, ow))
+    let mut tape = tape.merge(weight_tape).merge(bias_tape);
+    match cpu::on_cpu::<I, O, K, S, P, DIL, B, H, W, E, D>(&x, &weight, bias.as_ref(), T::OWNS_TAPE)
+    {
+        Some(routed) => {
+            let routed = routed?;
+            if let Some(op) = routed.backward {
+                tape.add_backward_op(op);
+            }
+            Ok(routed.output.put_tape(tape))
+        }
+        None => gather::conv2d::<I, O, K, S, P, DIL, B, H, W, E, D, T>(
+            x.put_tape(tape),
+            &weight,
+            bias.as_ref(),
+        ),
+    }
 }
-
 impl<
         const I: usize,
         const O: usize,
@@ -350,5 +313,82 @@ impl<
 
     fn try_forward(&self, x: Tensor<(B, Const<I>, H, W), E, D, T>) -> Result<Self::Output, D::Err> {
         conv2d::<I, O, K, S, P, DIL, B, H, W, E, D, T>(x, &self.weight, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Output and input/weight/bias gradients of `⟨conv(x), r⟩` through the routed op and
+    /// through the composed ops, for one geometry.
+    fn both_routes<const K: usize, const S: usize, const P: usize, const DIL: usize, E>(
+        batch: usize,
+        tolerance: f64,
+    ) where
+        E: Dtype + Float + SampleUniform + num_traits::AsPrimitive<f64>,
+        Cpu: Device<E>,
+        rand_distr::StandardNormal: rand_distr::Distribution<E>,
+    {
+        let dev = Cpu::seed_from_u64((batch * 1000 + K * 100 + S * 10 + P) as u64);
+        let conv = Conv2D::<3, 5, K, S, P, DIL, E, Cpu>::build(&dev);
+        let x: Tensor<(usize, Const<3>, usize, usize), E, Cpu> =
+            dev.sample_normal_like(&(batch, Const, 9, 7));
+        let (oh, ow) = (output_size(9, K, S, P, DIL), output_size(7, K, S, P, DIL));
+        let r: Tensor<(usize, Const<5>, usize, usize), E, Cpu> =
+            dev.sample_normal_like(&(batch, Const, oh, ow));
+        let run = |routed: bool| {
+            let y = if routed {
+                conv2d::<3, 5, K, S, P, DIL, _, _, _, E, Cpu, _>(
+                    x.leaky_trace(),
+                    &conv.weight,
+                    Some(&conv.bias),
+                )
+            } else {
+                gather::conv2d::<3, 5, K, S, P, DIL, _, _, _, E, Cpu, _>(
+                    x.leaky_trace(),
+                    &conv.weight,
+                    Some(&conv.bias),
+                )
+            }
+            .unwrap();
+            let values = y.as_vec();
+            let grads = (y * r.clone()).sum::<Rank0, _>().backward();
+            let dx = grads.get(&x).as_vec();
+            (
+                values,
+                dx,
+                grads.get(&conv.weight).as_vec(),
+                grads.get(&conv.bias).as_vec(),
+            )
+        };
+        let close = |a: &[E], b: &[E], what: &str| {
+            assert_eq!(a.len(), b.len(), "{what}");
+            for (u, v) in a.iter().zip(b) {
+                let (u, v): (f64, f64) = (u.as_(), v.as_());
+                assert!(
+                    (u - v).abs() <= tolerance * (1.0 + v.abs()),
+                    "{what}: {u} vs {v}"
+                );
+            }
+        };
+        let (y1, dx1, dw1, db1) = run(true);
+        let (y2, dx2, dw2, db2) = run(false);
+        close(&y1, &y2, "output");
+        close(&dx1, &dx2, "input gradient");
+        close(&dw1, &dw2, "weight gradient");
+        close(&db1, &db2, "bias gradient");
+    }
+
+    #[test]
+    fn the_host_kernel_agrees_with_the_composed_ops() {
+        for batch in [1, 2, 3] {
+            both_routes::<3, 1, 1, 1, f64>(batch, 1e-12);
+            both_routes::<3, 2, 1, 2, f64>(batch, 1e-12);
+            both_routes::<1, 1, 0, 1, f64>(batch, 1e-12);
+            both_routes::<1, 2, 0, 1, f64>(batch, 1e-12);
+            both_routes::<5, 1, 3, 1, f32>(batch, 1e-4);
+            both_routes::<7, 3, 0, 1, f32>(batch, 1e-4);
+        }
     }
 }
