@@ -391,4 +391,28 @@ mod tests {
             both_routes::<7, 3, 0, 1, f32>(batch, 1e-4);
         }
     }
+
+    #[test]
+    fn strided_inputs_are_read_in_logical_order_and_get_their_gradients() {
+        let dev = Cpu::seed_from_u64(5);
+        let conv = Conv2D::<3, 4, 3, 1, 1, 1, f64, Cpu>::build(&dev);
+        // Stored as B × H × C × W; the conv sees the permuted view B × C × H × W.
+        let stored: Tensor<Rank4<2, 6, 3, 5>, f64, Cpu> = dev.sample_normal();
+        let copy: Tensor<Rank4<2, 3, 6, 5>, f64, Cpu> = dev.tensor_from_vec(
+            stored.clone().permute::<_, Axes4<0, 2, 1, 3>>().as_vec(),
+            Default::default(),
+        );
+        let y = conv.forward(stored.leaky_trace().permute::<_, Axes4<0, 2, 1, 3>>());
+        assert_eq!(y.as_vec(), conv.forward(copy.clone()).as_vec());
+        let grads = y.sum::<Rank0, _>().backward();
+        let through_copy = conv
+            .forward(copy.leaky_trace())
+            .sum::<Rank0, _>()
+            .backward();
+        let want = through_copy
+            .get(&copy)
+            .permute::<_, Axes4<0, 2, 1, 3>>()
+            .as_vec();
+        assert_eq!(grads.get(&stored).as_vec(), want);
+    }
 }
