@@ -29,7 +29,7 @@
 use faer::linalg::solvers::Solve;
 use faer::{Mat, MatRef, Side};
 
-use super::cpu::{split_factors, top_eigenvectors};
+use super::cpu::{gram, split_factors, symmetric_product, top_eigenvectors};
 use super::{check_finite, low_rank, LowRank, WeightMatrix};
 use crate::{Backend, FactorizeError, Precision};
 
@@ -151,7 +151,7 @@ fn moments(x: &Calibration<'_>) -> (Mat<f64>, Vec<f64>) {
     let mean = column_means(x);
     let xm = x.matrix();
     let centred = Mat::<f64>::from_fn(x.rows, x.cols, |i, j| xm[(i, j)] - mean[j]);
-    (centred.transpose() * &centred, mean)
+    (gram(centred.transpose()), mean)
 }
 
 /// Fits a rank-`rank` pair to `w` (with bias `bias`) on the calibration rows `x`.
@@ -188,10 +188,9 @@ pub fn fit_linear(
     let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
     let (c, mean) = moments(x);
     let rank_deficient = x.rows <= in_dim;
-    let trace: f64 = (0..in_dim).map(|i| c[(i, i)]).sum();
-    let scale = trace / in_dim as f64;
+    let scale = trace(&c) / in_dim as f64;
 
-    let (factors, ridge) = match fit {
+    let (factors, energies, ridge) = match fit {
         Fit::Exact { ridge } => {
             // No inverse of C is formed, so even a singular C (N <= in) needs no ridge to be
             // solvable; the ridge is about generalising off the calibration rows.
@@ -200,23 +199,27 @@ pub fn fit_linear(
             for i in 0..in_dim {
                 cr[(i, i)] += rho;
             }
-            let (q, iterations) = output_subspace(wm, &cr, rank, w.name())?;
-            let r = wm.transpose() * &q;
-            let f = split_factors(q.as_ref(), r.as_ref(), true)
-                .into_low_rank(out_dim, in_dim, 0.0, iterations);
-            (f, rho)
+            let (factors, energies) = exact(w, &c, &cr, rho, rank)?;
+            (factors, energies, rho)
         }
-        Fit::Als { iterations } => (als(w, &c, rank, iterations, scale)?, 0.0),
+        Fit::Als { iterations } => {
+            let mut factors = als(w, &c, rank, iterations, scale)?;
+            factors.relative_error =
+                super::relative_error(w, &factors.second, &factors.first, rank);
+            let energies = Energies {
+                output: quad(wm, &c),
+                error: quad(difference(wm, &factors).as_ref(), &c),
+            };
+            (factors, energies, 0.0)
+        }
     };
-    let mut factors = factors;
-    factors.relative_error = super::relative_error(w, &factors.second, &factors.first, rank);
     // b′ = b + (W − BA)·μ.
     let a = MatRef::from_row_major_slice(&factors.first, rank, in_dim);
     let b = MatRef::from_row_major_slice(&factors.second, out_dim, rank);
     let mu = MatRef::from_column_major_slice(&mean, in_dim, 1);
     let shift = wm * mu - b * (a * mu);
     let new_bias: Vec<f64> = (0..out_dim).map(|o| bias[o] + shift[(o, 0)]).collect();
-    let nmse = nmse_from_moments(wm, &factors, &c, &mean, bias, x.rows);
+    let nmse = energies.nmse(wm, &mean, bias, x.rows);
     Ok(CalibratedFit {
         factors,
         bias: new_bias,
@@ -226,75 +229,150 @@ pub fn fit_linear(
     })
 }
 
+/// Below this fraction of the energy it is taken from, a difference of energies has lost too
+/// many digits to cancellation: the error is then computed from the residual itself.
+const CANCELLATION: f64 = 1e-6;
+
+/// Output energies on the calibration rows, mean removed: `tr(W·C·Wᵀ)` of the layer and
+/// `tr(Δ·C·Δᵀ)` of the pair's error `Δ = W − BA` (the bias refit removes the mean error).
+pub(crate) struct Energies {
+    pub output: f64,
+    pub error: f64,
+}
+
+impl Energies {
+    /// The nmse over all `rows × out` output elements: the error energy over the variance of
+    /// `X·Wᵀ + b`, whose energy is `tr(W·C·Wᵀ) + N·Σ_o (w_o·μ + b_o − m)²`, `m` the mean of the
+    /// per-output means.
+    pub(crate) fn nmse(&self, wm: MatRef<'_, f64>, mean: &[f64], bias: &[f64], rows: usize) -> f64 {
+        let out_dim = wm.nrows();
+        let mu = MatRef::from_column_major_slice(mean, wm.ncols(), 1);
+        let centre = wm * mu;
+        let per_output: Vec<f64> = (0..out_dim).map(|o| centre[(o, 0)] + bias[o]).collect();
+        let m = per_output.iter().sum::<f64>() / out_dim as f64;
+        let n = rows as f64;
+        let spread = per_output.iter().map(|v| (v - m).powi(2)).sum::<f64>();
+        let cells = n * out_dim as f64;
+        let var = (self.output + n * spread) / cells;
+        let err = self.error / cells;
+        if var > 0.0 {
+            err / var
+        } else {
+            err
+        }
+    }
+}
+
+/// The exact fit `B·A = Q·Qᵀ·W` (`Q` the leading left singular subspace of `W·C_r^{1/2}`), its
+/// weight error, and its energies under the ridge-free `c`.
+///
+/// With `R = Wᵀ·Q`: `‖W − BA‖² = ‖W‖² − ‖R‖²` and `tr(Δ·C·Δᵀ) = tr(W·C·Wᵀ) − tr(Rᵀ·C·R)` (`I −
+/// QQᵀ` is a projector), and `tr(W·C·Wᵀ) = tr(W·C_r·Wᵀ) − ρ‖W‖²` comes with the Gram matrix the
+/// subspace was found in; none of them needs another `out × in × in` product unless the error
+/// is too small a fraction of its energy for the difference (see [`CANCELLATION`]).
+fn exact(
+    w: &WeightMatrix<'_>,
+    c: &Mat<f64>,
+    cr: &Mat<f64>,
+    rho: f64,
+    rank: usize,
+) -> Result<(LowRank, Energies), FactorizeError> {
+    let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
+    let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
+    let (q, iterations, energy_r) = output_subspace(wm, cr, rank, w.name())?;
+    let r = wm.transpose() * &q;
+    let mut factors =
+        split_factors(q.as_ref(), r.as_ref(), true).into_low_rank(out_dim, in_dim, 0.0, iterations);
+    let (w2, r2) = (squared_norm(wm), squared_norm(r.as_ref()));
+    factors.relative_error = if w2 - r2 > CANCELLATION * w2 {
+        ((w2 - r2) / w2).sqrt()
+    } else {
+        super::relative_error(w, &factors.second, &factors.first, rank)
+    };
+    let output = (energy_r - rho * w2).max(0.0);
+    let captured = quad(r.transpose(), c);
+    let error = if output - captured > CANCELLATION * output {
+        output - captured
+    } else {
+        quad(difference(wm, &factors).as_ref(), c)
+    };
+    Ok((factors, Energies { output, error }))
+}
+
 /// An orthonormal basis (`out × rank`) of the leading left singular subspace of `W·C^{1/2}`,
-/// and the subspace iterations used. With `out <= in` it comes from `W·C·Wᵀ` (`out × out`);
-/// otherwise from the smaller `C^{1/2}·Wᵀ·W·C^{1/2}` (`in × in`), mapped back by `W·C^{1/2}` and
-/// a QR. The iteration settles the residual energy to 1e-9, well inside the 1e-6 the
-/// calibration nmse is tested to.
+/// the subspace iterations used, and `tr(W·C·Wᵀ)`. With `out <= in` it comes from `W·C·Wᵀ`
+/// (`out × out`); otherwise from the smaller `Fᵀ·Wᵀ·W·F` (`in × in`) for any `F` with `F·Fᵀ =
+/// C` — the Cholesky factor, or the square root when `C` is singular: `W·F` has the same left
+/// singular subspace as `W·C^{1/2}` — mapped back by `W·F` and a QR. The iteration settles
+/// the residual energy to 1e-9, well inside the 1e-6 the calibration nmse is tested to.
 fn output_subspace(
     wm: MatRef<'_, f64>,
     c: &Mat<f64>,
     rank: usize,
     layer: &str,
-) -> Result<(Mat<f64>, usize), FactorizeError> {
+) -> Result<(Mat<f64>, usize, f64), FactorizeError> {
     let (out_dim, in_dim) = (wm.nrows(), wm.ncols());
+    let no_convergence = || FactorizeError::NoConvergence {
+        layer: layer.to_string(),
+        routine: "symmetric eigensolver",
+    };
     if out_dim <= in_dim {
-        let g = (wm * c) * wm.transpose();
-        return top_eigenvectors(&g, rank, layer, 1e-9);
+        let g = symmetric_product((wm * c).as_ref(), wm.transpose());
+        let energy = trace(&g);
+        let (q, iterations) = top_eigenvectors(&g, rank, layer, 1e-9)?;
+        return Ok((q, iterations, energy));
     }
-    let evd = c
-        .self_adjoint_eigen(Side::Lower)
-        .map_err(|_| FactorizeError::NoConvergence {
-            layer: layer.to_string(),
-            routine: "symmetric eigensolver",
-        })?;
-    let (v, lambda) = (evd.U(), evd.S().column_vector());
-    let scaled = Mat::<f64>::from_fn(in_dim, in_dim, |i, j| v[(i, j)] * lambda[j].max(0.0).sqrt());
-    let root = &scaled * v.transpose();
-    let ws = wm * &root;
-    let h = ws.transpose() * &ws;
+    let factor = match c.llt(Side::Lower) {
+        Ok(llt) => llt.L().to_owned(),
+        Err(_) => {
+            let evd = c
+                .self_adjoint_eigen(Side::Lower)
+                .map_err(|_| no_convergence())?;
+            let (v, lambda) = (evd.U(), evd.S().column_vector());
+            let scaled =
+                Mat::<f64>::from_fn(in_dim, in_dim, |i, j| v[(i, j)] * lambda[j].max(0.0).sqrt());
+            &scaled * v.transpose()
+        }
+    };
+    let ws = wm * &factor;
+    let h = gram(ws.transpose());
+    let energy = trace(&h);
     let (y, iterations) = top_eigenvectors(&h, rank, layer, 1e-9)?;
-    Ok(((&ws * &y).qr().compute_thin_Q(), iterations))
+    Ok(((&ws * &y).qr().compute_thin_Q(), iterations, energy))
 }
 
-/// The calibration nmse from the input moments: the error is `tr(Δ·C·Δᵀ)` once the bias is
-/// refitted (`Δ = W − BA`), and the variance of all elements of `X·Wᵀ + b` is
-/// `tr(W·C·Wᵀ) + N·Σ_o (w_o·μ + b_o − m)²` over `N·out`, `m` their mean.
-fn nmse_from_moments(
-    wm: MatRef<'_, f64>,
-    factors: &LowRank,
-    c: &Mat<f64>,
-    mean: &[f64],
-    bias: &[f64],
-    rows: usize,
-) -> f64 {
+fn trace(g: &Mat<f64>) -> f64 {
+    (0..g.nrows()).map(|i| g[(i, i)]).sum()
+}
+
+fn squared_norm(m: MatRef<'_, f64>) -> f64 {
+    let mut sum = 0.0;
+    for j in 0..m.ncols() {
+        for i in 0..m.nrows() {
+            sum += m[(i, j)].powi(2);
+        }
+    }
+    sum
+}
+
+/// `W − BA`.
+fn difference(wm: MatRef<'_, f64>, factors: &LowRank) -> Mat<f64> {
     let (out_dim, in_dim, rank) = (wm.nrows(), wm.ncols(), factors.rank);
     let a = MatRef::from_row_major_slice(&factors.first, rank, in_dim);
     let b = MatRef::from_row_major_slice(&factors.second, out_dim, rank);
-    let delta = wm - b * a;
-    let quad = |m: MatRef<'_, f64>| {
-        let mc = m * c;
-        let mut sum = 0.0;
-        for j in 0..in_dim {
-            for i in 0..out_dim {
-                sum += mc[(i, j)] * m[(i, j)];
-            }
+    wm - b * a
+}
+
+/// `tr(M·C·Mᵀ)`.
+fn quad(m: MatRef<'_, f64>, c: &Mat<f64>) -> f64 {
+    let mc = m * c;
+    let mut sum = 0.0;
+    for j in 0..m.ncols() {
+        for i in 0..m.nrows() {
+            sum += mc[(i, j)] * m[(i, j)];
         }
-        sum
-    };
-    let mu = MatRef::from_column_major_slice(mean, in_dim, 1);
-    let centre = wm * mu;
-    let per_output: Vec<f64> = (0..out_dim).map(|o| centre[(o, 0)] + bias[o]).collect();
-    let m = per_output.iter().sum::<f64>() / out_dim as f64;
-    let n = rows as f64;
-    let spread = per_output.iter().map(|v| (v - m).powi(2)).sum::<f64>();
-    let var = (quad(wm) + n * spread) / (n * out_dim as f64);
-    let err = quad(delta.as_ref()) / (n * out_dim as f64);
-    if var > 0.0 {
-        err / var
-    } else {
-        err
     }
+    sum
 }
 
 /// [`fit_linear`] on the backend asked for: the exact fit runs on the GPU under
@@ -367,21 +445,17 @@ fn gpu_fit(
     let a = MatRef::from_row_major_slice(&f.first, rank, in_dim);
     let b = MatRef::from_row_major_slice(&f.second, out_dim, rank);
     let mu = MatRef::from_column_major_slice(&mean, in_dim, 1);
-    let centre = wm * mu;
-    let shift = &centre - b * (a * mu);
+    let shift = wm * mu - b * (a * mu);
     let new_bias: Vec<f64> = (0..out_dim).map(|o| bias[o] + shift[(o, 0)]).collect();
-    // The variance of all outputs: spread around each output's mean plus spread of those means.
-    let per_output: Vec<f64> = (0..out_dim).map(|o| centre[(o, 0)] + bias[o]).collect();
-    let m = per_output.iter().sum::<f64>() / out_dim as f64;
-    let n = x.rows as f64;
-    let cells = n * out_dim as f64;
-    let var =
-        (done.output_energy + n * per_output.iter().map(|v| (v - m).powi(2)).sum::<f64>()) / cells;
-    let err = done.error_energy / cells;
+    let energies = Energies {
+        output: done.output_energy,
+        error: done.error_energy,
+    };
+    let nmse = energies.nmse(wm, &mean, bias, x.rows);
     Ok(Some(CalibratedFit {
         factors: f,
         bias: new_bias,
-        nmse: if var > 0.0 { err / var } else { err },
+        nmse,
         ridge: done.ridge,
         rank_deficient: x.rows <= in_dim,
     }))
