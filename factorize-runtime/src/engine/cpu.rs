@@ -345,7 +345,12 @@ fn dense_leading_eigenvectors<T: Real>(
     let mut householder = Mat::<T>::zeros(block, s - 1);
     let mut memory = MemBuffer::new(StackReq::any_of(&[
         tridiag::tridiag_in_place_scratch::<T>(s, par, Default::default()),
-        evd::self_adjoint_evd_scratch::<T>(s, ComputeEigenvectors::Yes, par, Default::default()),
+        evd::self_adjoint_evd_scratch::<T>(
+            s,
+            ComputeEigenvectors::Yes,
+            faer::get_global_parallelism(),
+            Default::default(),
+        ),
         householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<T>(
             s - 1,
             block,
@@ -375,7 +380,9 @@ fn dense_leading_eigenvectors<T: Real>(
         subdiagonal.as_diagonal(),
         values.as_diagonal_mut(),
         Some(vectors.as_mut()),
-        par,
+        // Divide and conquer gains from threads even where the tridiagonalisation does not
+        // (384×384 f64: 6.7 ms on two threads, 8.6 ms on one).
+        faer::get_global_parallelism(),
         stack,
         Default::default(),
     )
