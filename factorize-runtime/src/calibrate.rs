@@ -16,7 +16,7 @@ use dfdx::prelude::{Device, Dtype, HasShape, Shape, Storage, Tensor};
 use crate::engine::calibrated::Fit;
 use crate::linear::host_f64;
 use crate::report::{FactorizeReport, LayerReport};
-use crate::FactorizeError;
+use crate::{Backend, FactorizeError};
 
 /// One recorded forward call of a layer: its input's shape and values (row-major).
 #[derive(Debug, Clone, PartialEq)]
@@ -94,7 +94,8 @@ pub trait Refit {
     /// Identifies the layer in recordings.
     fn address(&self) -> usize;
     /// Refits the layer to the dense `weight` (`[out, in]`, a convolution's unfolded to
-    /// `[O, I·K·K]`) and `bias`, on the inputs it received in the recorded forward calls.
+    /// `[O, I·K·K]`) and `bias`, on the inputs it received in the recorded forward calls, on
+    /// `backend` (see [`crate::engine::calibrated::fit_linear_on`]).
     fn refit(
         &mut self,
         path: &str,
@@ -102,6 +103,7 @@ pub trait Refit {
         bias: &[f64],
         inputs: &[RecordedInput],
         fit: Fit,
+        backend: Backend,
     ) -> Result<LayerReport, FactorizeError>;
 
     /// The output nmse of the layer as it is against the dense `weight` and `bias`, on the
@@ -203,6 +205,7 @@ pub(crate) fn calibrate<M, F>(
     mut model: M::Factorized,
     mut report: FactorizeReport,
     fit: Fit,
+    backend: Backend,
     mut run: F,
 ) -> Result<(M::Factorized, FactorizeReport), FactorizeError>
 where
@@ -241,7 +244,7 @@ where
             let Some((w, b)) = weights.get(path) else {
                 return Err(missing_dense(path));
             };
-            let row = layer.refit(path, w, b, &inputs, fit)?;
+            let row = layer.refit(path, w, b, &inputs, fit, backend)?;
             match report.layers.iter_mut().find(|r| r.path == path) {
                 Some(slot) => *slot = row,
                 None => report.push(row),

@@ -58,7 +58,9 @@ pub trait Factorizable {
     /// (see [`crate::engine::calibrated`]), in forward order, each on the inputs it sees in the
     /// already-factorized model. `run` runs the calibration forward on the variant, e.g.
     /// `|m| { m.forward(batch.clone()); }`; it is called once per replaced layer, plus once.
-    /// Report rows carry each layer's calibration nmse.
+    /// The fits run on `cfg.backend` (see [`crate::engine::calibrated::fit_linear_on`]: `Cuda`
+    /// without a usable GPU is an error naming the first layer). Report rows carry each
+    /// layer's calibration nmse and the backend that fitted it.
     fn factorize_calibrated<F>(
         &self,
         cfg: &FactorizeConfig,
@@ -71,7 +73,7 @@ pub trait Factorizable {
         F: FnMut(&Self::Factorized),
     {
         let (model, report) = self.factorize_with_report(cfg)?;
-        calibrate(self, model, report, fit, run)
+        calibrate(self, model, report, fit, cfg.backend, run)
     }
 
     /// Fills `nmse_heldout` in `report`'s rows: each factorized layer of `factorized` against its

@@ -27,11 +27,11 @@ use crate::calibrate::{RecordInput, RecordedInput, Refit};
 use crate::conv::unfold::Geometry;
 use crate::conv::{Conv2D, UnbiasedConv2D};
 use crate::cost::LayerKind;
-use crate::engine::calibrated::{fit_linear, nmse, CalibratedFit, Calibration, Fit};
+use crate::engine::calibrated::{fit_linear_on, nmse, CalibratedFit, Calibration, Fit};
 use crate::engine::{self, check_finite, WeightMatrix};
 use crate::linear::{host_f64, to_device};
 use crate::report::{LayerReport, Status};
-use crate::{FactorizeConfig, FactorizeError, Method};
+use crate::{Backend, FactorizeConfig, FactorizeError, Method};
 
 /// A factorized convolution: `K × K`, `I → L`, no bias; then `1 × 1`, `L → O`, with bias.
 #[derive(Debug, Clone)]
@@ -236,7 +236,8 @@ impl<
     /// (`N × I × H × W`): every `K × K` patch (with the layer's stride, padding and dilation) is
     /// one calibration row of the unfolded weight `[O, I·K·K]`, fitted as
     /// [`crate::engine::calibrated::fit_linear`] does; the bias is refitted. The report row
-    /// carries the calibration nmse over all output positions.
+    /// carries the calibration nmse over all output positions and the backend (the GPU when
+    /// one is usable, as under [`Backend::Auto`], else the CPU; ALS always on the CPU).
     pub fn from_conv_calibrated<N: Dim, H: Dim, W: Dim>(
         path: &str,
         conv: &Conv2D<I, O, K, S, P, DIL, E, D>,
@@ -250,8 +251,14 @@ impl<
         };
         let weight = host_f64(&conv.weight);
         let bias = host_f64(&conv.bias);
-        let (fitted, row) =
-            fit_images::<I, L, O, K, S, P, DIL>(path, &weight, &bias, &[input], fit)?;
+        let (fitted, row) = fit_images::<I, L, O, K, S, P, DIL>(
+            path,
+            &weight,
+            &bias,
+            &[input],
+            fit,
+            Backend::Auto,
+        )?;
         let dev = conv.weight.device();
         let bias = to_device(dev, &fitted.bias, (Const::<O>,), path)?;
         let layer = Self::from_host(
@@ -288,8 +295,10 @@ impl<
         bias: &[f64],
         inputs: &[RecordedInput],
         fit: Fit,
+        backend: Backend,
     ) -> Result<LayerReport, FactorizeError> {
-        let (fitted, row) = fit_images::<I, L, O, K, S, P, DIL>(path, weight, bias, inputs, fit)?;
+        let (fitted, row) =
+            fit_images::<I, L, O, K, S, P, DIL>(path, weight, bias, inputs, fit, backend)?;
         let dev = self.second.weight.device().clone();
         let bias = to_device(&dev, &fitted.bias, (Const::<O>,), path)?;
         // Replaces the layer only once the new one is complete.
@@ -375,20 +384,16 @@ fn fit_images<
     bias: &[f64],
     inputs: &[RecordedInput],
     fit: Fit,
+    backend: Backend,
 ) -> Result<(CalibratedFit, LayerReport), FactorizeError> {
     let start = Instant::now();
     let fan_in = I * K * K;
     let rows = image_patches::<I, K, S, P, DIL>(path, inputs)?;
     let m = WeightMatrix::new(path, weight, O, fan_in)?;
     let calib = Calibration::new(path, &rows, rows.len() / fan_in, fan_in)?;
-    let f = fit_linear(&m, bias, &calib, L, fit)?;
+    let (f, used) = fit_linear_on(&m, bias, &calib, L, fit, backend)?;
     let mut row = LayerReport::kept(path, LayerKind::Conv2d, I, O, K, Status::Replaced);
-    row.set_replaced(
-        L,
-        f.factors.relative_error,
-        crate::Backend::Cpu,
-        start.elapsed(),
-    );
+    row.set_replaced(L, f.factors.relative_error, used, start.elapsed());
     row.nmse = Some(f.nmse);
     Ok((f, row))
 }

@@ -32,10 +32,10 @@ use rand_distr::uniform::SampleUniform;
 
 use crate::calibrate::{RecordInput, RecordedInput, Refit};
 use crate::cost::LayerKind;
-use crate::engine::calibrated::{fit_linear, nmse, Calibration, Fit};
+use crate::engine::calibrated::{fit_linear_on, nmse, Calibration, Fit};
 use crate::engine::{self, check_finite, WeightMatrix};
 use crate::report::{LayerReport, Status};
-use crate::{FactorizeConfig, FactorizeError, Method};
+use crate::{Backend, FactorizeConfig, FactorizeError, Method};
 
 /// The builder type, for `dev.build_module::<builder::FactorizedLinear<I, L, O>, E>()`.
 pub mod builder {
@@ -124,6 +124,7 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Ref
         bias: &[f64],
         inputs: &[RecordedInput],
         fit: Fit,
+        backend: Backend,
     ) -> Result<LayerReport, FactorizeError> {
         let start = Instant::now();
         let w = WeightMatrix::new(path, weight, O, I)?;
@@ -132,12 +133,12 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Ref
             .flat_map(|x| x.values.iter().copied())
             .collect();
         let calib = Calibration::new(path, &inputs, inputs.len() / I, I)?;
-        let f = fit_linear(&w, bias, &calib, L, fit)?;
+        let (f, used) = fit_linear_on(&w, bias, &calib, L, fit, backend)?;
         let dev = self.second.weight.device().clone();
         let bias = to_device(&dev, &f.bias, (Const::<O>,), path)?;
         // Replaces the layer only once the new one is complete.
         *self = Self::from_host(&dev, &f.factors.first, &f.factors.second, bias, path)?;
-        Ok(calibrated_row(path, I, O, L, &f, calib.rows(), start))
+        Ok(calibrated_row(path, I, O, &f, calib.rows(), used, start))
     }
 
     fn nmse_on(
@@ -189,16 +190,16 @@ fn calibrated_row(
     path: &str,
     i: usize,
     o: usize,
-    l: usize,
     f: &crate::engine::calibrated::CalibratedFit,
     rows: usize,
+    backend: Backend,
     start: Instant,
 ) -> LayerReport {
     let mut row = LayerReport::kept(path, LayerKind::Linear, i, o, 1, Status::Replaced);
     row.set_replaced(
-        l,
+        f.factors.rank,
         f.factors.relative_error,
-        crate::Backend::Cpu,
+        backend,
         start.elapsed(),
     );
     row.nmse = Some(f.nmse);
@@ -326,7 +327,9 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
 {
     /// Builds the layer fitted to the outputs of `linear` on calibration inputs `inputs`
     /// (rows × `I`), as [`Fit`] says: the exact output-optimal pair (default) or Composer's ALS.
-    /// The bias of the second map is refitted. The report row carries the calibration nmse.
+    /// The bias of the second map is refitted. The report row carries the calibration nmse and
+    /// the backend: the exact fit runs on the GPU when one is usable (as under
+    /// [`Backend::Auto`]), else on the CPU; ALS always on the CPU.
     ///
     /// Errors: NaN/Inf in weights or inputs, no rows, `L > min(I, O)`.
     pub fn from_linear_calibrated<N: Dim>(
@@ -375,7 +378,8 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
         FactorizedLinear::<I, L2, O, E, D>::from_linear(&linear, cfg)
     }
 
-    /// Lowers the rank to `L2 < L` fitted to this layer's own outputs on `inputs`.
+    /// Lowers the rank to `L2 < L` fitted to this layer's own outputs on `inputs` (on the
+    /// backends of [`FactorizedLinear::from_linear_calibrated`]).
     pub fn reduce_calibrated<const L2: usize, N: Dim>(
         &self,
         path: &str,
@@ -425,9 +429,9 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
         let x = host_f64(inputs);
         let rows = inputs.shape().0.size();
         let calib = Calibration::new(path, &x, rows, I)?;
-        let f = fit_linear(&w, bias, &calib, L, fit)?;
+        let (f, used) = fit_linear_on(&w, bias, &calib, L, fit, Backend::Auto)?;
         let bias = to_device(dev, &f.bias, (Const::<O>,), path)?;
         let layer = Self::from_host(dev, &f.factors.first, &f.factors.second, bias, path)?;
-        Ok((layer, calibrated_row(path, I, O, L, &f, rows, start)))
+        Ok((layer, calibrated_row(path, I, O, &f, rows, used, start)))
     }
 }

@@ -219,3 +219,110 @@ mod calibrated {
         }
     }
 }
+
+/// The layer-level and model-level calibrated APIs reach the GPU: the model-level one on
+/// `cfg.backend`, the layer-level ones as `Backend::Auto`.
+mod calibrated_apis {
+    use dfdx::nn::modules::{Linear, ReLU};
+    use dfdx::prelude::*;
+    use factorize_runtime::engine::calibrated::Fit;
+    use factorize_runtime::engine::gpu_available;
+    use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
+    use factorize_runtime::{
+        mirror, Backend, Factorizable, FactorizeConfig, FactorizeError, FactorizedLinear,
+    };
+
+    type Batch = Tensor<(usize, Const<96>), f64, Cpu>;
+
+    #[derive(Factorizable)]
+    #[factorize(latent_features = 12, min_features = 32)]
+    pub struct Net<E: Dtype, D: Device<E>> {
+        pub a: Linear<96, 80, E, D>,
+        pub act: ReLU,
+        pub b: Linear<80, 64, E, D>,
+    }
+
+    #[mirror]
+    impl<E: Dtype, D: Device<E>> Module<Tensor<(usize, Const<96>), E, D>> for Net<E, D> {
+        type Output = Tensor<(usize, Const<64>), E, D>;
+        type Error = D::Err;
+        fn try_forward(&self, x: Tensor<(usize, Const<96>), E, D>) -> Result<Self::Output, D::Err> {
+            self.b
+                .try_forward(self.act.try_forward(self.a.try_forward(x)?)?)
+        }
+    }
+
+    fn setup() -> (Net<f64, Cpu>, Batch) {
+        let dev = Cpu::seed_from_u64(3);
+        let mut net = Net::<f64, Cpu> {
+            a: BuildModule::build(&dev),
+            act: ReLU,
+            b: BuildModule::build(&dev),
+        };
+        net.a
+            .weight
+            .copy_from(&matrix_with_spectrum(80, 96, &power_law(80, 0.5), 1));
+        net.b
+            .weight
+            .copy_from(&matrix_with_spectrum(64, 80, &power_law(64, 0.5), 2));
+        let x = matrix_with_spectrum(300, 96, &power_law(96, 1.0), 4);
+        (net, dev.tensor_from_vec(x, (300, Const)))
+    }
+
+    fn on(backend: Backend) -> FactorizeConfig {
+        FactorizeConfig {
+            backend,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn calibrated_apis_run_on_the_backend_asked_for() {
+        let (net, x) = setup();
+        let run = |m: &NetFactorized<f64, Cpu>| {
+            m.forward(x.clone());
+        };
+        let (_, cpu) = net
+            .factorize_calibrated(&on(Backend::Cpu), Fit::exact(), run)
+            .unwrap();
+        assert!(
+            cpu.layers.iter().all(|r| r.backend == Some(Backend::Cpu)),
+            "{cpu}"
+        );
+        let (_, layer) = FactorizedLinear::<96, 12, 80, f64, Cpu>::from_linear_calibrated(
+            "a",
+            &net.a,
+            &x,
+            Fit::exact(),
+        )
+        .unwrap();
+        match gpu_available() {
+            Ok(()) => {
+                let (_, gpu) = net
+                    .factorize_calibrated(&on(Backend::Cuda), Fit::exact(), run)
+                    .unwrap();
+                for (g, c) in gpu.layers.iter().zip(&cpu.layers) {
+                    assert_eq!(g.backend, Some(Backend::Cuda), "{gpu}");
+                    let (g, c) = (g.nmse.unwrap(), c.nmse.unwrap());
+                    assert!((g / c - 1.0).abs() < 1e-6, "GPU {g} vs CPU {c}");
+                }
+                assert_eq!(layer.backend, Some(Backend::Cuda));
+            }
+            Err(reason) => {
+                let e = net
+                    .factorize_calibrated(&on(Backend::Cuda), Fit::exact(), run)
+                    .map(|_| ())
+                    .unwrap_err();
+                assert!(
+                    matches!(e, FactorizeError::BackendUnavailable { .. }),
+                    "{e}"
+                );
+                assert!(
+                    e.to_string().contains("`a`") && e.to_string().contains(&reason),
+                    "{e}"
+                );
+                assert_eq!(layer.backend, Some(Backend::Cpu));
+            }
+        }
+    }
+}
