@@ -152,27 +152,35 @@ fn bad_input_is_an_error_naming_the_layer() {
 
 #[test]
 fn the_first_non_finite_value_is_named_in_long_weights() {
-    // The scan works chunk by chunk: values on both sides of a chunk border, and extreme but
-    // finite values (which must not be mistaken for overflow), exercise it.
-    let mut w = vec![f64::MAX; 5000];
-    w[0] = -0.0;
-    w[1] = f64::MIN_POSITIVE / 2.0;
-    assert!(WeightMatrix::new("big", &w, 50, 100).is_ok());
-    for (bad, value) in [
-        (1023, f64::NAN),
-        (1024, f64::NEG_INFINITY),
-        (4999, f64::INFINITY),
-    ] {
-        let mut v = w.clone();
-        v[bad] = value;
-        let later = (bad + 3000).min(v.len() - 1);
-        if later > bad {
-            v[later] = f64::NAN;
+    // The scan works chunk by chunk (4096 values), and on all threads from 2^20 values: values
+    // on both sides of a chunk border, a later bad value that another thread may see first,
+    // and extreme but finite values (which must not be mistaken for overflow) exercise it.
+    for (rows, cols) in [(50, 100), (64, 40_000)] {
+        let mut w = vec![f64::MAX; rows * cols];
+        w[0] = -0.0;
+        w[1] = f64::MIN_POSITIVE / 2.0;
+        w[2] = f64::MIN;
+        assert!(WeightMatrix::new("big", &w, rows, cols).is_ok());
+        let last = w.len() - 1;
+        for (bad, value) in [
+            (1023, f64::NAN),
+            (4095, f64::NAN),
+            (4096, f64::NEG_INFINITY),
+            (last / 2, f64::INFINITY),
+            (last, f64::INFINITY),
+        ] {
+            let mut v = w.clone();
+            v[bad] = value;
+            for later in [bad + 1, bad + 3000, bad + last / 3] {
+                if later <= last {
+                    v[later] = f64::NAN;
+                }
+            }
+            let e = WeightMatrix::new("big", &v, rows, cols).unwrap_err();
+            assert!(
+                matches!(e, FactorizeError::NonFinite { index, .. } if index == bad),
+                "{rows}x{cols}, {bad}: {e}"
+            );
         }
-        let e = WeightMatrix::new("big", &v, 50, 100).unwrap_err();
-        assert!(
-            matches!(e, FactorizeError::NonFinite { index, .. } if index == bad),
-            "{bad}: {e}"
-        );
     }
 }

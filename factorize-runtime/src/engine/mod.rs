@@ -112,20 +112,32 @@ impl<'a> WeightMatrix<'a> {
 
 /// Errors with the first non-finite value of `data`, naming the layer and the tensor.
 pub fn check_finite(layer: &str, tensor: &'static str, data: &[f64]) -> Result<(), FactorizeError> {
-    // `x·0` is 0 for a finite `x` and NaN otherwise; summing a chunk without an early exit
-    // lets the compiler vectorise the scan (a `position` over every value does not), and only a
-    // chunk that sums to NaN is searched.
-    const CHUNK: usize = 1024;
-    let clean = |chunk: &[f64]| chunk.iter().fold(0.0, |acc, x| acc + x * 0.0) == 0.0;
-    let first_bad = data
-        .chunks(CHUNK)
-        .position(|chunk| !clean(chunk))
-        .and_then(|c| {
-            data[c * CHUNK..]
-                .iter()
-                .position(|x| !x.is_finite())
-                .map(|i| c * CHUNK + i)
-        });
+    use rayon::prelude::*;
+    // A value is NaN or ±Inf exactly when its exponent bits are all ones. Counting those in a
+    // chunk is an integer sum the compiler vectorises (a float sum is a dependent chain it may
+    // not reorder, and a `position` over every value exits early and does not vectorise);
+    // only a chunk with a count is searched. Large tensors are scanned on all threads.
+    const EXPONENT: u64 = 0x7ff0_0000_0000_0000;
+    const CHUNK: usize = 4096;
+    const PARALLEL: usize = 1 << 20;
+    let clean = |chunk: &[f64]| {
+        chunk
+            .iter()
+            .map(|x| usize::from(x.to_bits() & EXPONENT == EXPONENT))
+            .sum::<usize>()
+            == 0
+    };
+    let first_chunk = if data.len() >= PARALLEL {
+        data.par_chunks(CHUNK).position_first(|chunk| !clean(chunk))
+    } else {
+        data.chunks(CHUNK).position(|chunk| !clean(chunk))
+    };
+    let first_bad = first_chunk.and_then(|c| {
+        data[c * CHUNK..]
+            .iter()
+            .position(|x| !x.is_finite())
+            .map(|i| c * CHUNK + i)
+    });
     match first_bad {
         None => Ok(()),
         Some(index) => Err(FactorizeError::NonFinite {
