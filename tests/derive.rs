@@ -498,3 +498,182 @@ mod convolutions {
         assert_eq!(report.layers[0].status, Status::Disabled);
     }
 }
+
+/// dfdx's `Repeated` stack and residual wrappers of derived blocks: each block factorized on
+/// its own, in order.
+mod stacks {
+    use super::*;
+    use dfdx::nn::modules::{GeneralizedResidual, Repeated, Residual};
+    use factorize_runtime::engine::calibrated::Fit;
+
+    type Rows = Tensor<(usize, Const<128>), f32, Dev>;
+
+    #[derive(Factorizable)]
+    #[factorize(latent_features = 32, min_features = 128)]
+    pub struct Block<E: Dtype, D: Device<E>> {
+        pub up: Linear<128, 256, E, D>,
+        pub act: ReLU,
+        pub down: Linear<256, 128, E, D>,
+    }
+
+    #[mirror]
+    impl<E: Dtype, D: Device<E>> Module<Tensor<(usize, Const<128>), E, D>> for Block<E, D> {
+        type Output = Tensor<(usize, Const<128>), E, D>;
+        type Error = D::Err;
+        fn try_forward(
+            &self,
+            x: Tensor<(usize, Const<128>), E, D>,
+        ) -> Result<Self::Output, D::Err> {
+            self.down
+                .try_forward(self.act.try_forward(self.up.try_forward(x)?)?)
+        }
+    }
+
+    #[derive(Factorizable)]
+    pub struct Stack<E: Dtype, D: Device<E>> {
+        pub blocks: Repeated<Block<E, D>, 3>,
+        /// Below the default minimum of 256 features: kept.
+        pub head: Linear<128, 128, E, D>,
+    }
+
+    #[mirror]
+    impl<E: Dtype, D: Device<E>> Module<Tensor<(usize, Const<128>), E, D>> for Stack<E, D> {
+        type Output = Tensor<(usize, Const<128>), E, D>;
+        type Error = D::Err;
+        fn try_forward(
+            &self,
+            x: Tensor<(usize, Const<128>), E, D>,
+        ) -> Result<Self::Output, D::Err> {
+            self.head.try_forward(self.blocks.try_forward(x)?)
+        }
+    }
+
+    #[derive(Factorizable)]
+    pub struct Wrapped<E: Dtype, D: Device<E>> {
+        pub res: Residual<Block<E, D>>,
+        pub both: GeneralizedResidual<Block<E, D>, Block<E, D>>,
+    }
+
+    #[mirror]
+    impl<E: Dtype, D: Device<E>> Module<Tensor<(usize, Const<128>), E, D>> for Wrapped<E, D> {
+        type Output = Tensor<(usize, Const<128>), E, D>;
+        type Error = D::Err;
+        fn try_forward(
+            &self,
+            x: Tensor<(usize, Const<128>), E, D>,
+        ) -> Result<Self::Output, D::Err> {
+            self.both.try_forward(self.res.try_forward(x)?)
+        }
+    }
+
+    /// A block whose weights have rank `rank` (power-law spectra).
+    fn block(dev: &Dev, rank: usize) -> Block<f32, Dev> {
+        let mut b = Block {
+            up: build(dev),
+            act: ReLU,
+            down: build(dev),
+        };
+        set_spectrum(&mut b.up, &power_law(rank, 0.5));
+        set_spectrum(&mut b.down, &power_law(rank, 0.5));
+        b
+    }
+
+    fn stack(dev: &Dev, rank: usize) -> Stack<f32, Dev> {
+        let modules = (0..3).map(|_| block(dev, rank)).collect();
+        Stack {
+            blocks: Repeated { modules },
+            head: build(dev),
+        }
+    }
+
+    #[test]
+    fn every_block_is_factorized_under_its_index() {
+        let dev = Dev::seed_from_u64(2);
+        let model = stack(&dev, 32);
+        let (f, report) = model
+            .factorize_with_report(&FactorizeConfig::default())
+            .unwrap();
+        let paths: Vec<&str> = report.layers.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "blocks.0.up",
+                "blocks.0.down",
+                "blocks.1.up",
+                "blocks.1.down",
+                "blocks.2.up",
+                "blocks.2.down",
+                "head"
+            ]
+        );
+        assert!(report.layers[..6]
+            .iter()
+            .all(|r| r.status == Status::Replaced && r.latent == 32));
+        assert_ne!(report.layers[6].status, Status::Replaced);
+        // Rank 32 weights: the factorized stack computes the same function.
+        let x: Rows = dev.sample_normal_like(&(16, Const));
+        let (y0, y1) = (model.forward(x.clone()).as_vec(), f.forward(x).as_vec());
+        assert!(rel(&y0, &y1) <= 1e-5, "{}", rel(&y0, &y1));
+    }
+
+    #[test]
+    fn calibration_fits_the_blocks_in_forward_order() {
+        let dev = Dev::seed_from_u64(3);
+        let model = stack(&dev, 128);
+        let x: Rows = dev.sample_normal_like(&(200, Const));
+        let fit = Fit::Exact { ridge: 0.0 };
+        let (f, report) = model
+            .factorize_calibrated(&FactorizeConfig::default(), fit, |m| {
+                m.forward(x.clone());
+            })
+            .unwrap();
+        assert!(
+            report.layers[..6].iter().all(|r| r.nmse.is_some()),
+            "{report}"
+        );
+        // Block 1's first layer was fitted on what the refitted block 0 hands it.
+        let h = f.blocks.modules[0].forward(x.clone());
+        let (expected, _) = FactorizedLinear::<128, 32, 256, f32, Dev>::from_linear_calibrated(
+            "blocks.1.up",
+            &model.blocks.modules[1].up,
+            &h,
+            fit,
+        )
+        .unwrap();
+        assert_eq!(
+            f.blocks.modules[1].up.first.weight.as_vec(),
+            expected.first.weight.as_vec()
+        );
+    }
+
+    #[test]
+    fn residual_wrappers_are_looked_into() {
+        let dev = Dev::seed_from_u64(4);
+        let model = Wrapped {
+            res: Residual(block(&dev, 32)),
+            both: GeneralizedResidual {
+                f: block(&dev, 32),
+                r: block(&dev, 32),
+            },
+        };
+        let (f, report) = model
+            .factorize_with_report(&FactorizeConfig::default())
+            .unwrap();
+        let paths: Vec<&str> = report.layers.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "res.0.up",
+                "res.0.down",
+                "both.f.up",
+                "both.f.down",
+                "both.r.up",
+                "both.r.down"
+            ]
+        );
+        assert!(report.layers.iter().all(|r| r.status == Status::Replaced));
+        let x: Rows = dev.sample_normal_like(&(16, Const));
+        let (y0, y1) = (model.forward(x.clone()).as_vec(), f.forward(x).as_vec());
+        assert!(rel(&y0, &y1) <= 1e-5, "{}", rel(&y0, &y1));
+    }
+}

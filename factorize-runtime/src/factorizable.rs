@@ -3,8 +3,9 @@
 //! `#[derive(Factorizable)]` implements it for a dfdx model struct (see the crate docs for an
 //! example). It is also implemented here for the dfdx modules that are carried over unchanged
 //! (activations, normalisations, embeddings, dropout, `UnbiasedLinear`), for this crate's
-//! factorized layers, and for dfdx tuples of such modules, so that they can be fields of a
-//! derived model or parts of a nested one.
+//! factorized layers, and for dfdx tuples, `Repeated` stacks and the residual/split/add
+//! wrappers of such modules, so that they can be fields of a derived model or parts of a
+//! nested one.
 
 use dfdx::nn::modules::*;
 use dfdx::prelude::{Device, Dtype};
@@ -254,6 +255,124 @@ tuple_visits! {
     [A 0, B 1, C 2, F 3]
     [A 0, B 1, C 2, F 3, G 4]
     [A 0, B 1, C 2, F 3, G 4, H 5]
+}
+
+/// dfdx's `Repeated<T, N>` (a stack of `N` blocks, e.g. transformer layers): each block is
+/// factorized on its own under the paths `…0`, `…1`, …, so the variant is a `Repeated` of the
+/// block's variant, and calibration fits the blocks in the order the forward reaches them.
+impl<T: Factorizable, const N: usize> Factorizable for Repeated<T, N> {
+    type Factorized = Repeated<T::Factorized, N>;
+    fn factorize_into(
+        &self,
+        path: &str,
+        cfg: &FactorizeConfig,
+        report: &mut FactorizeReport,
+    ) -> Result<Self::Factorized, FactorizeError> {
+        let modules = self
+            .modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                m.factorize_into(&crate::__private::join(path, &i.to_string()), cfg, report)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Repeated { modules })
+    }
+}
+
+impl<T: VisitFactorized, const N: usize> VisitFactorized for Repeated<T, N> {
+    fn visit_factorized(
+        &mut self,
+        path: &str,
+        f: &mut FactorizedVisitor<'_>,
+    ) -> Result<(), FactorizeError> {
+        for (i, m) in self.modules.iter_mut().enumerate() {
+            m.visit_factorized(&crate::__private::join(path, &i.to_string()), f)?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: VisitDense, const N: usize> VisitDense for Repeated<T, N> {
+    fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
+        for (i, m) in self.modules.iter().enumerate() {
+            m.visit_dense(&crate::__private::join(path, &i.to_string()), f);
+        }
+    }
+}
+
+/// dfdx's one-module wrappers: the wrapped module is factorized under `…0` (dfdx's name for it
+/// in safetensors files too).
+macro_rules! wrappers {
+    ($($ty:ident),*) => {$(
+        impl<T: Factorizable> Factorizable for $ty<T> {
+            type Factorized = $ty<T::Factorized>;
+            fn factorize_into(
+                &self,
+                path: &str,
+                cfg: &FactorizeConfig,
+                report: &mut FactorizeReport,
+            ) -> Result<Self::Factorized, FactorizeError> {
+                Ok($ty(self.0.factorize_into(&crate::__private::join(path, "0"), cfg, report)?))
+            }
+        }
+        impl<T: VisitFactorized> VisitFactorized for $ty<T> {
+            fn visit_factorized(
+                &mut self,
+                path: &str,
+                f: &mut FactorizedVisitor<'_>,
+            ) -> Result<(), FactorizeError> {
+                self.0.visit_factorized(&crate::__private::join(path, "0"), f)
+            }
+        }
+        impl<T: VisitDense> VisitDense for $ty<T> {
+            fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
+                self.0.visit_dense(&crate::__private::join(path, "0"), f);
+            }
+        }
+    )*};
+}
+
+wrappers!(Residual, SplitInto, AddInto);
+
+/// dfdx's `GeneralizedResidual`: both branches, under `…f` and `…r`.
+impl<F: Factorizable, R: Factorizable> Factorizable for GeneralizedResidual<F, R> {
+    type Factorized = GeneralizedResidual<F::Factorized, R::Factorized>;
+    fn factorize_into(
+        &self,
+        path: &str,
+        cfg: &FactorizeConfig,
+        report: &mut FactorizeReport,
+    ) -> Result<Self::Factorized, FactorizeError> {
+        Ok(GeneralizedResidual {
+            f: self
+                .f
+                .factorize_into(&crate::__private::join(path, "f"), cfg, report)?,
+            r: self
+                .r
+                .factorize_into(&crate::__private::join(path, "r"), cfg, report)?,
+        })
+    }
+}
+
+impl<F: VisitFactorized, R: VisitFactorized> VisitFactorized for GeneralizedResidual<F, R> {
+    fn visit_factorized(
+        &mut self,
+        path: &str,
+        f: &mut FactorizedVisitor<'_>,
+    ) -> Result<(), FactorizeError> {
+        self.f
+            .visit_factorized(&crate::__private::join(path, "f"), f)?;
+        self.r
+            .visit_factorized(&crate::__private::join(path, "r"), f)
+    }
+}
+
+impl<F: VisitDense, R: VisitDense> VisitDense for GeneralizedResidual<F, R> {
+    fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
+        self.f.visit_dense(&crate::__private::join(path, "f"), f);
+        self.r.visit_dense(&crate::__private::join(path, "r"), f);
+    }
 }
 
 // A dense `Conv2D` is only ever reached by the derive's syntax, so it has no `Factorizable`

@@ -81,9 +81,11 @@
 //! - On a field: `skip` (copy as is), `latent = N | f`, `min_features`, `min_channels`.
 //!
 //! Fields may be dfdx `Linear`s, tuples of modules written out (dfdx's sequential models),
-//! structs that derive `Factorizable` (their rows appear as `field.sub`), and the dfdx modules
-//! listed in [`Factorizable`]'s implementors, carried over unchanged. Anything else is a compile
-//! error at the field, unless marked `skip`.
+//! structs that derive `Factorizable` (their rows appear as `field.sub`), dfdx's `Repeated`,
+//! `Residual`, `GeneralizedResidual`, `SplitInto` and `AddInto` around such structs (rows
+//! `field.0.sub`, `field.f.sub`), and the dfdx modules listed in [`Factorizable`]'s
+//! implementors, carried over unchanged. Anything else is a compile error at the field, unless
+//! marked `skip`.
 //!
 //! # Layers and engines
 //! [`FactorizedLinear`] is the factorized layer; [`engine`] computes truncated factorizations
