@@ -58,8 +58,8 @@ fn main() {
         [o, i, n, r] => case(*o, *i, *n, *r, 1),
         _ => {
             for rank in [32, 64, 128] {
-                case(384, 384, 768, rank, 5);
-                case(1536, 384, 768, rank, 5);
+                case(384, 384, 768, rank, 15);
+                case(1536, 384, 768, rank, 15);
             }
         }
     }
