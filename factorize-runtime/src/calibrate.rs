@@ -6,7 +6,9 @@
 //! address, so it works through the user's own forward, nested structs and tuples alike. For
 //! `n` replaced layers the calibration forward runs `n + 1` times: once to learn the order in
 //! which layers are reached, then once before each refit, so that layer `k` is fitted to the
-//! outputs of layers `0..k` as already refitted.
+//! outputs of layers `0..k` as already refitted. A pass converts only the inputs it keeps (none
+//! on the first, the next layer's on the others): converting every layer's input on every
+//! pass would cost `n` times the calibration data.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -30,8 +32,19 @@ pub struct RecordedInput {
 /// Recorded calls: layer address and input.
 type Calls = Vec<(usize, RecordedInput)>;
 
+/// Which layer inputs a recording keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Capture {
+    /// Only which layers run, in order (inputs left empty).
+    Order,
+    /// The inputs of the layer at this address.
+    Layer(usize),
+    /// The inputs of every layer.
+    All,
+}
+
 thread_local! {
-    static RECORDER: RefCell<Option<Calls>> = const { RefCell::new(None) };
+    static RECORDER: RefCell<Option<(Capture, Calls)>> = const { RefCell::new(None) };
 }
 
 /// The callback of [`VisitFactorized`]: a layer's path and the layer.
@@ -44,8 +57,8 @@ pub type DenseVisitor<'a> = dyn FnMut(&str, Vec<f64>, Vec<f64>) + 'a;
 pub(crate) struct Recording;
 
 impl Recording {
-    pub(crate) fn start() -> Self {
-        RECORDER.with(|r| *r.borrow_mut() = Some(Vec::new()));
+    pub(crate) fn start(capture: Capture) -> Self {
+        RECORDER.with(|r| *r.borrow_mut() = Some((capture, Vec::new())));
         Recording
     }
 
@@ -54,7 +67,7 @@ impl Recording {
         RECORDER.with(|r| {
             r.borrow_mut()
                 .as_mut()
-                .map(std::mem::take)
+                .map(|(_, calls)| std::mem::take(calls))
                 .unwrap_or_default()
         })
     }
@@ -75,15 +88,19 @@ pub trait RecordInput {
 impl<S: Shape, E: Dtype, D: Device<E> + Storage<E>, T> RecordInput for Tensor<S, E, D, T> {
     fn record(&self, layer: usize) {
         RECORDER.with(|r| {
-            if let Some(calls) = r.borrow_mut().as_mut() {
-                let shape = self.shape().concrete().into();
-                calls.push((
-                    layer,
-                    RecordedInput {
-                        shape,
+            if let Some((capture, calls)) = r.borrow_mut().as_mut() {
+                let input = match *capture {
+                    Capture::Order => RecordedInput {
+                        shape: Vec::new(),
+                        values: Vec::new(),
+                    },
+                    Capture::Layer(address) if address != layer => return,
+                    Capture::Layer(_) | Capture::All => RecordedInput {
+                        shape: self.shape().concrete().into(),
                         values: host_f64(self),
                     },
-                ));
+                };
+                calls.push((layer, input));
             }
         });
     }
@@ -176,7 +193,7 @@ where
 {
     let weights = dense_weights(dense);
     let calls = {
-        let recording = Recording::start();
+        let recording = Recording::start(Capture::All);
         run(model);
         recording.take()
     };
@@ -216,7 +233,7 @@ where
     let weights = dense_weights(dense);
     // The order in which the forward reaches the factorized layers.
     let order: Vec<usize> = {
-        let recording = Recording::start();
+        let recording = Recording::start(Capture::Order);
         run(&model);
         let mut seen = Vec::new();
         for (address, _) in recording.take() {
@@ -228,12 +245,11 @@ where
     };
     for address in order {
         let inputs: Vec<RecordedInput> = {
-            let recording = Recording::start();
+            let recording = Recording::start(Capture::Layer(address));
             run(&model);
             recording
                 .take()
                 .into_iter()
-                .filter(|(a, _)| *a == address)
                 .map(|(_, input)| input)
                 .collect()
         };
@@ -253,4 +269,38 @@ where
         })?;
     }
     Ok((model, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dfdx::prelude::{Cpu, Rank2, Tensor, ZerosTensor};
+
+    #[test]
+    fn a_recording_converts_only_what_it_keeps() {
+        let dev: Cpu = Default::default();
+        let a: Tensor<Rank2<2, 3>, f32, Cpu> = dev.zeros();
+        let b: Tensor<Rank2<4, 5>, f32, Cpu> = dev.zeros() + 1.0;
+        let pass = |capture| {
+            let recording = Recording::start(capture);
+            a.record(10);
+            b.record(20);
+            a.record(10);
+            recording.take()
+        };
+        let order = pass(Capture::Order);
+        assert_eq!(order.iter().map(|c| c.0).collect::<Vec<_>>(), [10, 20, 10]);
+        assert!(order.iter().all(|c| c.1.values.is_empty()));
+        let only_b = pass(Capture::Layer(20));
+        assert_eq!(only_b.len(), 1);
+        assert_eq!(
+            (only_b[0].1.shape.as_slice(), only_b[0].1.values.len()),
+            (&[4, 5][..], 20)
+        );
+        assert!(only_b[0].1.values.iter().all(|&v| v == 1.0));
+        assert_eq!(pass(Capture::All).len(), 3);
+        // Without a recording nothing is kept.
+        a.record(10);
+        assert!(Recording::start(Capture::All).take().is_empty());
+    }
 }
