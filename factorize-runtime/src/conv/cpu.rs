@@ -22,36 +22,13 @@ pub(super) struct Routed<E: Dtype, D: Storage<E>, B: Dim, const O: usize> {
     pub backward: Option<BackwardOp<E, D>>,
 }
 
-/// The convolution on the host kernel, or `None` when the tensors are not `Cpu` f32/f64.
+/// The convolution on the host kernel in `F`, or `None` when the tensors are not `Cpu` ones
+/// of element type `F`.
 ///
 /// The tensors must be contiguous (the caller makes them so): their buffers are read as they
 /// are, and gradients are written in that same layout.
 #[allow(clippy::type_complexity)]
 pub(super) fn on_cpu<
-    const I: usize,
-    const O: usize,
-    const K: usize,
-    const S: usize,
-    const P: usize,
-    const DIL: usize,
-    B: Dim,
-    H: Dim,
-    W: Dim,
-    E: Dtype,
-    D: Device<E>,
->(
-    x: &Tensor<(B, Const<I>, H, W), E, D>,
-    weight: &Tensor<Rank4<O, I, K, K>, E, D>,
-    bias: Option<&Tensor<Rank1<O>, E, D>>,
-    record: bool,
-) -> Option<Result<Routed<E, D, B, O>, D::Err>> {
-    typed::<f32, I, O, K, S, P, DIL, B, H, W, E, D>(x, weight, bias, record)
-        .or_else(|| typed::<f64, I, O, K, S, P, DIL, B, H, W, E, D>(x, weight, bias, record))
-}
-
-/// [`on_cpu`] for one element type `F`.
-#[allow(clippy::type_complexity)]
-fn typed<
     F: Element + Dtype,
     const I: usize,
     const O: usize,

@@ -171,8 +171,18 @@ pub(crate) fn conv2d<
         None => (None, T::default()),
     };
     let mut tape = tape.merge(weight_tape).merge(bias_tape);
-    match cpu::on_cpu::<I, O, K, S, P, DIL, B, H, W, E, D>(&x, &weight, bias.as_ref(), T::OWNS_TAPE)
-    {
+    let record = T::OWNS_TAPE;
+    let routed =
+        cpu::on_cpu::<f32, I, O, K, S, P, DIL, B, H, W, E, D>(&x, &weight, bias.as_ref(), record)
+            .or_else(|| {
+                cpu::on_cpu::<f64, I, O, K, S, P, DIL, B, H, W, E, D>(
+                    &x,
+                    &weight,
+                    bias.as_ref(),
+                    record,
+                )
+            });
+    match routed {
         Some(routed) => {
             let routed = routed?;
             if let Some(op) = routed.backward {
