@@ -89,8 +89,8 @@ fn solve<T: Real>(w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, Factoriz
     } else {
         (in_dim, out_dim)
     };
-    // Read in `data`'s order (across its rows, 1024×1024 took 3.4 ms): `W` row-major is `Mᵀ`
-    // column-major when wide, and faer's blocked transpose makes it `M`.
+    // Read in `data`'s order (a strided read of a 1024×1024 weight took 3.4 ms): `W` row-major
+    // is `Mᵀ` column-major when wide, and faer's blocked transpose makes it `M`.
     let m = if wide {
         Mat::<T>::from_fn(t, s, |j, i| T::of(data[i * in_dim + j]))
             .transpose()
