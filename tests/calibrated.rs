@@ -353,6 +353,31 @@ mod model_level {
         );
         assert_eq!(model.a.weight.as_vec(), before);
     }
+
+    #[test]
+    fn an_empty_calibration_batch_is_an_error_not_a_panic() {
+        let (dev, model, _) = setup();
+        let empty: Batch = dev.zeros_like(&(0, Const));
+        let e = model
+            .factorize_calibrated(&FactorizeConfig::default(), Fit::exact(), |m| {
+                m.forward(empty.clone());
+            })
+            .unwrap_err();
+        assert!(
+            matches!(e, FactorizeError::Calibration { ref layer, .. } if layer == "a"),
+            "{e}"
+        );
+        let e =
+            factorize_runtime::FactorizedLinear::<128, 24, 128, f32, Dev>::from_linear_calibrated(
+                "a",
+                &model.a,
+                &empty,
+                Fit::exact(),
+            )
+            .map(|_| ())
+            .unwrap_err();
+        assert!(e.to_string().contains("`a`"), "{e}");
+    }
 }
 
 mod model_level_convolutions {

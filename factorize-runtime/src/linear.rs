@@ -224,6 +224,10 @@ pub(crate) fn fresh_uniform(count: usize, fan_in: usize, seed: u64) -> Vec<f64> 
 /// Reads a tensor (with or without a tape) to `f64` on the host; NaN where a value has no
 /// `f64` form, so that the finiteness checks catch it.
 pub(crate) fn host_f64<S: Shape, E: Dtype, D: Storage<E>, T>(t: &Tensor<S, E, D, T>) -> Vec<f64> {
+    // dfdx's `as_vec` panics on a tensor without elements (a calibration batch of 0 rows).
+    if t.shape().num_elements() == 0 {
+        return Vec::new();
+    }
     t.as_vec()
         .into_iter()
         .map(|x| x.to_f64().unwrap_or(f64::NAN))

@@ -74,6 +74,10 @@ impl<F: Element> HostConv<'_, F> {
                 }
             }
         }
+        if g.image_len() == 0 {
+            // An empty image (zero height or width) under padding: every tap reads padding.
+            return y;
+        }
         let images = x.chunks_exact(g.image_len());
         if batch >= rayon::current_num_threads() {
             y.par_chunks_exact_mut(item)
@@ -123,6 +127,16 @@ impl<F: Element> HostConv<'_, F> {
             bias: vec![F::default(); self.out],
         };
         if batch == 0 || item == 0 {
+            return total;
+        }
+        if g.image_len() == 0 {
+            // Only the bias reached the outputs.
+            // Planes come image by image, output channel by output channel.
+            for (k, plane) in dy.chunks_exact(g.positions()).enumerate() {
+                for &v in plane {
+                    total.bias[k % self.out] += v;
+                }
+            }
             return total;
         }
         let groups = rayon::current_num_threads().clamp(1, batch);

@@ -425,4 +425,22 @@ mod tests {
             .as_vec();
         assert_eq!(grads.get(&stored).as_vec(), want);
     }
+
+    #[test]
+    fn an_image_without_rows_reads_only_padding() {
+        let dev = Cpu::seed_from_u64(6);
+        let conv = Conv2D::<2, 3, 1, 1, 1, 1, f64, Cpu>::build(&dev);
+        let x: Tensor<(Const<2>, Const<2>, usize, usize), f64, Cpu> =
+            dev.zeros_like(&(Const, Const, 0, 3));
+        let y = conv.forward(x.leaky_trace());
+        assert_eq!(y.shape().concrete(), [2, 3, 2, 5]);
+        let bias = conv.bias.as_vec();
+        let values = y.as_vec();
+        for (k, plane) in values.chunks_exact(10).enumerate() {
+            assert!(plane.iter().all(|&v| v == bias[k % 3]), "{plane:?}");
+        }
+        let grads = y.sum::<Rank0, _>().backward();
+        assert_eq!(grads.get(&conv.bias).as_vec(), [20.0; 3]);
+        assert!(grads.get(&conv.weight).as_vec().iter().all(|&v| v == 0.0));
+    }
 }
