@@ -16,7 +16,15 @@
 //!
 //! # Generics
 //! `I` input channels, `O` output channels, `K` kernel size, `S` stride, `P` padding, `DIL`
-//! dilation; `E`, `D` dtype and device.
+//! dilation; `E`, `D` dtype and device. `K`, `S` and `DIL` of 0 do not build:
+//!
+//! ```compile_fail,E0080
+//! use dfdx::prelude::*;
+//! use factorize_runtime::conv::Conv2D;
+//! let dev: Cpu = Default::default();
+//! let conv = Conv2D::<3, 8, 3, 0, 1, 1, f32, Cpu>::build(&dev);
+//! let _ = conv.forward(dev.zeros::<Rank4<2, 3, 16, 16>>());
+//! ```
 //!
 //! ```
 //! use dfdx::prelude::*;
@@ -119,7 +127,8 @@ fn pytorch_init<
     t.try_fill_with_distr(Uniform::new(-b, b))
 }
 
-/// PyTorch's output size, or 0 when the dilated kernel does not fit.
+/// PyTorch's output size, or 0 when the dilated kernel does not fit (or a kernel size, stride
+/// or dilation is 0).
 pub const fn output_size(
     input: usize,
     kernel: usize,
@@ -127,9 +136,12 @@ pub const fn output_size(
     padding: usize,
     dilation: usize,
 ) -> usize {
+    if kernel == 0 || stride == 0 || dilation == 0 {
+        return 0;
+    }
     let span = dilation * (kernel - 1) + 1;
     let padded = input + 2 * padding;
-    if padded < span || stride == 0 {
+    if padded < span {
         0
     } else {
         (padded - span) / stride + 1
@@ -159,6 +171,12 @@ pub(crate) fn conv2d<
     weight: &Tensor<Rank4<O, I, K, K>, E, D>,
     bias: Option<&Tensor<Rank1<O>, E, D>>,
 ) -> Result<Output4<B, O, E, D, T>, D::Err> {
+    const {
+        assert!(
+            K >= 1 && S >= 1 && DIL >= 1,
+            "Conv2D needs a kernel size, stride and dilation of at least 1"
+        )
+    };
     // Contiguous (a no-op for the usual contiguous tensors), so that the host kernel may read
     // the buffers as they are; a copy's backward op on the tape routes gradients back.
     let (x, tape) = x.try_contiguous()?.split_tape();
