@@ -78,9 +78,9 @@ pub fn read_tensors(
             _ => continue,
         };
         let (out_dim, in_dim) = match shape {
-            [o, i] => (*o, *i),
+            [] => (1, 1),
             [n] => (1, *n),
-            _ => (shape[0], shape[1..].iter().product()),
+            [o, rest @ ..] => (*o, rest.iter().product()),
         };
         out.push(NamedMatrix {
             name,
@@ -129,4 +129,61 @@ pub fn factorize_matrix(
     );
     row.note = solved.note;
     Ok((row, Some(solved.factors)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    /// A file with a scalar, a vector, a matrix and a rank-3 tensor, and the path it was
+    /// written to.
+    fn file(dir: &str) -> std::path::PathBuf {
+        let scalar = 2.5f32.to_le_bytes().to_vec();
+        let vector: Vec<u8> = [1.0f64, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let matrix: Vec<u8> = (0..6).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let cube: Vec<u8> = (0..12).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let views = [
+            ("s", TensorView::new(Dtype::F32, vec![], &scalar).unwrap()),
+            ("v", TensorView::new(Dtype::F64, vec![2], &vector).unwrap()),
+            (
+                "m",
+                TensorView::new(Dtype::F32, vec![2, 3], &matrix).unwrap(),
+            ),
+            (
+                "c",
+                TensorView::new(Dtype::F32, vec![2, 3, 2], &cube).unwrap(),
+            ),
+        ];
+        let bytes = safetensors::serialize(views, &None).unwrap();
+        let dir = std::env::temp_dir().join(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn tensors_of_every_rank_are_read_without_panicking() {
+        let path = file(&format!("factorize-weights-{}", std::process::id()));
+        let dims = |rank| -> Vec<(String, usize, usize, usize)> {
+            read_tensors(&path, rank)
+                .unwrap()
+                .into_iter()
+                .map(|m| (m.name, m.out_dim, m.in_dim, m.data.len()))
+                .collect()
+        };
+        assert_eq!(dims(0), [("s".to_string(), 1, 1, 1)]);
+        assert_eq!(dims(1), [("v".to_string(), 1, 2, 2)]);
+        assert_eq!(dims(2), [("m".to_string(), 2, 3, 6)]);
+        assert_eq!(dims(3), [("c".to_string(), 2, 6, 12)]);
+        assert_eq!(
+            read_matrices(&path).unwrap()[0].data,
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        );
+        // Not a safetensors file: an error naming it.
+        std::fs::write(&path, b"not safetensors").unwrap();
+        let e = read_matrices(&path).unwrap_err();
+        assert!(e.to_string().contains("t.safetensors"), "{e}");
+    }
 }
