@@ -6,10 +6,27 @@
 
 use std::time::Instant;
 
+use dfdx::nn::modules::Linear;
+use dfdx::prelude::*;
 use factorize_runtime::engine::calibrated::{fit_linear_on, Calibration, Fit};
 use factorize_runtime::engine::{gpu_available, solve, WeightMatrix};
 use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
-use factorize_runtime::{Backend, FactorizeConfig, Precision};
+use factorize_runtime::{Backend, Factorizable, FactorizeConfig, Precision};
+
+/// Eight 4096×4096 layers as a derived dfdx model: `factorize` reads each weight off its
+/// tensor, factorizes it and builds the factorized layers, as a user's model goes.
+#[derive(Factorizable)]
+#[factorize(latent_features = 512)]
+pub struct Eight<E: Dtype, D: Device<E>> {
+    pub l0: Linear<4096, 4096, E, D>,
+    pub l1: Linear<4096, 4096, E, D>,
+    pub l2: Linear<4096, 4096, E, D>,
+    pub l3: Linear<4096, 4096, E, D>,
+    pub l4: Linear<4096, 4096, E, D>,
+    pub l5: Linear<4096, 4096, E, D>,
+    pub l6: Linear<4096, 4096, E, D>,
+    pub l7: Linear<4096, 4096, E, D>,
+}
 
 fn main() {
     if let Err(reason) = gpu_available() {
@@ -149,5 +166,40 @@ fn main() {
     println!(
         "8 layers 4096x4096 rank 512, power law, host to host: {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3
+    );
+
+    // The same 8 layers as a dfdx model of f32 tensors: reading each weight off its tensor and
+    // building the factorized layers count too.
+    let dev: Cpu = Default::default();
+    let mut model: Eight<f32, Cpu> = Eight {
+        l0: BuildModule::build(&dev),
+        l1: BuildModule::build(&dev),
+        l2: BuildModule::build(&dev),
+        l3: BuildModule::build(&dev),
+        l4: BuildModule::build(&dev),
+        l5: BuildModule::build(&dev),
+        l6: BuildModule::build(&dev),
+        l7: BuildModule::build(&dev),
+    };
+    let fields = [
+        &mut model.l0,
+        &mut model.l1,
+        &mut model.l2,
+        &mut model.l3,
+        &mut model.l4,
+        &mut model.l5,
+        &mut model.l6,
+        &mut model.l7,
+    ];
+    for (layer, w) in fields.into_iter().zip(&layers) {
+        let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+        layer.weight.copy_from(&w32);
+    }
+    let t = Instant::now();
+    let (_, report) = model.factorize_with_report(&gpu).unwrap();
+    println!(
+        "the same 8 layers as a dfdx f32 model, model.factorize on the GPU: {:.1} ms ({} replaced)",
+        t.elapsed().as_secs_f64() * 1e3,
+        report.replaced().count()
     );
 }
