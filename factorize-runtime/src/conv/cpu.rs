@@ -10,7 +10,7 @@ use std::any::Any;
 
 use dfdx::prelude::*;
 
-use super::host::{Element, HostConv};
+use super::host::{add, Element, HostConv};
 use super::unfold::Geometry;
 
 /// A backward op as the tape takes it.
@@ -66,12 +66,6 @@ fn host<S: Shape, F: Element + Dtype>(t: &Tensor<S, F, Cpu>) -> Vec<F> {
     let mut v = vec![F::default(); t.shape().num_elements()];
     t.copy_into(&mut v);
     v
-}
-
-fn add<F: Element>(into: &mut [F], values: &[F]) {
-    for (t, &v) in into.iter_mut().zip(values) {
-        *t += v;
-    }
 }
 
 #[allow(clippy::type_complexity)]

@@ -25,6 +25,13 @@ pub(crate) trait Element: Real + Default + AddAssign + Send + Sync {}
 
 impl<F: Real + Default + AddAssign + Send + Sync> Element for F {}
 
+/// `into += values`, element by element.
+pub(crate) fn add<F: Element>(into: &mut [F], values: &[F]) {
+    for (t, &v) in into.iter_mut().zip(values) {
+        *t += v;
+    }
+}
+
 /// One convolution: its geometry for the current image size and its weight.
 pub(crate) struct HostConv<'a, F> {
     pub geometry: Geometry,
@@ -163,12 +170,8 @@ impl<F: Element> HostConv<'_, F> {
             })
             .collect();
         for part in partial {
-            for (t, v) in total.weight.iter_mut().zip(part.weight) {
-                *t += v;
-            }
-            for (t, v) in total.bias.iter_mut().zip(part.bias) {
-                *t += v;
-            }
+            add(&mut total.weight, &part.weight);
+            add(&mut total.bias, &part.bias);
         }
         total
     }

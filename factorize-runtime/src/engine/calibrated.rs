@@ -213,12 +213,7 @@ pub fn fit_linear(
             (factors, energies, 0.0)
         }
     };
-    // b′ = b + (W − BA)·μ.
-    let a = MatRef::from_row_major_slice(&factors.first, rank, in_dim);
-    let b = MatRef::from_row_major_slice(&factors.second, out_dim, rank);
-    let mu = MatRef::from_column_major_slice(&mean, in_dim, 1);
-    let shift = wm * mu - b * (a * mu);
-    let new_bias: Vec<f64> = (0..out_dim).map(|o| bias[o] + shift[(o, 0)]).collect();
+    let new_bias = refitted_bias(wm, &factors, &mean, bias);
     let nmse = energies.nmse(wm, &mean, bias, x.rows);
     Ok(CalibratedFit {
         factors,
@@ -283,7 +278,7 @@ fn exact(
     let r = wm.transpose() * &q;
     let mut factors =
         split_factors(q.as_ref(), r.as_ref(), true).into_low_rank(out_dim, in_dim, 0.0, iterations);
-    let (w2, r2) = (squared_norm(wm), squared_norm(r.as_ref()));
+    let (w2, r2) = (w.squared_norm(), r.squared_norm_l2());
     factors.relative_error = if w2 - r2 > CANCELLATION * w2 {
         ((w2 - r2) / w2).sqrt()
     } else {
@@ -345,22 +340,22 @@ fn trace(g: &Mat<f64>) -> f64 {
     (0..g.nrows()).map(|i| g[(i, i)]).sum()
 }
 
-fn squared_norm(m: MatRef<'_, f64>) -> f64 {
-    let mut sum = 0.0;
-    for j in 0..m.ncols() {
-        for i in 0..m.nrows() {
-            sum += m[(i, j)].powi(2);
-        }
-    }
-    sum
-}
-
 /// `W − BA`.
 fn difference(wm: MatRef<'_, f64>, factors: &LowRank) -> Mat<f64> {
     let (out_dim, in_dim, rank) = (wm.nrows(), wm.ncols(), factors.rank);
     let a = MatRef::from_row_major_slice(&factors.first, rank, in_dim);
     let b = MatRef::from_row_major_slice(&factors.second, out_dim, rank);
     wm - b * a
+}
+
+/// The refitted bias of the pair: `b′ = b + (W − BA)·μ`, the mean residual on the rows.
+fn refitted_bias(wm: MatRef<'_, f64>, factors: &LowRank, mean: &[f64], bias: &[f64]) -> Vec<f64> {
+    let (out_dim, in_dim, rank) = (wm.nrows(), wm.ncols(), factors.rank);
+    let a = MatRef::from_row_major_slice(&factors.first, rank, in_dim);
+    let b = MatRef::from_row_major_slice(&factors.second, out_dim, rank);
+    let mu = MatRef::from_column_major_slice(mean, in_dim, 1);
+    let shift = wm * mu - b * (a * mu);
+    (0..out_dim).map(|o| bias[o] + shift[(o, 0)]).collect()
 }
 
 /// `tr(M·C·Mᵀ)`.
@@ -442,11 +437,7 @@ fn gpu_fit(
     };
     let f = done.factors;
     let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
-    let a = MatRef::from_row_major_slice(&f.first, rank, in_dim);
-    let b = MatRef::from_row_major_slice(&f.second, out_dim, rank);
-    let mu = MatRef::from_column_major_slice(&mean, in_dim, 1);
-    let shift = wm * mu - b * (a * mu);
-    let new_bias: Vec<f64> = (0..out_dim).map(|o| bias[o] + shift[(o, 0)]).collect();
+    let new_bias = refitted_bias(wm, &f, &mean, bias);
     let energies = Energies {
         output: done.output_energy,
         error: done.error_energy,

@@ -94,7 +94,12 @@ impl<'a> WeightMatrix<'a> {
 
     /// `‖W‖_F`.
     pub fn frobenius_norm(&self) -> f64 {
-        self.data.iter().map(|x| x * x).sum::<f64>().sqrt()
+        self.squared_norm().sqrt()
+    }
+
+    /// `‖W‖_F²`.
+    pub(crate) fn squared_norm(&self) -> f64 {
+        self.data.iter().map(|x| x * x).sum()
     }
 
     pub(crate) fn check_rank(&self, rank: usize) -> Result<(), FactorizeError> {
