@@ -223,13 +223,25 @@ pub(crate) fn fresh_uniform(count: usize, fan_in: usize, seed: u64) -> Vec<f64> 
 
 /// Reads a tensor (with or without a tape) to `f64` on the host; NaN where a value has no
 /// `f64` form, so that the finiteness checks catch it.
-pub(crate) fn host_f64<S: Shape, E: Dtype, D: Storage<E>, T>(t: &Tensor<S, E, D, T>) -> Vec<f64> {
+pub(crate) fn host_f64<S: Shape, E: Dtype, D: Device<E>, T>(t: &Tensor<S, E, D, T>) -> Vec<f64> {
+    use rayon::prelude::*;
     // dfdx's `as_vec` panics on a tensor without elements (a calibration batch of 0 rows).
     if t.shape().num_elements() == 0 {
         return Vec::new();
     }
-    t.as_vec()
-        .into_iter()
+    // `as_vec` walks the tensor element by element; a contiguous tensor (a no-op to get for
+    // stored weights) is one bulk copy, converted on all cores: a 4096×4096 weight is 16M
+    // values, read once per factorization.
+    let values = match t.retaped::<NoneTape>().try_contiguous() {
+        Ok(c) => {
+            let mut values = crate::engine::touched(c.shape().num_elements());
+            c.copy_into(&mut values);
+            values
+        }
+        Err(_) => t.as_vec(),
+    };
+    values
+        .into_par_iter()
         .map(|x| x.to_f64().unwrap_or(f64::NAN))
         .collect()
 }
@@ -241,8 +253,9 @@ pub(crate) fn to_device<S: Shape, E: Dtype, D: Device<E>>(
     shape: S,
     layer: &str,
 ) -> Result<Tensor<S, E, D>, FactorizeError> {
+    use rayon::prelude::*;
     let data: Vec<E> = values
-        .iter()
+        .par_iter()
         .map(|&x| E::from_f64(x).unwrap_or_default())
         .collect();
     dev.try_tensor_from_vec(data, shape)
@@ -437,5 +450,25 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
         let bias = to_device(dev, &f.bias, (Const::<O>,), path)?;
         let layer = Self::from_host(dev, &f.factors.first, &f.factors.second, bias, path)?;
         Ok((layer, calibrated_row(path, I, O, &f, rows, used, start)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_f64;
+    use dfdx::prelude::*;
+
+    #[test]
+    fn host_values_are_in_logical_order() {
+        let dev: Cpu = Default::default();
+        let t: Tensor<Rank2<2, 3>, f32, Cpu> = dev.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]);
+        assert_eq!(host_f64(&t), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        // A permuted view shares the buffer with other strides: read as the logical 3×2.
+        let p: Tensor<Rank2<3, 2>, f32, Cpu> = t.clone().permute();
+        assert_eq!(host_f64(&p), [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        let traced: Tensor<Rank2<2, 3>, f32, Cpu, OwnedTape<f32, Cpu>> = t.leaky_trace();
+        assert_eq!(host_f64(&traced), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let empty: Tensor<(usize, Const<3>), f64, Cpu> = dev.zeros_like(&(0, Const));
+        assert!(host_f64(&empty).is_empty());
     }
 }

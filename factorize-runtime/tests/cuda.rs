@@ -97,6 +97,8 @@ fn gpu_meets_the_optimum_and_agrees_with_the_cpu() {
     let flat = vec![1.0; 1024];
     check_against_cpu(1024, 1024, &flat, 128);
     check_against_cpu(2048, 1024, &power_law(1024, 0.6), 128);
+    // Over two pinned staging buffers (2 · 4Mi values) with a tail: the upload is staged.
+    check_against_cpu(4100, 2600, &power_law(40, 0.5), 8);
 }
 
 #[test]
@@ -163,6 +165,8 @@ mod calibrated {
             (64, 160, 50, 16, 0.1),
             (512, 512, 1000, 24, 0.1),
             (700, 300, 900, 20, 0.0),
+            // Rows over two pinned staging buffers, with a tail: a staged upload.
+            (48, 64, 131_200, 8, 0.0),
         ] {
             let (w, x, bias) = case(o, i, n);
             let m = WeightMatrix::new("fc", &w, o, i).unwrap();
@@ -324,5 +328,62 @@ mod calibrated_apis {
                 assert_eq!(layer.backend, Some(Backend::Cpu));
             }
         }
+    }
+}
+
+/// `solve_many` gives each layer exactly what `solve` gives it, on every backend: on the GPU
+/// the uploads overlap the solves (two of these layers are large enough to be staged).
+#[test]
+fn solve_many_matches_solve_layer_by_layer() {
+    let gpu_here = gpu_available().is_ok();
+    // The middle layer is large (staged) only where a GPU runs it.
+    let big = if gpu_here { (4100, 2600) } else { (400, 260) };
+    let shapes = [(300, 600, 16), (big.0, big.1, 8), (640, 300, 16)];
+    let data: Vec<Vec<f64>> = (0..3)
+        .map(|k| matrix_with_spectrum(shapes[k].0, shapes[k].1, &power_law(40, 0.5), k as u64))
+        .collect();
+    let layers: Vec<(WeightMatrix<'_>, usize)> = (0..3)
+        .map(|k| {
+            let (o, i, rank) = shapes[k];
+            (
+                WeightMatrix::new(["a", "b", "c"][k], &data[k], o, i).unwrap(),
+                rank,
+            )
+        })
+        .collect();
+    let cpu = FactorizeConfig {
+        backend: Backend::Cpu,
+        ..Default::default()
+    };
+    let mut configs = vec![cpu];
+    if gpu("solve_many_matches_solve_layer_by_layer (GPU part)") {
+        configs.push(cuda());
+    }
+    for cfg in configs {
+        let many = factorize_runtime::engine::solve_many(&layers, &cfg).unwrap();
+        assert_eq!(many.len(), layers.len());
+        for ((w, rank), m) in layers.iter().zip(&many) {
+            let one = solve(w, *rank, &cfg).unwrap();
+            assert_eq!(m.backend, one.backend);
+            assert_eq!(m.factors, one.factors, "{} on {:?}", w.name(), cfg.backend);
+        }
+    }
+    // Ranks are checked before any work, naming the layer.
+    let mut bad = layers.clone();
+    bad[2].1 = 1000;
+    let e = factorize_runtime::engine::solve_many(&bad, &cpu).unwrap_err();
+    assert!(
+        matches!(e, FactorizeError::Rank { ref layer, .. } if layer == "c"),
+        "{e}"
+    );
+    assert!(factorize_runtime::engine::solve_many(&[], &cpu)
+        .unwrap()
+        .is_empty());
+    if !gpu_here {
+        let e = factorize_runtime::engine::solve_many(&layers, &cuda()).unwrap_err();
+        assert!(
+            matches!(e, FactorizeError::BackendUnavailable { ref layer, .. } if layer == "a"),
+            "{e}"
+        );
     }
 }

@@ -154,16 +154,14 @@ fn moments(x: &Calibration<'_>) -> (Mat<f64>, Vec<f64>) {
     (gram(centred.transpose()), mean)
 }
 
-/// Fits a rank-`rank` pair to `w` (with bias `bias`) on the calibration rows `x`.
-///
-/// Errors: shapes that do not match, NaN/Inf, `rank` out of `1..=min(out, in)`, a failed solver.
-pub fn fit_linear(
+/// Errors unless `rank` suits `w`, `bias` is finite with one value per output and the rows of
+/// `x` have one value per input.
+fn check_inputs(
     w: &WeightMatrix<'_>,
     bias: &[f64],
     x: &Calibration<'_>,
     rank: usize,
-    fit: Fit,
-) -> Result<CalibratedFit, FactorizeError> {
+) -> Result<(), FactorizeError> {
     let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
     w.check_rank(rank)?;
     check_finite(w.name(), "bias", bias)?;
@@ -185,6 +183,21 @@ pub fn fit_linear(
             shape: format!("[{}, {in_dim}]", x.rows),
         });
     }
+    Ok(())
+}
+
+/// Fits a rank-`rank` pair to `w` (with bias `bias`) on the calibration rows `x`.
+///
+/// Errors: shapes that do not match, NaN/Inf, `rank` out of `1..=min(out, in)`, a failed solver.
+pub fn fit_linear(
+    w: &WeightMatrix<'_>,
+    bias: &[f64],
+    x: &Calibration<'_>,
+    rank: usize,
+    fit: Fit,
+) -> Result<CalibratedFit, FactorizeError> {
+    let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
+    check_inputs(w, bias, x, rank)?;
     let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
     let (c, mean) = moments(x);
     let rank_deficient = x.rows <= in_dim;
@@ -213,12 +226,11 @@ pub fn fit_linear(
             (factors, energies, 0.0)
         }
     };
-    let new_bias = refitted_bias(wm, &factors, &mean, bias);
-    let nmse = energies.nmse(wm, &mean, bias, x.rows);
+    let (w_mu, ba_mu) = mean_images(wm, &factors, &mean);
     Ok(CalibratedFit {
+        bias: refitted_bias(bias, &w_mu, &ba_mu),
+        nmse: energies.nmse(&w_mu, bias, x.rows),
         factors,
-        bias: new_bias,
-        nmse,
         ridge,
         rank_deficient,
     })
@@ -238,12 +250,10 @@ pub(crate) struct Energies {
 impl Energies {
     /// The nmse over all `rows × out` output elements: the error energy over the variance of
     /// `X·Wᵀ + b`, whose energy is `tr(W·C·Wᵀ) + N·Σ_o (w_o·μ + b_o − m)²`, `m` the mean of the
-    /// per-output means.
-    pub(crate) fn nmse(&self, wm: MatRef<'_, f64>, mean: &[f64], bias: &[f64], rows: usize) -> f64 {
-        let out_dim = wm.nrows();
-        let mu = MatRef::from_column_major_slice(mean, wm.ncols(), 1);
-        let centre = wm * mu;
-        let per_output: Vec<f64> = (0..out_dim).map(|o| centre[(o, 0)] + bias[o]).collect();
+    /// per-output means; `w_mu` is `W·μ`.
+    pub(crate) fn nmse(&self, w_mu: &[f64], bias: &[f64], rows: usize) -> f64 {
+        let out_dim = w_mu.len();
+        let per_output: Vec<f64> = w_mu.iter().zip(bias).map(|(c, b)| c + b).collect();
         let m = per_output.iter().sum::<f64>() / out_dim as f64;
         let n = rows as f64;
         let spread = per_output.iter().map(|v| (v - m).powi(2)).sum::<f64>();
@@ -348,14 +358,24 @@ fn difference(wm: MatRef<'_, f64>, factors: &LowRank) -> Mat<f64> {
     wm - b * a
 }
 
-/// The refitted bias of the pair: `b′ = b + (W − BA)·μ`, the mean residual on the rows.
-fn refitted_bias(wm: MatRef<'_, f64>, factors: &LowRank, mean: &[f64], bias: &[f64]) -> Vec<f64> {
+/// The refitted bias of the pair, `b′ = b + (W − BA)·μ` (the mean residual on the rows), from
+/// `W·μ` and `BA·μ`.
+fn refitted_bias(bias: &[f64], w_mu: &[f64], ba_mu: &[f64]) -> Vec<f64> {
+    bias.iter()
+        .zip(w_mu.iter().zip(ba_mu))
+        .map(|(b, (w, l))| b + (w - l))
+        .collect()
+}
+
+/// `W·μ` and `BA·μ` on the host.
+fn mean_images(wm: MatRef<'_, f64>, factors: &LowRank, mean: &[f64]) -> (Vec<f64>, Vec<f64>) {
     let (out_dim, in_dim, rank) = (wm.nrows(), wm.ncols(), factors.rank);
     let a = MatRef::from_row_major_slice(&factors.first, rank, in_dim);
     let b = MatRef::from_row_major_slice(&factors.second, out_dim, rank);
     let mu = MatRef::from_column_major_slice(mean, in_dim, 1);
-    let shift = wm * mu - b * (a * mu);
-    (0..out_dim).map(|o| bias[o] + shift[(o, 0)]).collect()
+    let (w_mu, ba_mu) = (wm * mu, b * (a * mu));
+    let column = |m: &Mat<f64>| (0..out_dim).map(|o| m[(o, 0)]).collect();
+    (column(&w_mu), column(&ba_mu))
 }
 
 /// `tr(M·C·Mᵀ)`.
@@ -412,20 +432,8 @@ fn gpu_fit(
     backend: Backend,
 ) -> Result<Option<CalibratedFit>, FactorizeError> {
     use super::cuda::{calibrated, GpuError};
-    let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
-    w.check_rank(rank)?;
-    check_finite(w.name(), "bias", bias)?;
-    if x.cols != in_dim || bias.len() != out_dim {
-        return Err(FactorizeError::Shape {
-            layer: w.name().to_string(),
-            tensor: "calibration input",
-            expected: x.rows * in_dim,
-            actual: x.data.len(),
-            shape: format!("[{}, {in_dim}]", x.rows),
-        });
-    }
-    let mean = column_means(x);
-    let done = match calibrated(w, x.data, x.rows, &mean, ridge, rank) {
+    check_inputs(w, bias, x, rank)?;
+    let done = match calibrated(w, x.data, x.rows, ridge, rank) {
         Ok(done) => done,
         Err(GpuError::OutOfMemory(_)) if backend == Backend::Auto => return Ok(None),
         Err(GpuError::OutOfMemory(reason) | GpuError::Failed(reason)) => {
@@ -435,20 +443,16 @@ fn gpu_fit(
             })
         }
     };
-    let f = done.factors;
-    let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
-    let new_bias = refitted_bias(wm, &f, &mean, bias);
     let energies = Energies {
         output: done.output_energy,
         error: done.error_energy,
     };
-    let nmse = energies.nmse(wm, &mean, bias, x.rows);
     Ok(Some(CalibratedFit {
-        factors: f,
-        bias: new_bias,
-        nmse,
+        bias: refitted_bias(bias, &done.w_mu, &done.ba_mu),
+        nmse: energies.nmse(&done.w_mu, bias, x.rows),
+        factors: done.factors,
         ridge: done.ridge,
-        rank_deficient: x.rows <= in_dim,
+        rank_deficient: x.rows <= w.in_dim(),
     }))
 }
 

@@ -115,6 +115,18 @@ impl<'a> WeightMatrix<'a> {
     }
 }
 
+/// `n` default values in fresh memory touched on all cores. A large block comes from the OS
+/// untouched, and each page then faults in at its first write, one by one in the thread that
+/// writes it (copying a 4096×4096 f32 weight into fresh memory takes ~30 ms on one core of a
+/// 2-core VM, mostly faults); touched on all cores, the faults are shared out.
+pub(crate) fn touched<T: Copy + Default + Send + Sync>(n: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = vec![T::default(); n];
+    out.par_chunks_mut(1 << 16)
+        .for_each(|chunk| chunk.fill(T::default()));
+    out
+}
+
 /// Errors with the first non-finite value of `data`, naming the layer and the tensor.
 pub fn check_finite(layer: &str, tensor: &'static str, data: &[f64]) -> Result<(), FactorizeError> {
     use rayon::prelude::*;
@@ -215,33 +227,81 @@ pub fn solve(
 ) -> Result<Solved, FactorizeError> {
     w.check_rank(rank)?;
     let start = Instant::now();
-    let mut note = None;
-    if cfg.backend != Backend::Cpu {
-        match gpu_available() {
-            Ok(()) => match on_gpu(w, rank, start)? {
-                Ok(solved) => return Ok(solved),
-                Err(out_of_memory) if cfg.backend == Backend::Auto => {
-                    note = Some(format!(
-                        "GPU out of memory ({out_of_memory}); done on the CPU"
-                    ));
-                }
-                Err(out_of_memory) => {
-                    return Err(FactorizeError::Device {
-                        layer: w.name().to_string(),
-                        reason: format!("out of memory: {out_of_memory}"),
-                    })
-                }
-            },
-            Err(reason) if cfg.backend == Backend::Cuda => {
-                return Err(FactorizeError::BackendUnavailable {
-                    layer: w.name().to_string(),
-                    backend: Backend::Cuda,
-                    reason,
-                })
-            }
-            Err(_) => {}
-        }
+    #[cfg(feature = "cuda-engine")]
+    if wants_gpu(w.name(), cfg)? {
+        return from_gpu(w, rank, cfg, cuda::low_rank(w, rank), start.elapsed());
     }
+    #[cfg(not(feature = "cuda-engine"))]
+    wants_gpu(w.name(), cfg)?;
+    on_cpu(w, rank, cfg, start, None)
+}
+
+/// [`solve`] for several layers `(weight, rank)`, in order. On the GPU each layer's weights
+/// are uploaded (on a second stream) while the previous layer is solved, so only the first
+/// upload is waited for. Ranks are all checked before any work; the first failing layer's
+/// error is returned.
+///
+/// ```
+/// use factorize_runtime::engine::{solve_many, WeightMatrix};
+/// use factorize_runtime::FactorizeConfig;
+/// let (a, b) = (vec![1.0; 12], vec![2.0; 6]);
+/// let layers = [
+///     (WeightMatrix::new("a", &a, 3, 4).unwrap(), 1),
+///     (WeightMatrix::new("b", &b, 2, 3).unwrap(), 1),
+/// ];
+/// let solved = solve_many(&layers, &FactorizeConfig::default()).unwrap();
+/// assert!(solved.iter().all(|s| s.factors.relative_error < 1e-12));
+/// ```
+pub fn solve_many(
+    layers: &[(WeightMatrix<'_>, usize)],
+    cfg: &FactorizeConfig,
+) -> Result<Vec<Solved>, FactorizeError> {
+    for (w, rank) in layers {
+        w.check_rank(*rank)?;
+    }
+    let Some((first, _)) = layers.first() else {
+        return Ok(Vec::new());
+    };
+    #[cfg(feature = "cuda-engine")]
+    if wants_gpu(first.name(), cfg)? {
+        return cuda::low_rank_many(layers)
+            .into_iter()
+            .zip(layers)
+            .map(|((outcome, time), (w, rank))| from_gpu(w, *rank, cfg, outcome, time))
+            .collect();
+    }
+    #[cfg(not(feature = "cuda-engine"))]
+    wants_gpu(first.name(), cfg)?;
+    layers
+        .iter()
+        .map(|(w, rank)| on_cpu(w, *rank, cfg, Instant::now(), None))
+        .collect()
+}
+
+/// Whether `cfg` sends the work to the GPU: `Backend::Cuda` without a usable GPU is an error
+/// naming `layer` and the reason.
+fn wants_gpu(layer: &str, cfg: &FactorizeConfig) -> Result<bool, FactorizeError> {
+    if cfg.backend == Backend::Cpu {
+        return Ok(false);
+    }
+    match gpu_available() {
+        Ok(()) => Ok(true),
+        Err(reason) if cfg.backend == Backend::Cuda => Err(FactorizeError::BackendUnavailable {
+            layer: layer.to_string(),
+            backend: Backend::Cuda,
+            reason,
+        }),
+        Err(_) => Ok(false),
+    }
+}
+
+fn on_cpu(
+    w: &WeightMatrix<'_>,
+    rank: usize,
+    cfg: &FactorizeConfig,
+    start: Instant,
+    note: Option<String>,
+) -> Result<Solved, FactorizeError> {
     Ok(Solved {
         factors: low_rank(w, rank, cfg.precision)?,
         backend: Backend::Cpu,
@@ -250,40 +310,38 @@ pub fn solve(
     })
 }
 
-/// The GPU's factorization; `Ok(Err(reason))` when it ran out of memory.
+/// The GPU's outcome for a layer (after `gpu_time`) as the caller sees it: under
+/// `Backend::Auto` a layer that ran the GPU out of memory is redone on the CPU, with a note.
 #[cfg(feature = "cuda-engine")]
-fn on_gpu(
+fn from_gpu(
     w: &WeightMatrix<'_>,
     rank: usize,
-    start: Instant,
-) -> Result<Result<Solved, String>, FactorizeError> {
-    match cuda::low_rank(w, rank) {
-        Ok(factors) => Ok(Ok(Solved {
+    cfg: &FactorizeConfig,
+    outcome: Result<LowRank, cuda::GpuError>,
+    gpu_time: Duration,
+) -> Result<Solved, FactorizeError> {
+    match outcome {
+        Ok(factors) => Ok(Solved {
             factors,
             backend: Backend::Cuda,
-            time: start.elapsed(),
+            time: gpu_time,
             note: None,
-        })),
-        Err(cuda::GpuError::OutOfMemory(reason)) => Ok(Err(reason)),
+        }),
+        Err(cuda::GpuError::OutOfMemory(reason)) if cfg.backend == Backend::Auto => {
+            let note = format!("GPU out of memory ({reason}); done on the CPU");
+            let mut solved = on_cpu(w, rank, cfg, Instant::now(), Some(note))?;
+            solved.time += gpu_time;
+            Ok(solved)
+        }
+        Err(cuda::GpuError::OutOfMemory(reason)) => Err(FactorizeError::Device {
+            layer: w.name().to_string(),
+            reason: format!("out of memory: {reason}"),
+        }),
         Err(cuda::GpuError::Failed(reason)) => Err(FactorizeError::Device {
             layer: w.name().to_string(),
             reason,
         }),
     }
-}
-
-/// Without the engine there is no GPU to use (and `gpu_available` says so first).
-#[cfg(not(feature = "cuda-engine"))]
-fn on_gpu(
-    w: &WeightMatrix<'_>,
-    _rank: usize,
-    _start: Instant,
-) -> Result<Result<Solved, String>, FactorizeError> {
-    Err(FactorizeError::BackendUnavailable {
-        layer: w.name().to_string(),
-        backend: Backend::Cuda,
-        reason: gpu_available().err().unwrap_or_default(),
-    })
 }
 
 /// `‖W − second·first‖_F / ‖W‖_F` for factors of any origin (0 for a zero `W`).
