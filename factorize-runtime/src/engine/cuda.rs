@@ -33,7 +33,7 @@ use super::gaussian::Gaussian;
 use super::{LowRank, WeightMatrix};
 
 /// Why the GPU could not do a layer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum GpuError {
     /// Allocation failed: the caller may retry on the CPU.
     OutOfMemory(String),
@@ -119,7 +119,7 @@ impl Trace {
         Trace(on.then(Instant::now))
     }
 
-    fn mark(&mut self, stream: &CudaStream, phase: &str) {
+    fn mark(&mut self, stream: &CudaStream, phase: impl std::fmt::Display) {
         if let Some(t) = &mut self.0 {
             let _ = stream.synchronize();
             eprintln!(
@@ -170,14 +170,21 @@ fn upload_on(
 }
 
 fn pinned_pair(ctx: &Arc<CudaContext>) -> Result<Staging, DriverError> {
-    let pinned = || -> Result<PinnedHostSlice<f64>, DriverError> {
-        // SAFETY: the memory is zeroed through its pointer before any slice of it is formed.
-        let mut buffer = unsafe { ctx.alloc_pinned::<f64>(STAGING_CHUNK) }?;
-        let ptr = buffer.as_mut_ptr()?;
-        unsafe { std::ptr::write_bytes(ptr, 0, STAGING_CHUNK) };
-        Ok(buffer)
-    };
-    Ok(Staging::Ready([pinned()?, pinned()?]))
+    // Write-combined: the host only writes these, and the copies to the device read them fast.
+    let flags = cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED;
+    Ok(Staging::Ready([
+        zeroed_pinned(ctx, flags)?,
+        zeroed_pinned(ctx, flags)?,
+    ]))
+}
+
+/// A pinned buffer of `STAGING_CHUNK` zeros, allocated with cudarc's `flags`.
+fn zeroed_pinned(ctx: &Arc<CudaContext>, flags: u32) -> Result<PinnedHostSlice<f64>, DriverError> {
+    // SAFETY: the memory is zeroed through its pointer before any slice of it is formed.
+    let mut buffer = unsafe { ctx.alloc_pinned_with_flags::<f64>(STAGING_CHUNK, flags) }?;
+    let ptr = buffer.as_mut_ptr()?;
+    unsafe { std::ptr::write_bytes(ptr, 0, STAGING_CHUNK) };
+    Ok(buffer)
 }
 
 struct Gpu {
@@ -265,7 +272,7 @@ pub(crate) fn low_rank_many(
         Ok(gpu) => gpu.low_rank_many(layers),
         Err(e) => layers
             .iter()
-            .map(|_| (Err(GpuError::Failed(format!("{e:?}"))), Duration::ZERO))
+            .map(|_| (Err(e.clone()), Duration::ZERO))
             .collect(),
     }
 }
@@ -314,18 +321,7 @@ impl Gpu {
         let mut slot = self.download.borrow_mut();
         if slot.is_none() {
             // Not write-combined (cudarc's default for pinned memory): the host reads it.
-            *slot = unsafe {
-                self.stream
-                    .context()
-                    .alloc_pinned_with_flags(STAGING_CHUNK, 0)
-            }
-            .ok()
-            .and_then(|mut b| {
-                let ptr = b.as_mut_ptr().ok()?;
-                // SAFETY: zeroed before any slice of it is formed.
-                unsafe { std::ptr::write_bytes(ptr, 0, STAGING_CHUNK) };
-                Some(b)
-            });
+            *slot = zeroed_pinned(self.stream.context(), 0).ok();
         }
         let Some(pinned) = slot.as_mut() else {
             return Ok(self.stream.clone_dtoh(src)?);
@@ -751,7 +747,7 @@ impl Gpu {
             self.gemm((N, N), (s, b, s), 1.0, (g, s), (&q, s), 0.0, (&mut z, s))?;
             products += 1;
             if products >= next_check {
-                timing.mark(&self.stream, &format!("{products} products"));
+                timing.mark(&self.stream, format_args!("{products} products"));
                 // With the vectors: on an H100/H200 a 768² `syevd` takes 7.4 ms without them and
                 // 8 ms with, less than a second call on the check that settles.
                 self.gemm((T, N), (b, b, s), 1.0, (&q, s), (&z, s), 0.0, (&mut h, b))?;
