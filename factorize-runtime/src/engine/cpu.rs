@@ -29,6 +29,7 @@ use faer::{Accum, Col, Conj, Mat, MatRef, Scale, Side};
 use super::filter::Chebyshev;
 
 use super::gaussian::Gaussian;
+use super::tridiagonal;
 use super::{LowRank, WeightMatrix};
 use crate::{FactorizeError, Precision};
 
@@ -124,7 +125,9 @@ fn solve<T: Real>(w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, Factoriz
 }
 
 /// The balanced factors of `M ≈ Q·Rᵀ` (`Q` orthonormal `s × L`, `R = Mᵀ·Q`): `Q_i·√σ_i` and
-/// `R_i/√σ_i` with `σ_i = ‖R_i‖`. A direction with `σ_i = 0` gets zero factors.
+/// `R_i/√σ_i` with `σ_i = ‖R_i‖`, ordered by nonincreasing `σ_i` (directions of one invariant
+/// subspace, like the null space of a low-rank `M`, may come in any order from the
+/// eigensolver). A direction with `σ_i = 0` gets zero factors.
 pub(crate) struct Split<T: Real> {
     left: Mat<T>,
     right: Mat<T>,
@@ -134,26 +137,29 @@ pub(crate) struct Split<T: Real> {
 
 pub(crate) fn split_factors<T: Real>(q: MatRef<'_, T>, r: MatRef<'_, T>, wide: bool) -> Split<T> {
     let (s, t, rank) = (q.nrows(), r.nrows(), q.ncols());
-    let mut singular_values = Vec::with_capacity(rank);
+    let norms: Vec<f64> = (0..rank)
+        .map(|i| (0..t).map(|j| r[(j, i)].f64().powi(2)).sum::<f64>().sqrt())
+        .collect();
+    let mut order: Vec<usize> = (0..rank).collect();
+    order.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]));
     let mut left = Mat::<T>::zeros(s, rank);
     let mut right = Mat::<T>::zeros(t, rank);
-    for i in 0..rank {
-        let sigma = (0..t).map(|j| r[(j, i)].f64().powi(2)).sum::<f64>().sqrt();
-        singular_values.push(sigma);
+    for (to, &from) in order.iter().enumerate() {
+        let sigma = norms[from];
         if sigma > 0.0 && sigma.is_finite() {
             let root = sigma.sqrt();
             for j in 0..s {
-                left[(j, i)] = T::of(q[(j, i)].f64() * root);
+                left[(j, to)] = T::of(q[(j, from)].f64() * root);
             }
             for j in 0..t {
-                right[(j, i)] = T::of(r[(j, i)].f64() / root);
+                right[(j, to)] = T::of(r[(j, from)].f64() / root);
             }
         }
     }
     Split {
         left,
         right,
-        singular_values,
+        singular_values: order.iter().map(|&i| norms[i]).collect(),
         wide,
     }
 }
@@ -378,14 +384,36 @@ fn dense_leading_eigenvectors<T: Real>(
         stack,
         Default::default(),
     );
-    let diagonal = Col::<T>::from_fn(s, |i| tri[(i, i)]);
-    let subdiagonal = Col::<T>::from_fn(s, |i| {
-        if i + 1 < s {
-            tri[(i + 1, i)]
-        } else {
-            T::zero()
-        }
-    });
+    let diagonal: Vec<f64> = (0..s).map(|i| tri[(i, i)].f64()).collect();
+    let subdiagonal: Vec<f64> = (0..s - 1).map(|i| tri[(i + 1, i)].f64()).collect();
+    let found = tridiagonal::leading_eigenvectors(&diagonal, &subdiagonal, rank);
+    let mut q = match found {
+        Some(v) => Mat::<T>::from_fn(s, rank, |i, j| T::of(v[(i, j)])),
+        None => all_tridiagonal_eigenvectors(&diagonal, &subdiagonal, rank, layer, stack)?,
+    };
+    householder::apply_block_householder_sequence_on_the_left_in_place_with_conj(
+        tri.submatrix(1, 0, s - 1, s - 1),
+        householder.as_ref(),
+        Conj::No,
+        q.as_mut().subrows_mut(1, s - 1),
+        par,
+        stack,
+    );
+    Ok(q)
+}
+
+/// The `rank` leading eigenvectors of a tridiagonal matrix by faer's divide and conquer, which
+/// computes all of them: the fallback for matrices `tridiagonal` cannot vouch for.
+fn all_tridiagonal_eigenvectors<T: Real>(
+    diagonal: &[f64],
+    subdiagonal: &[f64],
+    rank: usize,
+    layer: &str,
+    stack: &mut MemStack,
+) -> Result<Mat<T>, FactorizeError> {
+    let s = diagonal.len();
+    let diagonal = Col::<T>::from_fn(s, |i| T::of(diagonal[i]));
+    let subdiagonal = Col::<T>::from_fn(s, |i| T::of(subdiagonal.get(i).copied().unwrap_or(0.0)));
     let mut values = Col::<T>::zeros(s);
     let mut vectors = Mat::<T>::zeros(s, s);
     evd::tridiagonal_self_adjoint_evd(
@@ -401,16 +429,7 @@ fn dense_leading_eigenvectors<T: Real>(
     )
     .map_err(|_| no_convergence(layer))?;
     // Eigenvalues come in nondecreasing order: the leading ones are the last columns.
-    let mut q = Mat::<T>::from_fn(s, rank, |i, j| vectors[(i, s - 1 - j)]);
-    householder::apply_block_householder_sequence_on_the_left_in_place_with_conj(
-        tri.submatrix(1, 0, s - 1, s - 1),
-        householder.as_ref(),
-        Conj::No,
-        q.as_mut().subrows_mut(1, s - 1),
-        par,
-        stack,
-    );
-    Ok(q)
+    Ok(Mat::<T>::from_fn(s, rank, |i, j| vectors[(i, s - 1 - j)]))
 }
 
 fn orthonormal<T: Real>(a: Mat<T>) -> Mat<T> {

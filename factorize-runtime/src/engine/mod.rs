@@ -24,6 +24,7 @@ mod cpu;
 mod cuda;
 mod filter;
 mod gaussian;
+mod tridiagonal;
 
 pub(crate) use gaussian::Gaussian;
 
