@@ -29,7 +29,7 @@
 use faer::linalg::solvers::Solve;
 use faer::{Mat, MatRef, Side};
 
-use super::cpu::{gram, split_factors, symmetric_product, top_eigenvectors};
+use super::cpu::{gram, split_factors, symmetric_product, top_eigenvectors, Leading};
 use super::{check_finite, low_rank, LowRank, WeightMatrix};
 use crate::{Backend, FactorizeError, Precision};
 
@@ -149,9 +149,9 @@ fn column_means(x: &Calibration<'_>) -> Vec<f64> {
 /// Second moment of the centred rows and the row mean.
 fn moments(x: &Calibration<'_>) -> (Mat<f64>, Vec<f64>) {
     let mean = column_means(x);
-    let xm = x.matrix();
-    let centred = Mat::<f64>::from_fn(x.rows, x.cols, |i, j| xm[(i, j)] - mean[j]);
-    (gram(centred.transpose()), mean)
+    // Built as its transpose so that each column is filled from one contiguous row of `x`.
+    let centred_t = Mat::<f64>::from_fn(x.cols, x.rows, |j, i| x.data[i * x.cols + j] - mean[j]);
+    (gram(centred_t.as_ref()), mean)
 }
 
 /// Errors unless `rank` suits `w`, `bias` is finite with one value per output and the rows of
@@ -272,9 +272,10 @@ impl Energies {
 /// weight error, and its energies under the ridge-free `c`.
 ///
 /// With `R = Wᵀ·Q`: `‖W − BA‖² = ‖W‖² − ‖R‖²` and `tr(Δ·C·Δᵀ) = tr(W·C·Wᵀ) − tr(Rᵀ·C·R)` (`I −
-/// QQᵀ` is a projector), and `tr(W·C·Wᵀ) = tr(W·C_r·Wᵀ) − ρ‖W‖²` comes with the Gram matrix the
-/// subspace was found in; none of them needs another `out × in × in` product unless the error
-/// is too small a fraction of its energy for the difference (see [`CANCELLATION`]).
+/// QQᵀ` is a projector). Both traces come with the Gram matrix the subspace was found in:
+/// `tr(W·C·Wᵀ) = tr(W·C_r·Wᵀ) − ρ‖W‖²`, and `tr(Rᵀ·C·R) = Σθ − ρ‖R‖²` with `Σθ = tr(Qᵀ·W·C_r·Wᵀ·Q)`
+/// the eigenvalues the solver found. None of them needs another `in × in` product unless the
+/// error is too small a fraction of its energy for the difference (see [`CANCELLATION`]).
 fn exact(
     w: &WeightMatrix<'_>,
     c: &Mat<f64>,
@@ -284,10 +285,15 @@ fn exact(
 ) -> Result<(LowRank, Energies), FactorizeError> {
     let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
     let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
-    let (q, iterations, energy_r) = output_subspace(wm, cr, rank, w.name())?;
+    let (leading, energy_r) = output_subspace(wm, cr, rank, w.name())?;
+    let q = leading.vectors;
     let r = wm.transpose() * &q;
-    let mut factors =
-        split_factors(q.as_ref(), r.as_ref(), true).into_low_rank(out_dim, in_dim, 0.0, iterations);
+    let mut factors = split_factors(q.as_ref(), r.as_ref(), true).into_low_rank(
+        out_dim,
+        in_dim,
+        0.0,
+        leading.iterations,
+    );
     let (w2, r2) = (w.squared_norm(), r.squared_norm_l2());
     factors.relative_error = if w2 - r2 > CANCELLATION * w2 {
         ((w2 - r2) / w2).sqrt()
@@ -295,7 +301,7 @@ fn exact(
         super::relative_error(w, &factors.second, &factors.first, rank)
     };
     let output = (energy_r - rho * w2).max(0.0);
-    let captured = quad(r.transpose(), c);
+    let captured = leading.captured - rho * r2;
     let error = if output - captured > CANCELLATION * output {
         output - captured
     } else {
@@ -305,9 +311,10 @@ fn exact(
 }
 
 /// An orthonormal basis (`out × rank`) of the leading left singular subspace of `W·C^{1/2}`,
-/// the subspace iterations used, and `tr(W·C·Wᵀ)`. With `out <= in` it comes from `W·C·Wᵀ`
-/// (`out × out`); otherwise from the smaller `Fᵀ·Wᵀ·W·F` (`in × in`) for any `F` with `F·Fᵀ =
-/// C` — the Cholesky factor, or the square root when `C` is singular: `W·F` has the same left
+/// with the subspace iterations used and its captured energy `tr(Qᵀ·W·C·Wᵀ·Q)`, and
+/// `tr(W·C·Wᵀ)`. With `out <= in` it comes from `W·C·Wᵀ` (`out × out`); otherwise from the
+/// smaller `Fᵀ·Wᵀ·W·F` (`in × in`, the same nonzero eigenvalues) for any `F` with `F·Fᵀ = C` —
+/// the Cholesky factor, or the square root when `C` is singular: `W·F` has the same left
 /// singular subspace as `W·C^{1/2}` — mapped back by `W·F` and a QR. The iteration settles
 /// the residual energy to 1e-9, well inside the 1e-6 the calibration nmse is tested to.
 fn output_subspace(
@@ -315,7 +322,7 @@ fn output_subspace(
     c: &Mat<f64>,
     rank: usize,
     layer: &str,
-) -> Result<(Mat<f64>, usize, f64), FactorizeError> {
+) -> Result<(Leading<f64>, f64), FactorizeError> {
     let (out_dim, in_dim) = (wm.nrows(), wm.ncols());
     let no_convergence = || FactorizeError::NoConvergence {
         layer: layer.to_string(),
@@ -324,8 +331,7 @@ fn output_subspace(
     if out_dim <= in_dim {
         let g = symmetric_product((wm * c).as_ref(), wm.transpose());
         let energy = trace(&g);
-        let (q, iterations) = top_eigenvectors(&g, rank, layer, 1e-9)?;
-        return Ok((q, iterations, energy));
+        return Ok((top_eigenvectors(&g, rank, layer, 1e-9)?, energy));
     }
     let factor = match c.llt(Side::Lower) {
         Ok(llt) => llt.L().to_owned(),
@@ -342,8 +348,9 @@ fn output_subspace(
     let ws = wm * &factor;
     let h = gram(ws.transpose());
     let energy = trace(&h);
-    let (y, iterations) = top_eigenvectors(&h, rank, layer, 1e-9)?;
-    Ok(((&ws * &y).qr().compute_thin_Q(), iterations, energy))
+    let leading = top_eigenvectors(&h, rank, layer, 1e-9)?;
+    let vectors = (&ws * &leading.vectors).qr().compute_thin_Q();
+    Ok((Leading { vectors, ..leading }, energy))
 }
 
 fn trace(g: &Mat<f64>) -> f64 {
