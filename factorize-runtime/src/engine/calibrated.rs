@@ -27,9 +27,11 @@
 //! ```
 
 use faer::linalg::solvers::Solve;
-use faer::{Mat, MatRef, Side};
+use faer::{Accum, Mat, MatRef, Side};
 
-use super::cpu::{gram, split_factors, symmetric_product, top_eigenvectors, Leading};
+use super::cpu::{
+    gram, lower_product, mirror_lower, split_factors, symmetric_product, top_eigenvectors, Leading,
+};
 use super::{check_finite, low_rank, LowRank, WeightMatrix};
 use crate::{Backend, FactorizeError, Precision};
 
@@ -148,10 +150,28 @@ fn column_means(x: &Calibration<'_>) -> Vec<f64> {
 
 /// Second moment of the centred rows and the row mean.
 fn moments(x: &Calibration<'_>) -> (Mat<f64>, Vec<f64>) {
+    // Accumulated over blocks of rows: a centred copy of all the rows would be the largest
+    // allocation of a small fit, and fresh pages fault in one by one (about 2 µs each here).
+    const ROWS: usize = 128;
     let mean = column_means(x);
-    // Built as its transpose so that each column is filled from one contiguous row of `x`.
-    let centred_t = Mat::<f64>::from_fn(x.cols, x.rows, |j, i| x.data[i * x.cols + j] - mean[j]);
-    (gram(centred_t.as_ref()), mean)
+    let mut c = Mat::<f64>::zeros(x.cols, x.cols);
+    // Centred rows as columns, each filled from one contiguous row of `x`.
+    let mut block = Mat::<f64>::zeros(x.cols, ROWS.min(x.rows));
+    for (b, rows) in x.data.chunks(ROWS * x.cols).enumerate() {
+        let n = rows.len() / x.cols;
+        for (i, row) in rows.chunks_exact(x.cols).enumerate() {
+            block
+                .col_mut(i)
+                .iter_mut()
+                .zip(row.iter().zip(&mean))
+                .for_each(|(out, (v, m))| *out = v - m);
+        }
+        let centred = block.as_ref().subcols(0, n);
+        let accum = if b == 0 { Accum::Replace } else { Accum::Add };
+        lower_product(c.as_mut(), accum, centred, centred.transpose());
+    }
+    mirror_lower(&mut c);
+    (c, mean)
 }
 
 /// Errors unless `rank` suits `w`, `bias` is finite with one value per output and the rows of
@@ -199,7 +219,7 @@ pub fn fit_linear(
     let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
     check_inputs(w, bias, x, rank)?;
     let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
-    let (c, mean) = moments(x);
+    let (mut c, mean) = moments(x);
     let rank_deficient = x.rows <= in_dim;
     let scale = trace(&c) / in_dim as f64;
 
@@ -208,11 +228,7 @@ pub fn fit_linear(
             // No inverse of C is formed, so even a singular C (N <= in) needs no ridge to be
             // solvable; the ridge is about generalising off the calibration rows.
             let rho = ridge * scale;
-            let mut cr = c.clone();
-            for i in 0..in_dim {
-                cr[(i, i)] += rho;
-            }
-            let (factors, energies) = exact(w, &c, &cr, rho, rank)?;
+            let (factors, energies) = exact(w, &mut c, rho, rank)?;
             (factors, energies, rho)
         }
         Fit::Als { iterations } => {
@@ -269,7 +285,7 @@ impl Energies {
 }
 
 /// The exact fit `B·A = Q·Qᵀ·W` (`Q` the leading left singular subspace of `W·C_r^{1/2}`), its
-/// weight error, and its energies under the ridge-free `c`.
+/// weight error, and its energies under the ridge-free `c` (left as it was given).
 ///
 /// With `R = Wᵀ·Q`: `‖W − BA‖² = ‖W‖² − ‖R‖²` and `tr(Δ·C·Δᵀ) = tr(W·C·Wᵀ) − tr(Rᵀ·C·R)` (`I −
 /// QQᵀ` is a projector). Both traces come with the Gram matrix the subspace was found in:
@@ -278,14 +294,24 @@ impl Energies {
 /// error is too small a fraction of its energy for the difference (see [`CANCELLATION`]).
 fn exact(
     w: &WeightMatrix<'_>,
-    c: &Mat<f64>,
-    cr: &Mat<f64>,
+    c: &mut Mat<f64>,
     rho: f64,
     rank: usize,
 ) -> Result<(LowRank, Energies), FactorizeError> {
     let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
     let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
-    let (leading, energy_r) = output_subspace(wm, cr, rank, w.name())?;
+    // `C_r = C + ρI` in place of `C` while the subspace is found, then `C` again exactly
+    // (from its saved diagonal, not by subtracting): one `in × in` copy fewer.
+    let diagonal: Vec<f64> = (0..in_dim).map(|i| c[(i, i)]).collect();
+    for i in 0..in_dim {
+        c[(i, i)] += rho;
+    }
+    let subspace = output_subspace(wm, c, rank, w.name());
+    for (i, d) in diagonal.into_iter().enumerate() {
+        c[(i, i)] = d;
+    }
+    let (leading, energy_r) = subspace?;
+    let c = &*c;
     let q = leading.vectors;
     let r = wm.transpose() * &q;
     let mut factors = split_factors(q.as_ref(), r.as_ref(), true).into_low_rank(
@@ -331,7 +357,7 @@ fn output_subspace(
     if out_dim <= in_dim {
         let g = symmetric_product((wm * c).as_ref(), wm.transpose());
         let energy = trace(&g);
-        return Ok((top_eigenvectors(&g, rank, layer, 1e-9)?, energy));
+        return Ok((top_eigenvectors(g, rank, layer, 1e-9)?, energy));
     }
     let factor = match c.llt(Side::Lower) {
         Ok(llt) => llt.L().to_owned(),
@@ -348,7 +374,7 @@ fn output_subspace(
     let ws = wm * &factor;
     let h = gram(ws.transpose());
     let energy = trace(&h);
-    let leading = top_eigenvectors(&h, rank, layer, 1e-9)?;
+    let leading = top_eigenvectors(h, rank, layer, 1e-9)?;
     let vectors = (&ws * &leading.vectors).qr().compute_thin_Q();
     Ok((Leading { vectors, ..leading }, energy))
 }

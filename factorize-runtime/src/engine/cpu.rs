@@ -24,7 +24,7 @@ use faer::linalg::matmul::{
     triangular::{self, BlockStructure},
 };
 use faer::linalg::qr::no_pivoting::factor::recommended_block_size;
-use faer::{Accum, Col, Conj, Mat, MatRef, Scale, Side};
+use faer::{Accum, Col, Conj, Mat, MatMut, MatRef, Scale, Side};
 
 use super::filter::Chebyshev;
 
@@ -91,7 +91,7 @@ fn solve<T: Real>(w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, Factoriz
         vectors: q,
         iterations,
         ..
-    } = top_eigenvectors(&g, rank, w.name(), TOLERANCE)?;
+    } = top_eigenvectors(g, rank, w.name(), TOLERANCE)?;
 
     // R = Mᵀ·Q: its column norms are the singular values.
     let r = m.transpose() * &q;
@@ -250,12 +250,23 @@ pub(crate) fn gram<T: Real>(m: MatRef<'_, T>) -> Mat<T> {
 /// `A·B` for factors whose product is known to be symmetric (`M·Mᵀ`, `W·C·Wᵀ` as `(W·C)·Wᵀ`),
 /// computing one triangle and mirroring it.
 pub(crate) fn symmetric_product<T: Real>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Mat<T> {
-    let s = a.nrows();
-    let mut g = Mat::<T>::zeros(s, s);
+    let mut g = Mat::<T>::zeros(a.nrows(), a.nrows());
+    lower_product(g.as_mut(), Accum::Replace, a, b);
+    mirror_lower(&mut g);
+    g
+}
+
+/// The lower triangle of `A·B` into that of `g` (replacing it or added to it).
+pub(crate) fn lower_product<T: Real>(
+    g: MatMut<'_, T>,
+    accum: Accum,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+) {
     triangular::matmul(
-        g.as_mut(),
+        g,
         BlockStructure::TriangularLower,
-        Accum::Replace,
+        accum,
         a,
         BlockStructure::Rectangular,
         b,
@@ -263,8 +274,13 @@ pub(crate) fn symmetric_product<T: Real>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> 
         T::one(),
         faer::get_global_parallelism(),
     );
-    // Mirror tile by tile: a plain column loop reads a row of the other triangle per column,
-    // one cache line per value.
+}
+
+/// Copies the lower triangle of the square `g` onto its upper one.
+pub(crate) fn mirror_lower<T: Real>(g: &mut Mat<T>) {
+    let s = g.nrows();
+    // Tile by tile: a plain column loop reads a row of the other triangle per column, one
+    // cache line per value.
     const TILE: usize = 32;
     for j0 in (0..s).step_by(TILE) {
         for i0 in (0..=j0).step_by(TILE) {
@@ -275,7 +291,6 @@ pub(crate) fn symmetric_product<T: Real>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> 
             }
         }
     }
-    g
 }
 
 /// The largest Gram matrix the dense eigensolver handles on one thread.
@@ -299,7 +314,7 @@ pub(crate) struct Leading<T: Real> {
 /// The `rank` leading eigenvectors of the symmetric `g`. `tolerance`: the subspace iteration
 /// stops once a step gains less than this fraction of the residual energy (see [`TOLERANCE`]).
 pub(crate) fn top_eigenvectors<T: Real>(
-    g: &Mat<T>,
+    g: Mat<T>,
     rank: usize,
     layer: &str,
     tolerance: f64,
@@ -312,7 +327,7 @@ pub(crate) fn top_eigenvectors<T: Real>(
     // 384, slower than the dense solve), so they ask for a smaller block still.
     let blocks = if tolerance < TOLERANCE { 16 } else { 8 };
     if blocks * b <= s {
-        if let Some(found) = subspace_iteration(g, rank, b, layer, tolerance)? {
+        if let Some(found) = subspace_iteration(&g, rank, b, layer, tolerance)? {
             return Ok(found);
         }
     }
@@ -408,11 +423,11 @@ fn chebyshev_block<T: Real>(
 /// (`tridiagonal`; divide and conquer for all `s` where that cannot vouch for its result),
 /// then the Householder sequence applied to `rank` columns instead of all `s`.
 fn dense_leading_eigenvectors<T: Real>(
-    g: &Mat<T>,
+    mut tri: Mat<T>,
     rank: usize,
     layer: &str,
 ) -> Result<Leading<T>, FactorizeError> {
-    let s = g.nrows();
+    let s = tri.nrows();
     // Below this size the threads cost more than they share (tridiagonalisation of 384×384
     // in f64: 3.9 ms on one thread, 5.3 ms on two).
     let par = if s <= SMALL_DENSE {
@@ -424,20 +439,13 @@ fn dense_leading_eigenvectors<T: Real>(
         return Ok(Leading {
             vectors: Mat::from_fn(s, rank, |_, _| T::one()),
             iterations: 0,
-            captured: (0..s).map(|i| g[(i, i)].f64()).sum(),
+            captured: (0..s).map(|i| tri[(i, i)].f64()).sum(),
         });
     }
-    let mut tri = g.clone();
     let block = recommended_block_size::<T>(s, s);
     let mut householder = Mat::<T>::zeros(block, s - 1);
     let mut memory = MemBuffer::new(StackReq::any_of(&[
         tridiag::tridiag_in_place_scratch::<T>(s, par, Default::default()),
-        evd::self_adjoint_evd_scratch::<T>(
-            s,
-            ComputeEigenvectors::Yes,
-            faer::get_global_parallelism(),
-            Default::default(),
-        ),
         householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<T>(
             s - 1,
             block,
@@ -457,7 +465,7 @@ fn dense_leading_eigenvectors<T: Real>(
     let found = tridiagonal::leading_eigenvectors(&diagonal, &subdiagonal, rank);
     let (mut q, values) = match found {
         Some((v, values)) => (Mat::<T>::from_fn(s, rank, |i, j| T::of(v[(i, j)])), values),
-        None => all_tridiagonal_eigenvectors(&diagonal, &subdiagonal, rank, layer, stack)?,
+        None => all_tridiagonal_eigenvectors(&diagonal, &subdiagonal, rank, layer)?,
     };
     householder::apply_block_householder_sequence_on_the_left_in_place_with_conj(
         tri.submatrix(1, 0, s - 1, s - 1),
@@ -482,9 +490,15 @@ fn all_tridiagonal_eigenvectors<T: Real>(
     subdiagonal: &[f64],
     rank: usize,
     layer: &str,
-    stack: &mut MemStack,
 ) -> Result<(Mat<T>, Vec<f64>), FactorizeError> {
     let s = diagonal.len();
+    // Its workspace is several `s × s` matrices: allocated only when needed.
+    let mut memory = MemBuffer::new(evd::self_adjoint_evd_scratch::<T>(
+        s,
+        ComputeEigenvectors::Yes,
+        faer::get_global_parallelism(),
+        Default::default(),
+    ));
     let diagonal = Col::<T>::from_fn(s, |i| T::of(diagonal[i]));
     let subdiagonal = Col::<T>::from_fn(s, |i| T::of(subdiagonal.get(i).copied().unwrap_or(0.0)));
     let mut values = Col::<T>::zeros(s);
@@ -497,7 +511,7 @@ fn all_tridiagonal_eigenvectors<T: Real>(
         // Divide and conquer gains from threads even where the tridiagonalisation does not
         // (384×384 f64: 6.7 ms on two threads, 8.6 ms on one).
         faer::get_global_parallelism(),
-        stack,
+        MemStack::new(&mut memory),
         Default::default(),
     )
     .map_err(|_| no_convergence(layer))?;
