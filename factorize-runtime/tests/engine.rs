@@ -5,7 +5,8 @@ use factorize_runtime::synthetic::{matrix_with_spectrum, optimal_relative_error,
 use factorize_runtime::{FactorizeError, Precision};
 
 /// Checks one case: error measured independently from the returned factors, against the optimum.
-fn check(out_dim: usize, in_dim: usize, sigma: &[f64], rank: usize, precision: Precision) {
+/// Returns the subspace iterations used (0 for the dense path).
+fn check(out_dim: usize, in_dim: usize, sigma: &[f64], rank: usize, precision: Precision) -> usize {
     let w = matrix_with_spectrum(out_dim, in_dim, sigma, 11);
     let m = WeightMatrix::new("case", &w, out_dim, in_dim).unwrap();
     let f = low_rank(&m, rank, precision).unwrap();
@@ -43,6 +44,7 @@ fn check(out_dim: usize, in_dim: usize, sigma: &[f64], rank: usize, precision: P
         .sqrt();
     let row_norm = (0..in_dim).map(|j| f.first[j].powi(2)).sum::<f64>().sqrt();
     assert!((col_norm - row_norm).abs() < 1e-4 * col_norm.max(1e-12));
+    f.iterations
 }
 
 #[test]
@@ -60,20 +62,25 @@ fn optimal_on_known_spectra_dense_path() {
 
 #[test]
 fn optimal_on_known_spectra_iterative_path() {
-    // rank 16 of a 300-wide Gram matrix takes the subspace iteration.
+    // Rank 16 or 20 of a 600-wide Gram matrix takes the subspace iteration (up to 512 wide, the
+    // dense path is always taken).
     for precision in [Precision::F64, Precision::F32] {
-        check(300, 600, &power_law(300, 0.5), 16, precision);
-        check(640, 300, &power_law(300, 1.0), 16, precision);
-        let decaying: Vec<f64> = (0..300).map(|i| (1.0 - i as f64 / 300.0).sqrt()).collect();
-        check(300, 300, &decaying, 20, precision);
+        let decaying: Vec<f64> = (0..600).map(|i| (1.0 - i as f64 / 600.0).sqrt()).collect();
+        for iterations in [
+            check(600, 1200, &power_law(600, 0.5), 16, precision),
+            check(1280, 600, &power_law(600, 1.0), 16, precision),
+            check(600, 600, &decaying, 20, precision),
+        ] {
+            assert!(iterations > 0, "took the dense path");
+        }
     }
 }
 
 #[test]
 fn iterative_path_is_used_and_stops_early() {
-    let sigma = power_law(512, 1.0);
-    let w = matrix_with_spectrum(512, 512, &sigma, 5);
-    let m = WeightMatrix::new("it", &w, 512, 512).unwrap();
+    let sigma = power_law(640, 1.0);
+    let w = matrix_with_spectrum(640, 640, &sigma, 5);
+    let m = WeightMatrix::new("it", &w, 640, 640).unwrap();
     let f = low_rank(&m, 16, Precision::F64).unwrap();
     assert!(
         f.iterations > 0 && f.iterations < 40,
