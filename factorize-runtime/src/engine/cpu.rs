@@ -12,9 +12,10 @@
 //! residual energy of the Ritz subspace is `trace(G) − Σθ_i`, and Ritz values only approach the
 //! eigenvalues from below, so the iteration stops once a step gains less than `TOLERANCE` of the
 //! remaining residual energy. When it does not settle within `MAX_ITERATIONS` products with `G`,
-//! or when `b` is not much smaller than `s` (`8·b > s`), a dense eigensolver is used instead:
-//! tridiagonalisation, then only the `L` wanted eigenpairs of the tridiagonal matrix (see
-//! `tridiagonal`), back-transformed. The result is always the optimum, only the time varies.
+//! or when `b` is not much smaller than `s` (`8·b > s`) or `s` is at most 512, a dense
+//! eigensolver is used instead: tridiagonalisation, then only the `L` wanted eigenpairs of the
+//! tridiagonal matrix (see `tridiagonal`), back-transformed. The result is always the optimum,
+//! only the time varies.
 
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::linalg::evd::{self, tridiag, ComputeEigenvectors};
@@ -132,14 +133,7 @@ fn engine_matrix<T: Real>(w: &WeightMatrix<'_>, wide: bool) -> Mat<T> {
         .enumerate()
         .for_each(|(block, columns)| {
             let j0 = block * BLOCK;
-            let mut columns: Vec<&mut [T]> = columns
-                .col_iter_mut()
-                .map(|c| {
-                    c.try_as_col_major_mut()
-                        .expect("owned columns are contiguous")
-                        .as_slice_mut()
-                })
-                .collect();
+            let mut columns: Vec<_> = columns.col_iter_mut().collect();
             if wide {
                 // Row `i` of the block's columns is a contiguous run of row `i` of `W`.
                 for i in 0..s {
@@ -150,7 +144,7 @@ fn engine_matrix<T: Real>(w: &WeightMatrix<'_>, wide: bool) -> Mat<T> {
                 }
             } else {
                 // Column `j` of `Wᵀ` is row `j` of `W`.
-                for (c, column) in columns.iter_mut().enumerate() {
+                for (c, column) in columns.into_iter().enumerate() {
                     let row = &data[(j0 + c) * in_dim..(j0 + c + 1) * in_dim];
                     column.iter_mut().zip(row).for_each(|(x, &v)| *x = T::of(v));
                 }
