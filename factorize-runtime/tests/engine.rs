@@ -103,14 +103,18 @@ fn special_matrices() {
     let f = low_rank(&m, 1, Precision::F64).unwrap();
     assert!(f.relative_error < 1e-12);
     assert!((f.singular_values[0] - (600.0f64).sqrt()).abs() < 1e-10);
-    // identity: every rank-k truncation has error sqrt((n-k)/n).
-    let n = 16;
+    // identity: every rank-k truncation has error sqrt((n-k)/n). All eigenvalues coincide: up to
+    // 32 wanted ones are orthogonalised as one cluster, more go to divide and conquer.
+    let n = 48;
     let eye: Vec<f64> = (0..n * n)
         .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
         .collect();
     let m = WeightMatrix::new("eye", &eye, n, n).unwrap();
-    let f = low_rank(&m, 4, Precision::F64).unwrap();
-    assert!((f.relative_error - (12.0f64 / 16.0).sqrt()).abs() < 1e-12);
+    for k in [4, 32, 40] {
+        let f = low_rank(&m, k, Precision::F64).unwrap();
+        let expected = ((n - k) as f64 / n as f64).sqrt();
+        assert!((f.relative_error - expected).abs() < 1e-12, "rank {k}");
+    }
     // full rank reproduces the matrix.
     let f = low_rank(&m, n, Precision::F64).unwrap();
     assert!(f.relative_error < 1e-12);
