@@ -290,7 +290,7 @@ impl Energies {
 /// With `R = Wᵀ·Q`: `‖W − BA‖² = ‖W‖² − ‖R‖²` and `tr(Δ·C·Δᵀ) = tr(W·C·Wᵀ) − tr(Rᵀ·C·R)` (`I −
 /// QQᵀ` is a projector). Both traces come with the Gram matrix the subspace was found in:
 /// `tr(W·C·Wᵀ) = tr(W·C_r·Wᵀ) − ρ‖W‖²`, and `tr(Rᵀ·C·R) = Σθ − ρ‖R‖²` with `Σθ = tr(Qᵀ·W·C_r·Wᵀ·Q)`
-/// the eigenvalues the solver found. None of them needs another `in × in` product unless the
+/// the eigenvalues the solver found. None of them needs another product with `C` unless the
 /// error is too small a fraction of its energy for the difference (see [`CANCELLATION`]).
 fn exact(
     w: &WeightMatrix<'_>,
