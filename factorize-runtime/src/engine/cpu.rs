@@ -171,19 +171,16 @@ pub(crate) fn split_factors<T: Real>(q: MatRef<'_, T>, r: MatRef<'_, T>, wide: b
         .collect();
     let mut order: Vec<usize> = (0..rank).collect();
     order.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]));
-    // `Q·√σ` is `s × L` and `R/√σ` is `t × L`. Wide (`M = W`): `second = Q·√σ` and `first =
-    // (R/√σ)ᵀ`; tall (`M = Wᵀ`): `second = R/√σ` and `first = (Q·√σ)ᵀ`. Written straight into
-    // their row-major places: direction `to` of a `rows × L` factor goes to `[j·L + to]`, of an
-    // `L × cols` one to `[to·cols + j]`.
-    let (mut second, mut first) = if wide {
-        (vec![0.0; s * rank], vec![0.0; t * rank])
+    // `Q·√σ` is `s × L` and `R/√σ` is `t × L`. Wide (`M = W`): `second = Q·√σ` (`[out, L]`) and
+    // `first = (R/√σ)ᵀ` (`[L, in]`); tall (`M = Wᵀ`) the other way round. Each is written
+    // straight into its row-major place: value `j` of direction `to` goes to `[j·L + to]` in a
+    // `[rows, L]` factor and to `[to·cols + j]` in an `[L, cols]` one.
+    let mut q_factor = vec![0.0; s * rank];
+    let mut r_factor = vec![0.0; t * rank];
+    let (q_place, r_place) = if wide {
+        ((rank, 1), (1, t))
     } else {
-        (vec![0.0; t * rank], vec![0.0; s * rank])
-    };
-    let (left_out, right_out) = if wide {
-        (&mut second, &mut first)
-    } else {
-        (&mut first, &mut second)
+        ((1, s), (rank, 1))
     };
     for (to, &from) in order.iter().enumerate() {
         let sigma = norms[from];
@@ -192,22 +189,17 @@ pub(crate) fn split_factors<T: Real>(q: MatRef<'_, T>, r: MatRef<'_, T>, wide: b
         }
         let root = sigma.sqrt();
         for (j, x) in q.col(from).iter().enumerate() {
-            let v = x.f64() * root;
-            if wide {
-                left_out[j * rank + to] = v;
-            } else {
-                left_out[to * s + j] = v;
-            }
+            q_factor[j * q_place.0 + to * q_place.1] = x.f64() * root;
         }
         for (j, x) in r.col(from).iter().enumerate() {
-            let v = x.f64() / root;
-            if wide {
-                right_out[to * t + j] = v;
-            } else {
-                right_out[j * rank + to] = v;
-            }
+            r_factor[j * r_place.0 + to * r_place.1] = x.f64() / root;
         }
     }
+    let (second, first) = if wide {
+        (q_factor, r_factor)
+    } else {
+        (r_factor, q_factor)
+    };
     Split {
         second,
         first,

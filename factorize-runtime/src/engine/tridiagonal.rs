@@ -178,6 +178,17 @@ impl Tridiagonal {
         self.d.len()
     }
 
+    /// A pivot of `T − x·I`, kept off zero: one within `pivmin` of it is taken as `−pivmin`, as
+    /// LAPACK's `dlaebz` does, so that the next division stays finite and the count consistent.
+    #[inline(always)]
+    fn pivot(&self, p: f64) -> f64 {
+        if p.abs() <= self.pivmin {
+            -self.pivmin
+        } else {
+            p
+        }
+    }
+
     /// For each point `x`, the number of eigenvalues below it: the negative pivots `q_i` of
     /// `T − x·I = L·diag(q)·Lᵀ` (Sylvester's law of inertia).
     #[inline(always)]
@@ -186,10 +197,7 @@ impl Tridiagonal {
         let mut count = [0u32; LANES];
         for (&di, &e2) in self.d.iter().zip(std::iter::once(&0.0).chain(&self.e2)) {
             for l in 0..LANES {
-                let mut p = (di - x[l]) - e2 / q[l];
-                if p.abs() <= self.pivmin {
-                    p = -self.pivmin;
-                }
+                let p = self.pivot((di - x[l]) - e2 / q[l]);
                 q[l] = p;
                 count[l] += u32::from(p < 0.0);
             }
@@ -211,10 +219,7 @@ impl Tridiagonal {
         let mut count = [0u32; LANES];
         for (&di, &e2) in self.d.iter().zip(std::iter::once(&0.0).chain(&self.e2)) {
             for l in 0..LANES {
-                let mut q = (di - x[l]) - e2 * inverse[l];
-                if q.abs() <= self.pivmin {
-                    q = -self.pivmin;
-                }
+                let q = self.pivot((di - x[l]) - e2 * inverse[l]);
                 let r = 1.0 / q;
                 // q_i′ = −1 + e²·q′/q², q_i″ = e²·(q″/q² − 2q′²/q³) (previous row's q, q′, q″)
                 let (p, p1, p2) = (inverse[l], first[l], second[l]);
@@ -342,21 +347,14 @@ impl Tridiagonal {
     /// unit vector. `None` unless its residual `|γ_r|/‖z‖` is within the growth criterion.
     fn twisted_vector(&self, shift: f64) -> Option<Vec<f64>> {
         let n = self.n();
-        let pivot = |p: f64| {
-            if p.abs() <= self.pivmin {
-                -self.pivmin
-            } else {
-                p
-            }
-        };
         let mut top = vec![0.0; n];
         let mut bottom = vec![0.0; n];
-        top[0] = pivot(self.d[0] - shift);
-        bottom[n - 1] = pivot(self.d[n - 1] - shift);
+        top[0] = self.pivot(self.d[0] - shift);
+        bottom[n - 1] = self.pivot(self.d[n - 1] - shift);
         for i in 1..n {
-            top[i] = pivot((self.d[i] - shift) - self.e2[i - 1] / top[i - 1]);
+            top[i] = self.pivot((self.d[i] - shift) - self.e2[i - 1] / top[i - 1]);
             let j = n - 1 - i;
-            bottom[j] = pivot((self.d[j] - shift) - self.e2[j] / bottom[j + 1]);
+            bottom[j] = self.pivot((self.d[j] - shift) - self.e2[j] / bottom[j + 1]);
         }
         let (mut r, mut gamma) = (0, f64::INFINITY);
         for i in 0..n {
