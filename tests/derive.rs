@@ -677,3 +677,43 @@ mod stacks {
         assert!(rel(&y0, &y1) <= 1e-5, "{}", rel(&y0, &y1));
     }
 }
+
+/// The rank as the struct's own const generic: one source, one variant per rank.
+#[derive(Factorizable)]
+#[factorize(latent_features = R)]
+pub struct Ranked<const R: usize, E: Dtype, D: Device<E>> {
+    pub up: Linear<512, 1024, E, D>,
+    #[factorize(latent = 16)]
+    pub own: Linear<512, 512, E, D>,
+    #[factorize(skip)]
+    pub kept: Linear<512, 512, E, D>,
+}
+
+fn ranked<const R: usize>(dev: &Dev) -> Ranked<R, f32, Dev> {
+    Ranked {
+        up: build(dev),
+        own: build(dev),
+        kept: build(dev),
+    }
+}
+
+#[test]
+fn a_const_generic_rank_gives_one_variant_per_rank() {
+    let dev: Dev = Default::default();
+    let (small, report) = ranked::<32>(&dev)
+        .factorize_with_report(&FactorizeConfig::default())
+        .unwrap();
+    let _: &FactorizedLinear<512, 32, 1024, f32, Dev> = &small.up;
+    let _: &FactorizedLinear<512, 16, 512, f32, Dev> = &small.own; // the field's own rank
+    let _: &Linear<512, 512, f32, Dev> = &small.kept;
+    let statuses: Vec<Status> = report.layers.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [Status::Replaced, Status::Replaced, Status::Skipped]
+    );
+    assert_eq!(report.layers[0].latent, 32);
+    let larger = ranked::<200>(&dev)
+        .factorize(&FactorizeConfig::default())
+        .unwrap();
+    let _: &FactorizedLinear<512, 200, 1024, f32, Dev> = &larger.up;
+}

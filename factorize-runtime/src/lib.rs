@@ -74,11 +74,33 @@
 //! let _ = m.factorize(&FactorizeConfig::default());
 //! ```
 //!
+//! The rank itself may be one of the struct's const generics, so that one model source gives a
+//! variant per rank (`Model<64, E, D>` → `ModelFactorized<64, E, D>`): such a layer is always
+//! factorized, and the rule is checked for each rank used, at `cargo build` time. Rank 200
+//! saves nothing on a 256 → 256 layer, so this fails to build too:
+//!
+//! ```compile_fail,E0080
+//! use dfdx::nn::modules::Linear;
+//! use dfdx::prelude::*;
+//! use factorize_runtime::{Factorizable, FactorizeConfig};
+//!
+//! #[derive(Factorizable)]
+//! #[factorize(latent_features = R)]
+//! pub struct Ranked<const R: usize, E: Dtype, D: Device<E>> {
+//!     pub fc: Linear<256, 256, E, D>,
+//! }
+//!
+//! let dev: Cpu = Default::default();
+//! let m = Ranked::<200, f32, Cpu> { fc: BuildModule::build(&dev) };
+//! let _ = m.factorize(&FactorizeConfig::default());
+//! ```
+//!
 //! # Attributes
 //! - On the struct: `factorize_convs`, `factorize_linears` (bool), `min_channels`,
-//!   `min_features` (integer), `latent_channels` (rank or fraction in `[0, 1)`),
-//!   `latent_features` (rank or fraction in `[0, 0.5)`).
-//! - On a field: `skip` (copy as is), `latent = N | f`, `min_features`, `min_channels`.
+//!   `min_features` (integer), `latent_channels` (rank, fraction in `[0, 1)`, or a const
+//!   generic of the struct), `latent_features` (rank, fraction in `[0, 0.5)`, or a const
+//!   generic).
+//! - On a field: `skip` (copy as is), `latent = N | f | R`, `min_features`, `min_channels`.
 //!
 //! Fields may be dfdx `Linear`s, tuples of modules written out (dfdx's sequential models),
 //! structs that derive `Factorizable` (their rows appear as `field.sub`), dfdx's `Repeated`,
@@ -88,7 +110,8 @@
 //! marked `skip`.
 //!
 //! # Layers and engines
-//! [`FactorizedLinear`] is the factorized layer; [`engine`] computes truncated factorizations
+//! [`FactorizedLinear`] is the factorized layer; [`fast`] gives dfdx's `Linear`, `LayerNorm1D`,
+//! erf GELU and [`FactorizedLinear`] a faster inference forward on the CPU; [`engine`] computes truncated factorizations
 //! with the Eckart–Young optimal error; [`weights`] handles checkpoints whose dims are only known
 //! at run time; [`report`] describes what happened.
 #![warn(missing_docs)]
@@ -101,6 +124,7 @@ pub mod engine;
 mod error;
 mod factorizable;
 mod factorized_conv;
+pub mod fast;
 mod linear;
 mod progress;
 pub mod report;

@@ -3,7 +3,7 @@
 use proc_macro2::TokenStream;
 use quote::quote;
 
-use super::types::{field_params, node_value};
+use super::types::{field_params, forced_ranks, node_value};
 use super::variant_ident;
 use crate::internals::ast::Container;
 
@@ -21,6 +21,7 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
             &f.node,
             &params,
             f,
+            &forced_ranks(cont, f),
             quote!(&self.#name),
             quote!(&#pv::join(__path, #s)),
         );

@@ -23,6 +23,26 @@ pub fn field_params(cont: &Container<'_>, field: &Field<'_>) -> TokenStream {
         let t = latent.tokens();
         overrides.push(quote!(latent_features: #t));
         overrides.push(quote!(latent_channels: #t));
+    } else {
+        // Const-generic ranks on the struct are left out of its params const.
+        if let Some(l) = cont
+            .attrs
+            .latent_features
+            .as_ref()
+            .filter(|l| l.param().is_some())
+        {
+            let t = l.tokens();
+            overrides.push(quote!(latent_features: #t));
+        }
+        if let Some(l) = cont
+            .attrs
+            .latent_channels
+            .as_ref()
+            .filter(|l| l.param().is_some())
+        {
+            let t = l.tokens();
+            overrides.push(quote!(latent_channels: #t));
+        }
     }
     if let Some(v) = field.attrs.min_features {
         overrides.push(quote!(min_features: #v));
@@ -37,8 +57,76 @@ pub fn field_params(cont: &Container<'_>, field: &Field<'_>) -> TokenStream {
     }
 }
 
+/// Ranks that the user fixed instead of the rule choosing them in a type: a rank written as one
+/// of the struct's const generics (on the field, or the struct's `latent_features` /
+/// `latent_channels`), or a field's integer `latent` when its dims use a const generic. Stable
+/// Rust cannot evaluate the rule on generic values in a type, so such a layer is always
+/// factorized, and the rule is asserted for each instantiation at build time.
+pub struct ForcedRanks {
+    linear: Option<(TokenStream, String)>,
+    conv: Option<(TokenStream, String)>,
+    count: Option<(TokenStream, String)>,
+}
+
+pub fn forced_ranks(cont: &Container<'_>, field: &Field<'_>) -> ForcedRanks {
+    let written = |l: &LatentValue, key: &str| {
+        let tokens = l.rank_tokens().unwrap_or_else(|| quote!(0usize));
+        (tokens, format!("#[factorize({key} = {})]", l.describe()))
+    };
+    let param = |struct_level: &Option<LatentValue>, key: &str| match &field.attrs.latent {
+        Some(l) if l.param().is_some() => Some(written(l, "latent")),
+        Some(_) => None,
+        None => struct_level
+            .as_ref()
+            .filter(|l| l.param().is_some())
+            .map(|l| written(l, key)),
+    };
+    ForcedRanks {
+        linear: param(&cont.attrs.latent_features, "latent_features"),
+        conv: param(&cont.attrs.latent_channels, "latent_channels"),
+        count: field
+            .attrs
+            .latent
+            .as_ref()
+            .filter(|l| matches!(l, LatentValue::Count(..)))
+            .map(|l| written(l, "latent")),
+    }
+}
+
+impl ForcedRanks {
+    /// The fixed rank of a layer (with the attribute as written), or `None` when the rule
+    /// chooses in the type.
+    fn pick(
+        which: &Option<(TokenStream, String)>,
+        count: &Option<(TokenStream, String)>,
+        generic_dim: bool,
+    ) -> Option<(TokenStream, String)> {
+        which.clone().or_else(|| {
+            generic_dim.then(|| {
+                // A generic-dim field without an integer latent is rejected by the checks.
+                count
+                    .clone()
+                    .unwrap_or_else(|| (quote!(0usize), String::new()))
+            })
+        })
+    }
+
+    fn linear(&self, generic_dim: bool) -> Option<(TokenStream, String)> {
+        Self::pick(&self.linear, &self.count, generic_dim)
+    }
+
+    fn conv(&self, generic_dim: bool) -> Option<(TokenStream, String)> {
+        Self::pick(&self.conv, &self.count, generic_dim)
+    }
+}
+
 /// The field's type in the variant.
-pub fn node_type(node: &Node<'_>, params: &TokenStream, field: &Field<'_>) -> TokenStream {
+pub fn node_type(
+    node: &Node<'_>,
+    params: &TokenStream,
+    field: &Field<'_>,
+    forced: &ForcedRanks,
+) -> TokenStream {
     let pv = private();
     let skip = field.attrs.skip.is_some();
     match node {
@@ -48,8 +136,7 @@ pub fn node_type(node: &Node<'_>, params: &TokenStream, field: &Field<'_>) -> To
         }
         Node::Linear(d) => {
             let (i, o, e, dev) = (d.in_dim, d.out_dim, d.dtype, d.device);
-            if d.generic_dim.is_some() {
-                let k = forced_rank(field);
+            if let Some((k, _)) = forced.linear(d.generic_dim.is_some()) {
                 return quote_spanned!(d.ty.span()=> ::factorize_runtime::FactorizedLinear<#i, #k, #o, #e, #dev>);
             }
             let (vi, vo) = (dim(i), dim(o));
@@ -64,8 +151,7 @@ pub fn node_type(node: &Node<'_>, params: &TokenStream, field: &Field<'_>) -> To
         }
         Node::Conv(d) => {
             let (i, o, k, st, pa, di, e, dev) = conv_args(d);
-            if d.generic_dim.is_some() {
-                let l = forced_rank(field);
+            if let Some((l, _)) = forced.conv(d.generic_dim.is_some()) {
                 return quote_spanned!(d.ty.span()=> ::factorize_runtime::FactorizedConv2D<#i, #l, #o, #k, #st, #pa, #di, #e, #dev>);
             }
             let (vi, vo, vk) = (dim(i), dim(o), dim(k));
@@ -75,7 +161,7 @@ pub fn node_type(node: &Node<'_>, params: &TokenStream, field: &Field<'_>) -> To
             }
         }
         Node::Tuple(items) => {
-            let items = items.iter().map(|n| node_type(n, params, field));
+            let items = items.iter().map(|n| node_type(n, params, field, forced));
             quote!(( #(#items,)* ))
         }
         Node::Other(ty) if skip => quote!(#ty),
@@ -91,6 +177,7 @@ pub fn node_value(
     node: &Node<'_>,
     params: &TokenStream,
     field: &Field<'_>,
+    forced: &ForcedRanks,
     access: TokenStream,
     path: TokenStream,
 ) -> TokenStream {
@@ -101,10 +188,9 @@ pub fn node_value(
         Node::Linear(d) => {
             let (i, o, e, dev) = (d.in_dim, d.out_dim, d.dtype, d.device);
             let (vi, vo) = (dim(i), dim(o));
-            if d.generic_dim.is_some() {
-                let k = forced_rank(field);
+            if let Some((k, written)) = forced.linear(d.generic_dim.is_some()) {
                 let message = format!(
-                    "#[factorize(latent = {k})] on field `{}` breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*out/(in+out)) - 1, and min(in, out) at least min_features",
+                    "{written} on field `{}` breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*out/(in+out)) - 1, and min(in, out) at least min_features",
                     field.ident
                 );
                 return quote_spanned! {d.ty.span()=>
@@ -134,10 +220,9 @@ pub fn node_value(
         Node::Conv(d) => {
             let (i, o, k, st, pa, di, e, dev) = conv_args(d);
             let (vi, vo, vk) = (dim(i), dim(o), dim(k));
-            if d.generic_dim.is_some() {
-                let l = forced_rank(field);
+            if let Some((l, written)) = forced.conv(d.generic_dim.is_some()) {
                 let message = format!(
-                    "#[factorize(latent = {l})] on field `{}` breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*k*k*out/(in*k*k+out)) - 1, and min(in, out) at least min_channels",
+                    "{written} on field `{}` breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*k*k*out/(in*k*k+out)) - 1, and min(in, out) at least min_channels",
                     field.ident
                 );
                 return quote_spanned! {d.ty.span()=>
@@ -171,6 +256,7 @@ pub fn node_value(
                     n,
                     params,
                     field,
+                    forced,
                     quote!(&(#access).#index),
                     quote!(&#pv::join(#path, #name)),
                 )
@@ -210,15 +296,4 @@ fn conv_args<'a>(d: &crate::internals::ast::ConvDims<'a>) -> ConvArgs<'a> {
     (
         d.in_dim, d.out_dim, d.kernel, d.stride, d.padding, d.dilation, d.dtype, d.device,
     )
-}
-
-fn forced_rank(field: &Field<'_>) -> TokenStream {
-    match field.attrs.latent {
-        Some(LatentValue::Count(k, _)) => {
-            let k = k as usize;
-            quote!(#k)
-        }
-        // Rejected by the checks before code generation.
-        _ => quote!(0usize),
-    }
 }

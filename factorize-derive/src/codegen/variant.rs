@@ -3,7 +3,7 @@
 use proc_macro2::TokenStream;
 use quote::quote;
 
-use super::types::{field_params, node_type};
+use super::types::{field_params, forced_ranks, node_type};
 use super::variant_ident;
 use crate::internals::ast::{Container, Node};
 
@@ -16,7 +16,7 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
     let where_clause = &generics.where_clause;
     let fields = cont.fields.iter().map(|f| {
         let params = field_params(cont, f);
-        let ty = node_type(&f.node, &params, f);
+        let ty = node_type(&f.node, &params, f, &forced_ranks(cont, f));
         let fvis = &f.original.vis;
         let name = f.ident;
         let docs = f.original.attrs.iter().filter(|a| a.path().is_ident("doc"));
@@ -70,14 +70,7 @@ fn doc(cont: &Container<'_>) -> String {
         let how = if f.attrs.skip.is_some() {
             "kept (`skip`)".to_string()
         } else if let Some(l) = &f.attrs.latent {
-            match l {
-                crate::internals::attr::LatentValue::Count(n, _) => {
-                    format!("candidate, latent = {n}")
-                }
-                crate::internals::attr::LatentValue::Fraction(x, _) => {
-                    format!("candidate, latent = {x}")
-                }
-            }
+            format!("candidate, latent = {}", l.describe())
         } else if matches!(f.node, Node::Other(_)) {
             "carried over (or factorized inside, if it derives `Factorizable`)".to_string()
         } else {

@@ -1,6 +1,6 @@
 //! Parsing of `#[factorize(...)]` on the struct and on its fields.
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Ident, Span, TokenStream};
 use quote::quote;
 use syn::meta::ParseNestedMeta;
 use syn::spanned::Spanned;
@@ -9,17 +9,20 @@ use syn::{Attribute, Lit};
 use super::ctxt::Ctxt;
 use super::symbol::*;
 
-/// A latent size as written: an integer rank or a fraction.
-#[derive(Clone, Copy)]
+/// A latent size as written: an integer rank, a fraction, or one of the struct's const
+/// generics (a rank fixed per instantiation: `#[factorize(latent_features = R)]`).
+#[derive(Clone)]
 pub enum LatentValue {
     Count(u64, Span),
     Fraction(f64, Span),
+    Param(Ident),
 }
 
 impl LatentValue {
     pub fn span(&self) -> Span {
         match self {
             LatentValue::Count(_, s) | LatentValue::Fraction(_, s) => *s,
+            LatentValue::Param(i) => i.span(),
         }
     }
 
@@ -32,12 +35,43 @@ impl LatentValue {
             LatentValue::Fraction(f, _) => {
                 quote!(::factorize_runtime::__private::Latent::Fraction(#f))
             }
+            LatentValue::Param(i) => quote!(::factorize_runtime::__private::Latent::Count(#i)),
+        }
+    }
+
+    /// The rank as a const-generic argument, when it is a rank and not a fraction.
+    pub fn rank_tokens(&self) -> Option<TokenStream> {
+        match self {
+            LatentValue::Count(n, _) => {
+                let n = *n as usize;
+                Some(quote!(#n))
+            }
+            LatentValue::Param(i) => Some(quote!(#i)),
+            LatentValue::Fraction(..) => None,
+        }
+    }
+
+    /// The struct's const generic this rank names, if it names one.
+    pub fn param(&self) -> Option<&Ident> {
+        match self {
+            LatentValue::Param(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// As written, for messages and docs.
+    pub fn describe(&self) -> String {
+        match self {
+            LatentValue::Count(n, _) => n.to_string(),
+            LatentValue::Fraction(f, _) => f.to_string(),
+            LatentValue::Param(i) => i.to_string(),
         }
     }
 
     /// Checks the value for a layer kind whose fractions lie in `[0, limit)`.
     pub fn check(&self, cx: &mut Ctxt, key: &str, limit: f64) {
         match *self {
+            LatentValue::Param(_) => {}
             LatentValue::Count(0, span) => cx.syn_error(syn::Error::new(
                 span,
                 format!(
@@ -175,14 +209,23 @@ impl ContainerAttrs {
         if let Some(v) = self.min_channels {
             fields.push(quote!(min_channels: #v));
         }
-        if let Some(v) = &self.latent_channels {
+        // A const-generic rank cannot enter a free const; fields take it as an override.
+        if let Some(v) = self
+            .latent_channels
+            .as_ref()
+            .filter(|v| v.param().is_none())
+        {
             let t = v.tokens();
             fields.push(quote!(latent_channels: #t));
         }
         if let Some(v) = self.min_features {
             fields.push(quote!(min_features: #v));
         }
-        if let Some(v) = &self.latent_features {
+        if let Some(v) = self
+            .latent_features
+            .as_ref()
+            .filter(|v| v.param().is_none())
+        {
             let t = v.tokens();
             fields.push(quote!(latent_features: #t));
         }
@@ -291,6 +334,12 @@ fn value_lit(
     key: &str,
     expected: &str,
 ) -> syn::Result<Option<Lit>> {
+    let expr = value_expr(meta, key, expected)?;
+    lit_of(cx, expr, key, expected)
+}
+
+/// The value of `key = <expr>`, out of any invisible group.
+fn value_expr(meta: &ParseNestedMeta<'_>, key: &str, expected: &str) -> syn::Result<syn::Expr> {
     if !meta.input.peek(syn::Token![=]) {
         return Err(meta.error(format!("`{key}` needs a value: `{key} = {expected}`")));
     }
@@ -299,6 +348,10 @@ fn value_lit(
     while let syn::Expr::Group(g) = expr {
         expr = *g.expr;
     }
+    Ok(expr)
+}
+
+fn lit_of(cx: &mut Ctxt, expr: syn::Expr, key: &str, expected: &str) -> syn::Result<Option<Lit>> {
     match expr {
         syn::Expr::Lit(syn::ExprLit { lit, .. }) => Ok(Some(lit)),
         other => {
@@ -344,7 +397,14 @@ fn parse_latent(
     meta: &ParseNestedMeta<'_>,
     key: &str,
 ) -> syn::Result<Option<LatentValue>> {
-    let parsed = match value_lit(cx, meta, key, "an integer rank or a fraction")? {
+    const EXPECTED: &str = "an integer rank, a fraction or one of the struct's const generics";
+    let expr = value_expr(meta, key, EXPECTED)?;
+    if let syn::Expr::Path(p) = &expr {
+        if let (Some(ident), true) = (p.path.get_ident(), p.qself.is_none()) {
+            return Ok(Some(LatentValue::Param(ident.clone())));
+        }
+    }
+    let parsed = match lit_of(cx, expr, key, EXPECTED)? {
         Some(Lit::Int(i)) => i
             .base10_parse::<u64>()
             .map(|v| LatentValue::Count(v, i.span())),
@@ -353,7 +413,7 @@ fn parse_latent(
             .map(|v| LatentValue::Fraction(v, f.span())),
         Some(other) => Err(syn::Error::new_spanned(
             other,
-            format!("`{key}` expects an integer rank (e.g. 128) or a fraction (e.g. 0.25)"),
+            format!("`{key}` expects an integer rank (e.g. 128), a fraction (e.g. 0.25) or one of the struct's const generics (e.g. R)"),
         )),
         None => return Ok(None),
     };

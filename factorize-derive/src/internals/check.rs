@@ -5,6 +5,7 @@ use super::attr::LatentValue;
 use super::ctxt::Ctxt;
 
 pub fn check(cx: &mut Ctxt, cont: &Container<'_>) {
+    check_rank_params(cx, cont);
     for field in &cont.fields {
         if field.attrs.skip.is_some() {
             continue;
@@ -26,7 +27,33 @@ pub fn check(cx: &mut Ctxt, cont: &Container<'_>) {
             // Fractions: [0, 0.5) for linears, [0, 1) for convolutions.
             latent.check(cx, "latent", if has_linear { 0.5 } else { 1.0 });
         }
-        check_generic_dims(cx, field.ident, &field.node, field.attrs.latent);
+        check_generic_dims(cx, field.ident, &field.node, field.attrs.latent.as_ref());
+    }
+}
+
+/// A rank written as a name must be one of the struct's const generics: anything else would
+/// reach the compiler as an unknown name far from the attribute.
+fn check_rank_params(cx: &mut Ctxt, cont: &Container<'_>) {
+    let consts: Vec<&syn::Ident> = cont
+        .input
+        .generics
+        .const_params()
+        .map(|c| &c.ident)
+        .collect();
+    let written = [&cont.attrs.latent_features, &cont.attrs.latent_channels]
+        .into_iter()
+        .chain(cont.fields.iter().map(|f| &f.attrs.latent))
+        .filter_map(|l| l.as_ref().and_then(LatentValue::param));
+    for ident in written {
+        if !consts.contains(&ident) {
+            cx.error_spanned_by(
+                ident,
+                format!(
+                    "`{ident}` is not a const generic of `{}`: a rank is an integer (e.g. 64), a fraction (e.g. 0.25), or one of the struct's const generics (`struct {0}<const {ident}: usize, ..>`)",
+                    cont.input.ident
+                ),
+            );
+        }
     }
 }
 
@@ -50,7 +77,7 @@ fn check_generic_dims(
     cx: &mut Ctxt,
     field: &syn::Ident,
     node: &Node<'_>,
-    latent: Option<LatentValue>,
+    latent: Option<&LatentValue>,
 ) {
     let (ty, generic_dim) = match node {
         Node::Linear(dims) => (dims.ty, &dims.generic_dim),
@@ -69,9 +96,9 @@ fn check_generic_dims(
                 return;
             };
             match latent {
-                Some(LatentValue::Count(..)) => {}
+                Some(LatentValue::Count(..) | LatentValue::Param(_)) => {}
                 Some(LatentValue::Fraction(_, span)) => cx.syn_error(syn::Error::new(
-                    span,
+                    *span,
                     format!(
                         "field `{field}` has dims that use the struct's const generic `{param}`: a fractional latent cannot be turned into a rank in a type on stable Rust; give an integer rank, e.g. `#[factorize(latent = 64)]`"
                     ),

@@ -42,7 +42,7 @@ use rand_distr::Uniform;
 
 mod cpu;
 mod gather;
-mod host;
+pub(crate) mod host;
 pub(crate) mod unfold;
 
 /// A `K × K` convolution `I → O` with stride `S`, zero padding `P` and dilation `DIL`.

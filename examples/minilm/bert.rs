@@ -1,0 +1,288 @@
+//! all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder) written the dfdx way, as a template for
+//! your own model: plain structs of dfdx modules that `#[derive(Factorizable)]`, with their
+//! forwards written once and `#[mirror]`ed onto the factorized variants.
+//!
+//! The latent rank is the structs' const generic `R` (`#[factorize(latent_features = R)]`), so
+//! `Bert<64, f32, Cpu>` factorizes into `BertFactorized<64, f32, Cpu>`, whose 36 `Linear`s are
+//! `FactorizedLinear`s of rank 64; the cost rule is checked for each `R` at build time. The
+//! dense model ignores `R`.
+//!
+//! Forwards call `try_forward_fast` ([`FastForward`]): dfdx's own forward, or this crate's CPU
+//! kernels for tape-free `Cpu` tensors (same results, several times faster).
+//!
+//! Shapes: a batch of `b` sentences padded to `s` tokens. Hidden states are kept as `b·s` rows of
+//! `HIDDEN` (`Tensor<(usize, Const<384>)>`), so every `Linear` is one matrix product; attention
+//! views them as `(b, heads, s, head_dim)`.
+
+use dfdx::nn::modules::{AccurateGeLU, Embedding, LayerNorm1D, Linear, Repeated};
+use dfdx::prelude::*;
+use factorize_runtime::fast::FastForward;
+use factorize_runtime::{mirror, Factorizable};
+
+/// Width of the hidden states.
+pub const HIDDEN: usize = 384;
+/// Attention heads, each `HEAD_DIM` wide.
+pub const HEADS: usize = 12;
+/// Width of one attention head.
+pub const HEAD_DIM: usize = HIDDEN / HEADS;
+/// Width of the feed-forward layer.
+pub const FFN: usize = 1536;
+/// Encoder layers.
+pub const LAYERS: usize = 6;
+/// WordPiece vocabulary.
+pub const VOCAB: usize = 30522;
+/// Position embeddings (the longest input).
+pub const MAX_POSITIONS: usize = 512;
+/// LayerNorm epsilon of the checkpoint.
+pub const LAYER_NORM_EPS: f64 = 1e-12;
+
+/// Hidden states of a batch, one row per token position (`b·s` rows).
+pub type Hidden<E, D> = Tensor<(usize, Const<HIDDEN>), E, D>;
+
+/// A batch of tokenized sentences, padded to the longest one.
+#[derive(Clone, Debug)]
+pub struct Batch<E: Dtype, D: Device<E>> {
+    /// Sentences in the batch.
+    pub sentences: usize,
+    /// Positions per sentence (the longest sentence's token count).
+    pub positions: usize,
+    /// Token ids `(b, s)`; padding is `[PAD]` = 0.
+    pub ids: Tensor<(usize, usize), usize, D>,
+    /// Position ids `(b, s)`: `0..s` on every row.
+    pub position_ids: Tensor<(usize, usize), usize, D>,
+    /// 1 on real tokens, 0 on padding `(b, s)`.
+    pub mask: Tensor<(usize, usize), E, D>,
+    /// 0 on real tokens, a large negative number on padding, added to attention scores.
+    pub attention_bias: Tensor<(usize, usize), E, D>,
+}
+
+impl<E: Dtype, D: Device<E>> Batch<E, D> {
+    /// Pads `sentences` (token ids with `[CLS]`/`[SEP]`) into one batch.
+    ///
+    /// # Panics
+    /// If `sentences` is empty or a sentence has no tokens or more than [`MAX_POSITIONS`].
+    pub fn new(dev: &D, sentences: &[Vec<u32>]) -> Self {
+        assert!(!sentences.is_empty(), "a batch needs at least one sentence");
+        let b = sentences.len();
+        let s = sentences.iter().map(Vec::len).max().unwrap_or(0);
+        assert!(
+            (1..=MAX_POSITIONS).contains(&s),
+            "sentences must have 1 to {MAX_POSITIONS} tokens, the longest has {s}"
+        );
+        let mut ids = vec![0usize; b * s];
+        let mut mask = vec![E::from_f32(0.0).unwrap(); b * s];
+        let mut bias = vec![E::from_f32(-1e30).unwrap(); b * s];
+        for (row, sentence) in sentences.iter().enumerate() {
+            assert!(!sentence.is_empty(), "sentence {row} has no tokens");
+            for (col, &id) in sentence.iter().enumerate() {
+                ids[row * s + col] = id as usize;
+                mask[row * s + col] = E::from_f32(1.0).unwrap();
+                bias[row * s + col] = E::from_f32(0.0).unwrap();
+            }
+        }
+        let positions = (0..b * s).map(|i| i % s).collect();
+        Self {
+            sentences: b,
+            positions: s,
+            ids: dev.tensor_from_vec(ids, (b, s)),
+            position_ids: dev.tensor_from_vec(positions, (b, s)),
+            mask: dev.tensor_from_vec(mask, (b, s)),
+            attention_bias: dev.tensor_from_vec(bias, (b, s)),
+        }
+    }
+
+    /// Real (non-padding) tokens in the batch.
+    pub fn tokens(&self) -> usize {
+        self.mask
+            .as_vec()
+            .iter()
+            .filter(|m| m.to_f32().unwrap_or(0.0) > 0.5)
+            .count()
+    }
+}
+
+/// Word, position and token-type embeddings, summed and normalised.
+#[derive(Factorizable)]
+pub struct Embeddings<E: Dtype, D: Device<E>> {
+    /// `embeddings.word_embeddings`.
+    pub word: Embedding<VOCAB, HIDDEN, E, D>,
+    /// `embeddings.position_embeddings`.
+    pub position: Embedding<MAX_POSITIONS, HIDDEN, E, D>,
+    /// `embeddings.token_type_embeddings` (a single sentence uses type 0 only).
+    pub token_type: Embedding<2, HIDDEN, E, D>,
+    /// `embeddings.LayerNorm`.
+    pub norm: LayerNorm1D<HIDDEN, E, D>,
+}
+
+#[mirror]
+impl<E: Dtype, D: Device<E>> Embeddings<E, D> {
+    /// `LayerNorm(word[id] + position[i] + token_type[0])`, one row per position.
+    pub fn try_forward(&self, batch: &Batch<E, D>) -> Result<Hidden<E, D>, D::Err> {
+        let rows = batch.sentences * batch.positions;
+        let words = self.word.try_forward(batch.ids.clone())?;
+        let positions = self.position.try_forward(batch.position_ids.clone())?;
+        let token_type = self
+            .token_type
+            .weight
+            .clone()
+            .try_slice((0..1, ..))?
+            .try_reshape_like(&(Const::<HIDDEN>,))?;
+        let x = words
+            .try_add(positions)?
+            .try_reshape_like(&(rows, Const::<HIDDEN>))?;
+        let x = x.try_add(token_type.try_broadcast_like(&(rows, Const::<HIDDEN>))?)?;
+        self.norm.try_forward_fast(x)
+    }
+}
+
+/// Multi-head self-attention with its output projection, residual and LayerNorm (post-norm).
+#[derive(Factorizable)]
+#[factorize(latent_features = R)]
+pub struct SelfAttention<const R: usize, E: Dtype, D: Device<E>> {
+    /// `attention.self.query`.
+    pub query: Linear<HIDDEN, HIDDEN, E, D>,
+    /// `attention.self.key`.
+    pub key: Linear<HIDDEN, HIDDEN, E, D>,
+    /// `attention.self.value`.
+    pub value: Linear<HIDDEN, HIDDEN, E, D>,
+    /// `attention.output.dense`.
+    pub output: Linear<HIDDEN, HIDDEN, E, D>,
+    /// `attention.output.LayerNorm`.
+    pub norm: LayerNorm1D<HIDDEN, E, D>,
+}
+
+#[mirror]
+impl<const R: usize, E: Dtype, D: Device<E>> SelfAttention<R, E, D> {
+    /// `LayerNorm(x + Wo·softmax(Q·Kᵀ/√d + mask)·V)`, heads side by side.
+    pub fn try_forward(
+        &self,
+        x: Hidden<E, D>,
+        batch: &Batch<E, D>,
+    ) -> Result<Hidden<E, D>, D::Err> {
+        let (b, s) = (batch.sentences, batch.positions);
+        let heads = (b, s, Const::<HEADS>, Const::<HEAD_DIM>);
+        let q = self
+            .query
+            .try_forward_fast(x.clone())?
+            .try_reshape_like(&heads)?;
+        let k = self
+            .key
+            .try_forward_fast(x.clone())?
+            .try_reshape_like(&heads)?;
+        let v = self
+            .value
+            .try_forward_fast(x.clone())?
+            .try_reshape_like(&heads)?;
+        let q = q.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+        let k = k.try_permute::<_, Axes4<0, 2, 3, 1>>()?;
+        let v = v.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+        let scale = E::from_f64(1.0 / (HEAD_DIM as f64).sqrt()).unwrap();
+        let scores = q.try_matmul(k)?.try_mul(scale)?;
+        let bias = batch
+            .attention_bias
+            .clone()
+            .try_broadcast_like::<_, Axes2<1, 2>>(&(b, Const::<HEADS>, s, s))?;
+        let probs = scores.try_add(bias)?.try_softmax::<Axis<3>>()?;
+        let context = probs
+            .try_matmul(v)?
+            .try_permute::<_, Axes4<0, 2, 1, 3>>()?
+            .try_reshape_like(&(b * s, Const::<HIDDEN>))?;
+        let out = self.output.try_forward_fast(context)?;
+        self.norm.try_forward_fast(out.try_add(x)?)
+    }
+}
+
+/// The feed-forward block: `LayerNorm(x + W2·gelu(W1·x))`.
+#[derive(Factorizable)]
+#[factorize(latent_features = R)]
+pub struct FeedForward<const R: usize, E: Dtype, D: Device<E>> {
+    /// `intermediate.dense`.
+    pub up: Linear<HIDDEN, FFN, E, D>,
+    /// GELU in its exact erf form.
+    pub act: AccurateGeLU,
+    /// `output.dense`.
+    pub down: Linear<FFN, HIDDEN, E, D>,
+    /// `output.LayerNorm`.
+    pub norm: LayerNorm1D<HIDDEN, E, D>,
+}
+
+#[mirror]
+impl<const R: usize, E: Dtype, D: Device<E>> FeedForward<R, E, D> {
+    /// `LayerNorm(x + W2·gelu(W1·x))`.
+    pub fn try_forward(&self, x: Hidden<E, D>) -> Result<Hidden<E, D>, D::Err> {
+        let h = self
+            .act
+            .try_forward_fast(self.up.try_forward_fast(x.clone())?)?;
+        let out = self.down.try_forward_fast(h)?;
+        self.norm.try_forward_fast(out.try_add(x)?)
+    }
+}
+
+/// One encoder layer: attention, then the feed-forward block.
+#[derive(Factorizable)]
+pub struct EncoderLayer<const R: usize, E: Dtype, D: Device<E>> {
+    /// `encoder.layer.N.attention`.
+    pub attention: SelfAttention<R, E, D>,
+    /// `encoder.layer.N.intermediate` and `encoder.layer.N.output`.
+    pub ffn: FeedForward<R, E, D>,
+}
+
+#[mirror]
+impl<const R: usize, E: Dtype, D: Device<E>> EncoderLayer<R, E, D> {
+    /// Attention, then the feed-forward block.
+    pub fn try_forward(
+        &self,
+        x: Hidden<E, D>,
+        batch: &Batch<E, D>,
+    ) -> Result<Hidden<E, D>, D::Err> {
+        self.ffn.try_forward(self.attention.try_forward(x, batch)?)
+    }
+}
+
+/// The sentence encoder: embeddings, [`LAYERS`] encoder layers, mean pooling over the real
+/// tokens, L2 normalisation.
+#[derive(Factorizable)]
+pub struct Bert<const R: usize, E: Dtype, D: Device<E>> {
+    /// `embeddings.*`.
+    pub embeddings: Embeddings<E, D>,
+    /// `encoder.layer.0` … `encoder.layer.5`.
+    pub layers: Repeated<EncoderLayer<R, E, D>, LAYERS>,
+}
+
+#[mirror]
+impl<const R: usize, E: Dtype, D: Device<E>> Bert<R, E, D> {
+    /// The last hidden states, one row per position (`b·s` rows, padding rows included).
+    pub fn try_hidden_states(&self, batch: &Batch<E, D>) -> Result<Hidden<E, D>, D::Err> {
+        let mut x = self.embeddings.try_forward(batch)?;
+        for layer in &self.layers.modules {
+            x = layer.try_forward(x, batch)?;
+        }
+        Ok(x)
+    }
+
+    /// Normalised sentence embeddings `(b, HIDDEN)`: the mean of the last hidden states over
+    /// each sentence's real tokens, divided by its L2 norm.
+    pub fn try_embed(
+        &self,
+        batch: &Batch<E, D>,
+    ) -> Result<Tensor<(usize, Const<HIDDEN>), E, D>, D::Err> {
+        let (b, s) = (batch.sentences, batch.positions);
+        let hidden = self
+            .try_hidden_states(batch)?
+            .try_reshape_like(&(b, s, Const::<HIDDEN>))?;
+        let mask = batch.mask.clone();
+        let counts = mask.clone().try_sum::<(usize,), Axis<1>>()?;
+        let summed = hidden
+            .try_mul(mask.try_broadcast_like::<_, Axis<2>>(&(b, s, Const::<HIDDEN>))?)?
+            .try_sum::<(usize, Const<HIDDEN>), Axis<1>>()?;
+        let mean = summed.try_div(counts.try_broadcast_like(&(b, Const::<HIDDEN>))?)?;
+        // As torch's F.normalize: divide by max(‖x‖, 1e-12).
+        let norms = mean
+            .clone()
+            .try_square()?
+            .try_sum::<(usize,), Axis<1>>()?
+            .try_sqrt()?
+            .try_clamp(1e-12, f64::INFINITY)?;
+        mean.try_div(norms.try_broadcast_like(&(b, Const::<HIDDEN>))?)
+    }
+}

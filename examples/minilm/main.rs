@@ -1,0 +1,310 @@
+//! all-MiniLM-L6-v2, a real pretrained sentence encoder, factorized by the derive and measured
+//! on sentences.
+//!
+//! ```sh
+//! cargo run --release --example minilm                 # the table: 5 ranks × 2 fits vs dense
+//! cargo run --release --example minilm -- embed sentences.txt out.safetensors
+//! cargo run --release --example minilm -- --rank 64 --fit data embed sentences.txt out.safetensors
+//! ```
+//!
+//! `embed` writes `embeddings` (`[n, 384]`, float32, normalised, in line order) for one sentence
+//! per line, with the dense model or, after `--rank R --fit svd|data`, with that variant
+//! (`data` is calibrated on sentences 0–119). The data comes from `../shared/data/minilm-model`
+//! or `$FACTORIZE_MINILM_MODEL_DIR`.
+//!
+//! The model (`bert.rs`), its loader (`checkpoint.rs`) and the tokenizer (`text.rs`) are meant
+//! to be copied as a template.
+
+mod bert;
+mod checkpoint;
+mod metrics;
+mod pipeline;
+mod text;
+
+use dfdx::prelude::*;
+
+use bert::{Batch, Bert, FFN, HIDDEN, LAYERS};
+use pipeline::{by_length, embed_all, factorize, median_seconds, Error, FitKind};
+
+/// The ranks of the table, applied to all 36 `Linear`s.
+const RANKS: [usize; 5] = [32, 64, 96, 128, 160];
+/// Timed forwards per model (interleaved dense / factorized; the median is reported).
+const TIMED_RUNS: usize = 9;
+/// The timed batch: sentences 0–31 padded into one batch.
+const TIMED_BATCH: std::ops::Range<usize> = 0..32;
+
+/// The dense model; its rank parameter is unused.
+type Dense = Bert<0, f32, Cpu>;
+
+/// Everything measured once and shared by all variants.
+struct Setup {
+    dev: Cpu,
+    dir: text::ModelDir,
+    ids: Vec<Vec<u32>>,
+    dense: Dense,
+    dense_heldout: Vec<f32>,
+    timed: Batch<f32, Cpu>,
+    calibration: Vec<(Vec<usize>, Batch<f32, Cpu>)>,
+}
+
+impl Setup {
+    fn new() -> Result<Self, Error> {
+        let dev: Cpu = Default::default();
+        let dir = text::ModelDir::locate();
+        if !dir.exists() {
+            return Err(format!(
+                "no checkpoint at {} (set FACTORIZE_MINILM_MODEL_DIR)",
+                dir.checkpoint().display()
+            )
+            .into());
+        }
+        let tokenizer = dir.tokenizer()?;
+        let (sentences, _) = dir.sentences()?;
+        let ids = sentences
+            .iter()
+            .map(|s| tokenizer.encode(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let dense = Dense::load(dir.checkpoint(), &dev)?;
+        let heldout = &ids[pipeline::HELD_OUT];
+        let dense_heldout = embed_all(&dev, heldout, |b| dense.try_embed(b))?;
+        let timed = Batch::new(&dev, &ids[TIMED_BATCH]);
+        let calibration = by_length(&dev, &ids[pipeline::CALIBRATION]);
+        Ok(Self {
+            dev,
+            dir,
+            ids,
+            dense,
+            dense_heldout,
+            timed,
+            calibration,
+        })
+    }
+}
+
+/// One line of the table.
+struct Row {
+    rank: usize,
+    fit: FitKind,
+    macs: (usize, usize),
+    params: (usize, usize),
+    fidelity: metrics::Fidelity,
+    dense_seconds: f64,
+    seconds: f64,
+    factorize_seconds: f64,
+}
+
+fn measure<const R: usize>(setup: &Setup, fit: FitKind) -> Result<Row, Error> {
+    let dense = Bert::<R, f32, Cpu>::load(setup.dir.checkpoint(), &setup.dev)?;
+    let (small, report, took) = factorize(&dense, fit, &setup.calibration)?;
+    let heldout = &setup.ids[pipeline::HELD_OUT];
+    let ours = embed_all(&setup.dev, heldout, |b| small.try_embed(b))?;
+    let fidelity = metrics::fidelity(&ours, &setup.dense_heldout);
+    let (mut dense_times, mut times) = (Vec::new(), Vec::new());
+    for _ in 0..TIMED_RUNS {
+        dense_times.push(median_seconds(1, || {
+            let _ = setup.dense.try_embed(&setup.timed);
+        }));
+        times.push(median_seconds(1, || {
+            let _ = small.try_embed(&setup.timed);
+        }));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(Row {
+        rank: R,
+        fit,
+        macs: report.total_macs(),
+        params: report.total_params(),
+        fidelity,
+        dense_seconds: median(dense_times),
+        seconds: median(times),
+        factorize_seconds: took.as_secs_f64(),
+    })
+}
+
+fn table() -> Result<(), Error> {
+    let setup = Setup::new()?;
+    let tokens = setup.timed.tokens();
+    let positions = setup.timed.positions;
+    // Per token and layer, Q·Kᵀ and probs·V each take `positions · HIDDEN` multiply-adds.
+    let attention_macs = LAYERS * 2 * positions * HIDDEN;
+    let mut rows = Vec::new();
+    for rank in RANKS {
+        for fit in [FitKind::Svd, FitKind::Data] {
+            eprintln!("rank {rank}, {fit:?} …");
+            rows.push(match rank {
+                32 => measure::<32>(&setup, fit)?,
+                64 => measure::<64>(&setup, fit)?,
+                96 => measure::<96>(&setup, fit)?,
+                128 => measure::<128>(&setup, fit)?,
+                _ => measure::<160>(&setup, fit)?,
+            });
+        }
+    }
+    let dense_macs = rows[0].macs.0;
+    let dense_params = rows[0].params.0;
+    let dense_seconds = median_f64(rows.iter().map(|r| r.dense_seconds).collect());
+    println!(
+        "all-MiniLM-L6-v2, all {} Linears factorized at one rank; fidelity on held-out sentences {}–{} against the dense model",
+        LAYERS * 6,
+        pipeline::HELD_OUT.start,
+        pipeline::HELD_OUT.end - 1
+    );
+    println!(
+        "speed: sentences {}–{} as one padded batch ({} × {positions}, {tokens} real tokens), this CPU, median of {TIMED_RUNS} interleaved runs\n",
+        TIMED_BATCH.start,
+        TIMED_BATCH.end - 1,
+        TIMED_BATCH.len()
+    );
+    println!(
+        "| rank | fit | linear MACs/token | attention share | linear params | mean cos | min cos | NN agree | Spearman | tokens/s | speed-up | factorize |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| dense | – | {:.2} M | {:.1}% | {:.2} M | 1 | 1 | 100% | 1 | {:.0} | 1.00x | – |",
+        dense_macs as f64 / 1e6,
+        100.0 * attention_macs as f64 / (dense_macs + attention_macs) as f64,
+        dense_params as f64 / 1e6,
+        tokens as f64 / dense_seconds
+    );
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.2} M ({:.0}%) | {:.1}% | {:.2} M | {:.4} | {:.4} | {:.0}% | {:.4} | {:.0} | {:.2}x | {:.2} s |",
+            r.rank,
+            match r.fit {
+                FitKind::Svd => "weight SVD",
+                FitKind::Data => "data-aware",
+            },
+            r.macs.1 as f64 / 1e6,
+            100.0 * r.macs.1 as f64 / dense_macs as f64,
+            100.0 * attention_macs as f64 / (r.macs.1 + attention_macs) as f64,
+            r.params.1 as f64 / 1e6,
+            r.fidelity.mean_cosine,
+            r.fidelity.min_cosine,
+            100.0 * r.fidelity.neighbour_agreement,
+            r.fidelity.spearman,
+            tokens as f64 / r.seconds,
+            r.dense_seconds / r.seconds,
+            r.factorize_seconds,
+        );
+    }
+    println!(
+        "\nlinear MACs/token: multiply-adds of the 36 Linears per token (dense {FFN}-wide FFN and four {HIDDEN}² projections per layer);"
+    );
+    println!(
+        "attention share: Q·Kᵀ and probs·V (not factorized) as a share of all multiply-adds at this batch's length;"
+    );
+    println!(
+        "speed-up: dense time / factorized time, each row timed against the dense model interleaved; NN agree: each sentence's most similar other sentence is the same as under the dense model."
+    );
+    Ok(())
+}
+
+fn median_f64(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `embed <sentences.txt> <out.safetensors>` with the dense model or a variant.
+fn embed(variant: Option<(usize, FitKind)>, input: &str, output: &str) -> Result<(), Error> {
+    let dev: Cpu = Default::default();
+    let dir = text::ModelDir::locate();
+    let tokenizer = dir.tokenizer()?;
+    let text = std::fs::read_to_string(input).map_err(|e| format!("cannot read {input}: {e}"))?;
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        return Err(format!("{input} has no sentences (one per line)").into());
+    }
+    let ids = lines
+        .iter()
+        .map(|s| tokenizer.encode(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let embeddings = match variant {
+        None => {
+            let dense = Dense::load(dir.checkpoint(), &dev)?;
+            embed_all(&dev, &ids, |b| dense.try_embed(b))?
+        }
+        Some((rank, fit)) => match rank {
+            32 => embed_variant::<32>(&dev, &dir, fit, &ids)?,
+            64 => embed_variant::<64>(&dev, &dir, fit, &ids)?,
+            96 => embed_variant::<96>(&dev, &dir, fit, &ids)?,
+            128 => embed_variant::<128>(&dev, &dir, fit, &ids)?,
+            160 => embed_variant::<160>(&dev, &dir, fit, &ids)?,
+            other => return Err(format!("--rank takes one of {RANKS:?}, not {other}").into()),
+        },
+    };
+    let bytes: Vec<u8> = embeddings.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = ::safetensors::tensor::TensorView::new(
+        ::safetensors::Dtype::F32,
+        vec![lines.len(), HIDDEN],
+        &bytes,
+    )
+    .map_err(|e| format!("{e:?}"))?;
+    ::safetensors::serialize_to_file([("embeddings", view)], &None, output.as_ref())
+        .map_err(|e| format!("cannot write {output}: {e:?}"))?;
+    eprintln!("wrote {} embeddings to {output}", lines.len());
+    Ok(())
+}
+
+fn embed_variant<const R: usize>(
+    dev: &Cpu,
+    dir: &text::ModelDir,
+    fit: FitKind,
+    ids: &[Vec<u32>],
+) -> Result<Vec<f32>, Error> {
+    let dense = Bert::<R, f32, Cpu>::load(dir.checkpoint(), dev)?;
+    let tokenizer = dir.tokenizer()?;
+    let (sentences, _) = dir.sentences()?;
+    let calibration_ids = sentences[pipeline::CALIBRATION]
+        .iter()
+        .map(|s| tokenizer.encode(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let calibration = by_length(dev, &calibration_ids);
+    let (small, _, _) = factorize(&dense, fit, &calibration)?;
+    embed_all(dev, ids, |b| small.try_embed(b))
+}
+
+const USAGE: &str =
+    "usage: minilm [--rank R --fit svd|data] [embed <sentences.txt> <out.safetensors>]";
+
+fn main() {
+    if let Err(e) = run(std::env::args().skip(1).collect()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Vec<String>) -> Result<(), Error> {
+    let mut rank = None;
+    let mut fit = None;
+    let mut rest = args.as_slice();
+    loop {
+        match rest {
+            [flag, value, tail @ ..] if flag == "--rank" => {
+                rank = Some(
+                    value
+                        .parse::<usize>()
+                        .map_err(|_| format!("--rank takes an integer, not `{value}`"))?,
+                );
+                rest = tail;
+            }
+            [flag, value, tail @ ..] if flag == "--fit" => {
+                fit = Some(value.parse::<FitKind>()?);
+                rest = tail;
+            }
+            _ => break,
+        }
+    }
+    let variant = match (rank, fit) {
+        (None, None) => None,
+        (Some(r), Some(f)) => Some((r, f)),
+        _ => return Err(format!("--rank and --fit go together\n{USAGE}").into()),
+    };
+    match rest {
+        [] if variant.is_none() => table(),
+        [cmd, input, output] if cmd == "embed" => embed(variant, input, output),
+        _ => Err(USAGE.into()),
+    }
+}

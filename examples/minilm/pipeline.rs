@@ -1,0 +1,116 @@
+//! The route from a checkpoint to measured variants: batching without padding, embedding a
+//! list of sentences, and building a factorized variant by weight SVD or by data-aware fits.
+
+use std::time::{Duration, Instant};
+
+use dfdx::prelude::*;
+use factorize_runtime::engine::calibrated::Fit;
+use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeReport};
+
+use crate::bert::{Batch, Bert, BertFactorized, HIDDEN};
+
+/// Sentences 0–119 calibrate data-aware fits; 120–159 are held out for every measurement.
+pub const CALIBRATION: std::ops::Range<usize> = 0..120;
+/// See [`CALIBRATION`].
+pub const HELD_OUT: std::ops::Range<usize> = 120..160;
+
+/// The error of this example: a message naming what failed.
+pub type Error = Box<dyn std::error::Error>;
+
+/// How a variant is filled from the dense weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FitKind {
+    /// Truncated SVD of each weight (`factorize`).
+    Svd,
+    /// Each layer fitted to its outputs on the calibration sentences, in forward order
+    /// (`factorize_calibrated` with `Fit::exact()`).
+    Data,
+}
+
+impl std::str::FromStr for FitKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "svd" => Ok(Self::Svd),
+            "data" => Ok(Self::Data),
+            _ => Err(format!("--fit takes `svd` or `data`, not `{s}`")),
+        }
+    }
+}
+
+/// Sentences grouped into batches of equal length, so that no batch has padding: the
+/// calibration then records only real tokens. Each batch comes with the sentences' indices.
+pub fn by_length(dev: &Cpu, ids: &[Vec<u32>]) -> Vec<(Vec<usize>, Batch<f32, Cpu>)> {
+    let mut lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    lengths
+        .into_iter()
+        .map(|len| {
+            let members: Vec<usize> = (0..ids.len()).filter(|&i| ids[i].len() == len).collect();
+            let group: Vec<Vec<u32>> = members.iter().map(|&i| ids[i].clone()).collect();
+            (members, Batch::new(dev, &group))
+        })
+        .collect()
+}
+
+/// The embeddings of `ids`, row-major `[n, HIDDEN]` in the order of `ids`, computed by
+/// `embed` on batches of equal length.
+pub fn embed_all<F>(dev: &Cpu, ids: &[Vec<u32>], mut embed: F) -> Result<Vec<f32>, Error>
+where
+    F: FnMut(&Batch<f32, Cpu>) -> Result<Tensor<(usize, Const<HIDDEN>), f32, Cpu>, CpuError>,
+{
+    let mut out = vec![0.0; ids.len() * HIDDEN];
+    for (members, batch) in by_length(dev, ids) {
+        let e = embed(&batch)?.as_vec();
+        for (k, &i) in members.iter().enumerate() {
+            out[i * HIDDEN..(i + 1) * HIDDEN].copy_from_slice(&e[k * HIDDEN..(k + 1) * HIDDEN]);
+        }
+    }
+    Ok(out)
+}
+
+/// The factorized variant of `dense` at rank `R`, the report, and the time it took.
+/// `calibration` batches run the recording passes of the data-aware fit.
+pub fn factorize<const R: usize>(
+    dense: &Bert<R, f32, Cpu>,
+    fit: FitKind,
+    calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
+) -> Result<(BertFactorized<R, f32, Cpu>, FactorizeReport, Duration), Error> {
+    let cfg = FactorizeConfig {
+        progress: false,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let (model, report) = match fit {
+        FitKind::Svd => dense.factorize_with_report(&cfg)?,
+        FitKind::Data => {
+            let mut failed = None;
+            let done = dense.factorize_calibrated(&cfg, Fit::exact(), |m| {
+                for (_, batch) in calibration {
+                    if let Err(e) = m.try_hidden_states(batch) {
+                        failed.get_or_insert(e);
+                    }
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            done?
+        }
+    };
+    Ok((model, report, start.elapsed()))
+}
+
+/// `f` timed `runs` times; the median in seconds.
+pub fn median_seconds(runs: usize, mut f: impl FnMut()) -> f64 {
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[runs / 2]
+}

@@ -1,0 +1,81 @@
+//! Text in: the checkpoint's own tokenizer (`tokenizer.json`, Hugging Face's `tokenizers`), and
+//! the data set of `../shared/data/minilm-model` (sentences and reference outputs).
+
+use std::path::{Path, PathBuf};
+
+/// Sentences are cut at this many tokens, as sentence-transformers does for this model.
+pub const MAX_TOKENS: usize = 256;
+
+/// The WordPiece tokenizer of the checkpoint.
+pub struct Tokenizer(tokenizers::Tokenizer);
+
+impl Tokenizer {
+    /// Reads `tokenizer.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, String> {
+        let path = path.as_ref();
+        let mut inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| format!("cannot read tokenizer {}: {e}", path.display()))?;
+        let truncation = tokenizers::TruncationParams {
+            max_length: MAX_TOKENS,
+            ..Default::default()
+        };
+        inner
+            .with_truncation(Some(truncation))
+            .map_err(|e| format!("tokenizer {}: {e}", path.display()))?;
+        inner.with_padding(None);
+        Ok(Self(inner))
+    }
+
+    /// Token ids of one sentence, with `[CLS]` and `[SEP]`.
+    pub fn encode(&self, sentence: &str) -> Result<Vec<u32>, String> {
+        let encoding = self
+            .0
+            .encode(sentence, true)
+            .map_err(|e| format!("cannot tokenize {sentence:?}: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+}
+
+/// The files of `../shared/data/minilm-model`.
+pub struct ModelDir(pub PathBuf);
+
+impl ModelDir {
+    /// `$FACTORIZE_MINILM_MODEL_DIR`, else `../shared/data/minilm-model` beside the repository.
+    pub fn locate() -> Self {
+        Self(
+            std::env::var_os("FACTORIZE_MINILM_MODEL_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/minilm-model")
+                }),
+        )
+    }
+
+    /// Whether the checkpoint is there.
+    pub fn exists(&self) -> bool {
+        self.checkpoint().is_file()
+    }
+
+    pub fn checkpoint(&self) -> PathBuf {
+        self.0.join("model.safetensors")
+    }
+
+    pub fn tokenizer(&self) -> Result<Tokenizer, String> {
+        Tokenizer::from_file(self.0.join("tokenizer.json"))
+    }
+
+    /// `sentences.json`: the 160 sentences and their reference token ids.
+    pub fn sentences(&self) -> Result<(Vec<String>, Vec<Vec<u32>>), String> {
+        let path = self.0.join("sentences.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        #[derive(serde::Deserialize)]
+        struct File {
+            sentences: Vec<String>,
+            input_ids: Vec<Vec<u32>>,
+        }
+        let f: File = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not the expected JSON: {e}", path.display()))?;
+        Ok((f.sentences, f.input_ids))
+    }
+}
