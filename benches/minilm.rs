@@ -18,7 +18,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use dfdx::nn::modules::AccurateGeLU;
 use dfdx::prelude::*;
-use factorize_runtime::fast::FastForward;
+use factorize_runtime::fast::{self, FastForward};
 use factorize_runtime::{Factorizable, FactorizeConfig};
 
 use bert::{Batch, Bert};
@@ -73,6 +73,17 @@ fn models(c: &mut Criterion) {
     });
     g.bench_function("attention_block", |b| {
         b.iter(|| layer.attention.try_forward(x.clone(), &batch).unwrap())
+    });
+    let (q, k, v) = (
+        layer.attention.query.forward_fast(x.clone()),
+        layer.attention.key.forward_fast(x.clone()),
+        layer.attention.value.forward_fast(x.clone()),
+    );
+    g.bench_function("attention_fused", |b| {
+        b.iter(|| {
+            fast::attention::<12, 32, 384, f32, Cpu>(&q, &k, &v, &batch.lengths, batch.positions)
+                .unwrap()
+        })
     });
     g.bench_function("ffn_block", |b| {
         b.iter(|| layer.ffn.try_forward(x.clone()).unwrap())

@@ -16,7 +16,7 @@
 
 use dfdx::nn::modules::{AccurateGeLU, Embedding, LayerNorm1D, Linear, Repeated};
 use dfdx::prelude::*;
-use factorize_runtime::fast::FastForward;
+use factorize_runtime::fast::{self, FastForward};
 use factorize_runtime::{mirror, Factorizable};
 
 /// Width of the hidden states.
@@ -46,6 +46,8 @@ pub struct Batch<E: Dtype, D: Device<E>> {
     pub sentences: usize,
     /// Positions per sentence (the longest sentence's token count).
     pub positions: usize,
+    /// Real tokens of each sentence.
+    pub lengths: Vec<usize>,
     /// Token ids `(b, s)`; padding is `[PAD]` = 0.
     pub ids: Tensor<(usize, usize), usize, D>,
     /// Position ids `(b, s)`: `0..s` on every row.
@@ -84,6 +86,7 @@ impl<E: Dtype, D: Device<E>> Batch<E, D> {
         Self {
             sentences: b,
             positions: s,
+            lengths: sentences.iter().map(Vec::len).collect(),
             ids: dev.tensor_from_vec(ids, (b, s)),
             position_ids: dev.tensor_from_vec(positions, (b, s)),
             mask: dev.tensor_from_vec(mask, (b, s)),
@@ -159,37 +162,54 @@ impl<const R: usize, E: Dtype, D: Device<E>> SelfAttention<R, E, D> {
         x: Hidden<E, D>,
         batch: &Batch<E, D>,
     ) -> Result<Hidden<E, D>, D::Err> {
-        let (b, s) = (batch.sentences, batch.positions);
-        let heads = (b, s, Const::<HEADS>, Const::<HEAD_DIM>);
-        let q = self
-            .query
-            .try_forward_fast(x.clone())?
-            .try_reshape_like(&heads)?;
-        let k = self
-            .key
-            .try_forward_fast(x.clone())?
-            .try_reshape_like(&heads)?;
-        let v = self
-            .value
-            .try_forward_fast(x.clone())?
-            .try_reshape_like(&heads)?;
-        let q = q.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
-        let k = k.try_permute::<_, Axes4<0, 2, 3, 1>>()?;
-        let v = v.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
-        let scale = E::from_f64(1.0 / (HEAD_DIM as f64).sqrt()).unwrap();
-        let scores = q.try_matmul(k)?.try_mul(scale)?;
-        let bias = batch
-            .attention_bias
-            .clone()
-            .try_broadcast_like::<_, Axes2<1, 2>>(&(b, Const::<HEADS>, s, s))?;
-        let probs = scores.try_add(bias)?.try_softmax::<Axis<3>>()?;
-        let context = probs
-            .try_matmul(v)?
-            .try_permute::<_, Axes4<0, 2, 1, 3>>()?
-            .try_reshape_like(&(b * s, Const::<HIDDEN>))?;
+        let q = self.query.try_forward_fast(x.clone())?;
+        let k = self.key.try_forward_fast(x.clone())?;
+        let v = self.value.try_forward_fast(x.clone())?;
+        let context = match fast::attention::<HEADS, HEAD_DIM, HIDDEN, E, D>(
+            &q,
+            &k,
+            &v,
+            &batch.lengths,
+            batch.positions,
+        ) {
+            Some(context) => context,
+            None => composed_attention(q, k, v, batch)?,
+        };
         let out = self.output.try_forward_fast(context)?;
         self.norm.try_forward_fast(out.try_add(x)?)
     }
+}
+
+/// Attention composed of dfdx's ops, for any device and dtype and under a training tape (the
+/// fast route of [`fast::attention`] covers tape-free `Cpu` tensors only).
+fn composed_attention<E: Dtype, D: Device<E>>(
+    q: Hidden<E, D>,
+    k: Hidden<E, D>,
+    v: Hidden<E, D>,
+    batch: &Batch<E, D>,
+) -> Result<Hidden<E, D>, D::Err> {
+    let (b, s) = (batch.sentences, batch.positions);
+    let heads = (b, s, Const::<HEADS>, Const::<HEAD_DIM>);
+    let q = q
+        .try_reshape_like(&heads)?
+        .try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+    let k = k
+        .try_reshape_like(&heads)?
+        .try_permute::<_, Axes4<0, 2, 3, 1>>()?;
+    let v = v
+        .try_reshape_like(&heads)?
+        .try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+    let scale = E::from_f64(1.0 / (HEAD_DIM as f64).sqrt()).unwrap();
+    let scores = q.try_matmul(k)?.try_mul(scale)?;
+    let bias = batch
+        .attention_bias
+        .clone()
+        .try_broadcast_like::<_, Axes2<1, 2>>(&(b, Const::<HEADS>, s, s))?;
+    let probs = scores.try_add(bias)?.try_softmax::<Axis<3>>()?;
+    probs
+        .try_matmul(v)?
+        .try_permute::<_, Axes4<0, 2, 1, 3>>()?
+        .try_reshape_like(&(b * s, Const::<HIDDEN>))
 }
 
 /// The feed-forward block: `LayerNorm(x + W2·gelu(W1·x))`.

@@ -126,6 +126,7 @@ mod factorizable;
 mod factorized_conv;
 pub mod fast;
 mod linear;
+mod pool;
 mod progress;
 pub mod report;
 pub mod synthetic;

@@ -94,9 +94,11 @@ impl<F: Element> HostConv<'_, F> {
                 });
         } else {
             let mut band = Vec::new();
-            for (y, x) in y.chunks_exact_mut(item).zip(images) {
-                self.forward_image(x, y, &mut band, Par::rayon(0));
-            }
+            crate::pool::run(|| {
+                for (y, x) in y.chunks_exact_mut(item).zip(images) {
+                    self.forward_image(x, y, &mut band, Par::rayon(0));
+                }
+            });
         }
         y
     }
@@ -149,26 +151,28 @@ impl<F: Element> HostConv<'_, F> {
         let groups = rayon::current_num_threads().clamp(1, batch);
         let per_group = batch.div_ceil(groups);
         let par = if groups > 1 { Par::Seq } else { Par::rayon(0) };
-        let partial: Vec<ParameterGradients<F>> = dx
-            .par_chunks_mut(per_group * g.image_len())
-            .zip(x.par_chunks(per_group * g.image_len()))
-            .zip(dy.par_chunks(per_group * item))
-            .map(|((dx, x), dy)| {
-                let mut sums = ParameterGradients {
-                    weight: vec![F::default(); self.out * fan_in],
-                    bias: vec![F::default(); self.out],
-                };
-                let mut band = Vec::new();
-                let images = dx
-                    .chunks_exact_mut(g.image_len())
-                    .zip(x.chunks_exact(g.image_len()))
-                    .zip(dy.chunks_exact(item));
-                for ((dx, x), dy) in images {
-                    self.backward_image(x, dy, dx, &mut sums, &mut band, par);
-                }
-                sums
-            })
-            .collect();
+        // In the faer pool: a single group multiplies with `Par::rayon` (see `crate::pool`).
+        let partial: Vec<ParameterGradients<F>> = crate::pool::run(|| {
+            dx.par_chunks_mut(per_group * g.image_len())
+                .zip(x.par_chunks(per_group * g.image_len()))
+                .zip(dy.par_chunks(per_group * item))
+                .map(|((dx, x), dy)| {
+                    let mut sums = ParameterGradients {
+                        weight: vec![F::default(); self.out * fan_in],
+                        bias: vec![F::default(); self.out],
+                    };
+                    let mut band = Vec::new();
+                    let images = dx
+                        .chunks_exact_mut(g.image_len())
+                        .zip(x.chunks_exact(g.image_len()))
+                        .zip(dy.chunks_exact(item));
+                    for ((dx, x), dy) in images {
+                        self.backward_image(x, dy, dx, &mut sums, &mut band, par);
+                    }
+                    sums
+                })
+                .collect()
+        });
         for part in partial {
             add(&mut total.weight, &part.weight);
             add(&mut total.bias, &part.bias);

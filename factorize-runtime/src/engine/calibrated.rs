@@ -216,6 +216,17 @@ pub fn fit_linear(
     rank: usize,
     fit: Fit,
 ) -> Result<CalibratedFit, FactorizeError> {
+    crate::pool::run(|| fit_linear_here(w, bias, x, rank, fit))
+}
+
+/// [`fit_linear`] on the calling thread's pool.
+fn fit_linear_here(
+    w: &WeightMatrix<'_>,
+    bias: &[f64],
+    x: &Calibration<'_>,
+    rank: usize,
+    fit: Fit,
+) -> Result<CalibratedFit, FactorizeError> {
     let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
     check_inputs(w, bias, x, rank)?;
     let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);

@@ -76,10 +76,10 @@ pub fn low_rank(
     precision: Precision,
 ) -> Result<LowRank, FactorizeError> {
     w.check_rank(rank)?;
-    match precision {
+    crate::pool::run(|| match precision {
         Precision::F32 => solve::<f32>(w, rank),
         Precision::F64 => solve::<f64>(w, rank),
-    }
+    })
 }
 
 fn solve<T: Real>(w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, FactorizeError> {
