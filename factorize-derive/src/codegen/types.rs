@@ -25,23 +25,15 @@ pub fn field_params(cont: &Container<'_>, field: &Field<'_>) -> TokenStream {
         overrides.push(quote!(latent_channels: #t));
     } else {
         // Const-generic ranks on the struct are left out of its params const.
-        if let Some(l) = cont
-            .attrs
-            .latent_features
-            .as_ref()
-            .filter(|l| l.param().is_some())
-        {
-            let t = l.tokens();
-            overrides.push(quote!(latent_features: #t));
-        }
-        if let Some(l) = cont
-            .attrs
-            .latent_channels
-            .as_ref()
-            .filter(|l| l.param().is_some())
-        {
-            let t = l.tokens();
-            overrides.push(quote!(latent_channels: #t));
+        let struct_level = [
+            (&cont.attrs.latent_features, quote!(latent_features)),
+            (&cont.attrs.latent_channels, quote!(latent_channels)),
+        ];
+        for (value, key) in struct_level {
+            if let Some(l) = value.as_ref().filter(|l| l.param().is_some()) {
+                let t = l.tokens();
+                overrides.push(quote!(#key: #t));
+            }
         }
     }
     if let Some(v) = field.attrs.min_features {
