@@ -7,12 +7,13 @@
 //! `FactorizedLinear`s of rank 64; the cost rule is checked for each `R` at build time. The
 //! dense model ignores `R`.
 //!
-//! Forwards call `try_forward_fast` ([`FastForward`]): dfdx's own forward, or this crate's CPU
-//! kernels for tape-free `Cpu` tensors (same results, several times faster).
+//! Forwards call `try_forward_fast` ([`FastForward`]) and [`fast::attention`]: factorize's CPU
+//! kernels for tape-free `Cpu` tensors (same results, faster), and dfdx's own ops for anything
+//! else, so the same model trains and runs on other devices.
 //!
 //! Shapes: a batch of `b` sentences padded to `s` tokens. Hidden states are kept as `b·s` rows of
-//! `HIDDEN` (`Tensor<(usize, Const<384>)>`), so every `Linear` is one matrix product; attention
-//! views them as `(b, heads, s, head_dim)`.
+//! `HIDDEN` (`Tensor<(usize, Const<384>)>`), so every `Linear` is one matrix product; dfdx's
+//! attention route views them as `(b, heads, s, head_dim)`.
 
 use dfdx::nn::modules::{AccurateGeLU, Embedding, LayerNorm1D, Linear, Repeated};
 use dfdx::prelude::*;

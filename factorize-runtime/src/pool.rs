@@ -1,11 +1,11 @@
 //! The thread pool in which this crate's parallel faer calls run.
 //!
 //! faer's parallel kernels (`Par::rayon`, through spindle) leave their worker loops on the
-//! threads of the rayon pool they ran in. On rayon's global pool that makes later rayon work of
-//! the same process, dfdx's own GEMM and [`crate::fast`]'s kernels included, 20–30 times
-//! slower for the rest of its life (an erf GELU of 800 × 1536: 5 ms before one parallel faer
-//! product, 160 ms after it). So every parallel faer call of this crate runs in this pool, of
-//! as many threads as the global one, which keeps the global pool free.
+//! threads of the rayon pool they ran in. On rayon's global pool that makes all later rayon
+//! work of the process, dfdx's own GEMM and [`crate::fast`]'s kernels included, many times
+//! slower for the rest of its life (numbers in the README). So every parallel faer call of this
+//! crate runs in this pool, of as many threads as the global one, which keeps the global pool
+//! free.
 
 use std::sync::OnceLock;
 
