@@ -24,7 +24,7 @@ mod text;
 use dfdx::prelude::*;
 
 use bert::{Batch, Bert, FFN, HIDDEN, LAYERS};
-use pipeline::{by_length, embed_all, factorize, median_seconds, Error, FitKind};
+use pipeline::{by_length, embed_all, factorize, median, seconds, Error, FitKind};
 
 /// The ranks of the table, applied to all 36 `Linear`s.
 const RANKS: [usize; 5] = [32, 64, 96, 128, 160];
@@ -101,17 +101,13 @@ fn measure<const R: usize>(setup: &Setup, fit: FitKind) -> Result<Row, Error> {
     let fidelity = metrics::fidelity(&ours, &setup.dense_heldout);
     let (mut dense_times, mut times) = (Vec::new(), Vec::new());
     for _ in 0..TIMED_RUNS {
-        dense_times.push(median_seconds(1, || {
+        dense_times.push(seconds(|| {
             let _ = setup.dense.try_embed(&setup.timed);
         }));
-        times.push(median_seconds(1, || {
+        times.push(seconds(|| {
             let _ = small.try_embed(&setup.timed);
         }));
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     Ok(Row {
         rank: R,
         fit,
@@ -145,7 +141,7 @@ fn table() -> Result<(), Error> {
     }
     let dense_macs = rows[0].macs.0;
     let dense_params = rows[0].params.0;
-    let dense_seconds = median_f64(rows.iter().map(|r| r.dense_seconds).collect());
+    let dense_seconds = median(rows.iter().map(|r| r.dense_seconds).collect());
     println!(
         "all-MiniLM-L6-v2, all {} Linears factorized at one rank; fidelity on held-out sentences {}–{} against the dense model",
         LAYERS * 6,
@@ -202,11 +198,6 @@ fn table() -> Result<(), Error> {
     Ok(())
 }
 
-fn median_f64(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// `embed <sentences.txt> <out.safetensors>` with the dense model or a variant.
 fn embed(variant: Option<(usize, FitKind)>, input: &str, output: &str) -> Result<(), Error> {
     let dev: Cpu = Default::default();
@@ -227,11 +218,11 @@ fn embed(variant: Option<(usize, FitKind)>, input: &str, output: &str) -> Result
             embed_all(&dev, &ids, |b| dense.try_embed(b))?
         }
         Some((rank, fit)) => match rank {
-            32 => embed_variant::<32>(&dev, &dir, fit, &ids)?,
-            64 => embed_variant::<64>(&dev, &dir, fit, &ids)?,
-            96 => embed_variant::<96>(&dev, &dir, fit, &ids)?,
-            128 => embed_variant::<128>(&dev, &dir, fit, &ids)?,
-            160 => embed_variant::<160>(&dev, &dir, fit, &ids)?,
+            32 => embed_variant::<32>(&dev, &dir, &tokenizer, fit, &ids)?,
+            64 => embed_variant::<64>(&dev, &dir, &tokenizer, fit, &ids)?,
+            96 => embed_variant::<96>(&dev, &dir, &tokenizer, fit, &ids)?,
+            128 => embed_variant::<128>(&dev, &dir, &tokenizer, fit, &ids)?,
+            160 => embed_variant::<160>(&dev, &dir, &tokenizer, fit, &ids)?,
             other => return Err(format!("--rank takes one of {RANKS:?}, not {other}").into()),
         },
     };
@@ -251,11 +242,11 @@ fn embed(variant: Option<(usize, FitKind)>, input: &str, output: &str) -> Result
 fn embed_variant<const R: usize>(
     dev: &Cpu,
     dir: &text::ModelDir,
+    tokenizer: &text::Tokenizer,
     fit: FitKind,
     ids: &[Vec<u32>],
 ) -> Result<Vec<f32>, Error> {
     let dense = Bert::<R, f32, Cpu>::load(dir.checkpoint(), dev)?;
-    let tokenizer = dir.tokenizer()?;
     let (sentences, _) = dir.sentences()?;
     let calibration_ids = sentences[pipeline::CALIBRATION]
         .iter()
