@@ -9,15 +9,17 @@ use factorize_runtime::cost::{linear_decision, FactorizeParams, Latent};
 use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
 use factorize_runtime::weights::read_matrices;
 use factorize_runtime::{
-    mirror, Factorizable, FactorizeConfig, FactorizeError, FactorizedLinear, Status,
+    mirror, Factorizable, FactorizeAs, FactorizeConfig, FactorizeError, FactorizedLinear, Status,
+    TensorCollection,
 };
 
 type Dev = Cpu;
 const D_MODEL: usize = 512;
 const D_FF: usize = 2 * D_MODEL;
 
-/// A transformer FFN block: named consts and a const expression as dims.
-#[derive(Factorizable)]
+/// A transformer FFN block: named consts and a const expression as dims. `TensorCollection`
+/// makes the original buildable, savable and trainable, as the variant is.
+#[derive(Factorizable, TensorCollection)]
 pub struct Ffn<E: Dtype, D: Device<E>> {
     pub up: Linear<D_MODEL, D_FF, E, D>,
     pub act: ReLU,
@@ -31,28 +33,6 @@ impl<E: Dtype, D: Device<E>, B: Dim> Module<Tensor<(B, Const<D_MODEL>), E, D>> f
     fn try_forward(&self, x: Tensor<(B, Const<D_MODEL>), E, D>) -> Result<Self::Output, D::Err> {
         self.down
             .try_forward(self.act.try_forward(self.up.try_forward(x)?)?)
-    }
-}
-
-/// The dfdx custom-module idiom: the original's TensorCollection, written by hand.
-impl<E: Dtype + num_traits::Float + rand_distr::uniform::SampleUniform, D: Device<E>>
-    TensorCollection<E, D> for Ffn<E, D>
-{
-    type To<E2: Dtype, D2: Device<E2>> = Ffn<E2, D2>;
-    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
-        visitor: &mut V,
-    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
-        visitor.visit_fields(
-            (
-                Self::module("up", |s| &s.up, |s| &mut s.up),
-                Self::module("down", |s| &s.down, |s| &mut s.down),
-            ),
-            |(up, down)| Ffn {
-                up,
-                act: ReLU,
-                down,
-            },
-        )
     }
 }
 
@@ -716,4 +696,160 @@ fn a_const_generic_rank_gives_one_variant_per_rank() {
         .factorize(&FactorizeConfig::default())
         .unwrap();
     let _: &FactorizedLinear<512, 200, 1024, f32, Dev> = &larger.up;
+}
+
+/// The training story of `examples/finetune.rs`: a dense model built, trained with Adam through
+/// its tape-generic forward, factorized, fine-tuned, saved and loaded.
+#[allow(dead_code)]
+#[path = "../examples/finetune.rs"]
+mod finetune;
+
+#[test]
+fn fine_tuning_the_factorized_variant_lowers_its_loss() {
+    use finetune::{evaluate, train, Mlp, MlpFactorized, BATCH, TEACHER_GAIN, WIDTH};
+    let dev = Cpu::seed_from_u64(7);
+    let mut teacher = Mlp::<f32, Cpu>::build(&dev);
+    teacher.fc2.weight = teacher.fc2.weight.clone() * TEACHER_GAIN;
+    let mut model = Mlp::<f32, Cpu>::build(&dev);
+    let (first, last) = train(&dev, &mut model, &teacher, 200, 1e-3).unwrap();
+    assert!(last < 0.5 * first, "dense training: {first} → {last}");
+
+    let mut small = model.factorize(&FactorizeConfig::default()).unwrap();
+    let _: &FactorizedLinear<WIDTH, 48, 1024, f32, Cpu> = &small.fc1;
+    let before = evaluate(&dev, &small, &teacher, 8);
+    let dense = evaluate(&dev, &model, &teacher, 8);
+    assert!(
+        before > dense,
+        "rank 48 of a trained layer loses something: {before} vs {dense}"
+    );
+    train(&dev, &mut small, &teacher, 100, 3e-4).unwrap();
+    let after = evaluate(&dev, &small, &teacher, 8);
+    assert!(
+        after < 0.95 * before,
+        "fine-tuning: held-out loss {before} → {after}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("factorize-finetune-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (dense_path, small_path) = (dir.join("dense.safetensors"), dir.join("small.safetensors"));
+    model.save_safetensors(&dense_path).unwrap();
+    small.save_safetensors(&small_path).unwrap();
+    let mut dense_again = Mlp::<f32, Cpu>::build(&dev);
+    dense_again.load_safetensors(&dense_path).unwrap();
+    let mut deployed = MlpFactorized::<f32, Cpu>::build(&dev);
+    deployed.load_safetensors(&small_path).unwrap();
+    let x: Tensor<Rank2<BATCH, WIDTH>, f32, Cpu> = dev.sample_normal();
+    assert_eq!(
+        model.forward(x.clone()).as_vec(),
+        dense_again.forward(x.clone()).as_vec()
+    );
+    assert_eq!(
+        small.forward(x.clone()).as_vec(),
+        deployed.forward(x).as_vec()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+mod seq {
+    // As dfdx users write it: the prelude's builders.
+    use dfdx::prelude::*;
+    use factorize_runtime::sequential;
+
+    sequential! {
+        /// dfdx's most common model shape: a tuple of builders, with a nested tuple.
+        #[factorize(latent_features = 64, min_features = 300)]
+        pub type SeqMlp = (
+            Linear<512, 1024>,
+            ReLU,
+            (Linear<1024, 512>, ReLU),
+            Linear<512, 260>,
+            LayerNorm1D<260>,
+        );
+    }
+}
+use seq::{SeqMlp, SeqMlpFactorized};
+
+#[test]
+fn a_sequential_model_is_factorized_by_the_rule() {
+    let dev: Dev = Default::default();
+    let mut model = dev.build_module::<SeqMlp, f32>();
+    set_spectrum(&mut model.0, &power_law(512, 1.0));
+    set_spectrum(&mut (model.2).0, &power_law(512, 1.0));
+    let before = model.clone();
+    let (small, report) = model
+        .factorize_as_with_report::<SeqMlpFactorized>(&FactorizeConfig::default())
+        .unwrap();
+    // The rule, at compile time: 64 saves on the 512-wide layers; 260 < min_features keeps the last.
+    let _: &FactorizedLinear<512, 64, 1024, f32, Dev> = &small.0;
+    let _: &FactorizedLinear<1024, 64, 512, f32, Dev> = &(small.2).0;
+    let _: &dfdx::nn::modules::Linear<512, 260, f32, Dev> = &small.3;
+    let rows: Vec<(&str, Status)> = report
+        .layers
+        .iter()
+        .map(|r| (r.path.as_str(), r.status.clone()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("0", Status::Replaced),
+            ("2.0", Status::Replaced),
+            (
+                "3",
+                Status::TooNarrow {
+                    width: 260,
+                    min: 300
+                }
+            ),
+        ]
+    );
+    // Each replaced layer is at its Eckart–Young optimum.
+    let optimum = common::optimum(&power_law(512, 1.0), 64);
+    for row in &report.layers[..2] {
+        let err = row.relative_error.unwrap();
+        assert!(
+            (err - optimum).abs() < 1e-4,
+            "{}: {err} vs {optimum}",
+            row.path
+        );
+    }
+    // The source is untouched, the kept and carried layers are copies, and the variant runs
+    // as a dfdx tuple, in sequence.
+    assert_eq!(model.0.weight.as_vec(), before.0.weight.as_vec());
+    assert_eq!(small.3.weight.as_vec(), model.3.weight.as_vec());
+    assert_eq!(small.4.gamma.as_vec(), model.4.gamma.as_vec());
+    let x: Tensor<Rank2<4, 512>, f32, Dev> = dev.sample_normal();
+    let (dense_y, small_y) = (model.forward(x.clone()), small.forward(x));
+    assert!(rel(&small_y.as_vec(), &dense_y.as_vec()) < 0.5);
+
+    // The variant is a builder: deployment builds it and loads the saved weights.
+    let dir = std::env::temp_dir().join(format!("factorize-seq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("seq.safetensors");
+    small.save_safetensors(&path).unwrap();
+    let mut deployed = dev.build_module::<SeqMlpFactorized, f32>();
+    deployed.load_safetensors(&path).unwrap();
+    let x: Tensor<Rank2<4, 512>, f32, Dev> = dev.sample_normal();
+    assert_eq!(
+        small.forward(x.clone()).as_vec(),
+        deployed.forward(x).as_vec()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_sequential_model_error_names_the_layer_and_leaves_the_model_as_it_was() {
+    let dev: Dev = Default::default();
+    let mut model = dev.build_module::<SeqMlp, f32>();
+    let mut w = (model.2).0.weight.as_vec();
+    w[5] = f32::INFINITY;
+    (model.2).0.weight.copy_from(&w);
+    let snapshot = model.0.weight.as_vec();
+    let e = model
+        .factorize_as::<SeqMlpFactorized>(&FactorizeConfig::default())
+        .unwrap_err();
+    assert!(
+        matches!(e, FactorizeError::NonFinite { ref layer, .. } if layer == "2.0"),
+        "{e}"
+    );
+    assert_eq!(model.0.weight.as_vec(), snapshot);
 }

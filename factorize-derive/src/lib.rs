@@ -1,4 +1,4 @@
-//! The `#[derive(Factorizable)]` and `#[mirror]` macros of `factorize_runtime`.
+//! The `#[derive(Factorizable)]`, `#[derive(TensorCollection)]` and `#[mirror]` macros of `factorize_runtime`.
 //!
 //! Use them through `factorize_runtime`, which re-exports them: generated code names only
 //! `::factorize_runtime::…` paths. See `factorize_runtime::Factorizable` for the full story.
@@ -9,7 +9,8 @@ mod internals;
 use proc_macro::TokenStream;
 use syn::{parse_macro_input, DeriveInput};
 
-use internals::{ast::Container, check, ctxt::Ctxt};
+use internals::ast::{Container, Derive};
+use internals::{check, ctxt::Ctxt};
 
 /// Derives `Factorizable` and generates `{Name}Factorized`; see `factorize_runtime`.
 #[proc_macro_derive(Factorizable, attributes(factorize))]
@@ -22,7 +23,7 @@ pub fn derive_factorizable(input: TokenStream) -> TokenStream {
 
 fn expand_derive(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     let mut cx = Ctxt::default();
-    let cont = Container::from_ast(&mut cx, input);
+    let cont = Container::from_ast(&mut cx, input, Derive::Factorizable);
     if let Some(cont) = &cont {
         check::check(&mut cx, cont);
     }
@@ -31,6 +32,31 @@ fn expand_derive(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         Some(cont) => Ok(codegen::expand(&cont)),
         None => Ok(proc_macro2::TokenStream::new()),
     }
+}
+
+/// Derives dfdx's `TensorCollection` for a model struct (build, optimizers, safetensors); see
+/// `factorize_runtime`.
+#[proc_macro_derive(TensorCollection)]
+pub fn derive_tensor_collection(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    let mut cx = Ctxt::default();
+    let cont = Container::from_ast(&mut cx, &input, Derive::TensorCollection);
+    let expanded = cx
+        .check()
+        .map(|()| cont.map(|c| codegen::collection::expand(&c, &c.input.ident)));
+    match expanded {
+        Ok(tokens) => tokens.unwrap_or_default().into(),
+        Err(e) => e.into_compile_error().into(),
+    }
+}
+
+/// Declares a dfdx sequential model (a tuple of builders) and names its factorized variant;
+/// see `factorize_runtime::sequential`.
+#[proc_macro]
+pub fn sequential(input: TokenStream) -> TokenStream {
+    codegen::sequential::expand(input.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
 }
 
 /// Copies the `impl` block it annotates onto the factorized variant, so the model's forward is

@@ -95,6 +95,73 @@ pub trait Factorizable {
     }
 }
 
+/// A builder type that is the factorized variant of the dense module `Dense`: what
+/// [`sequential!`](crate::sequential) generates for a dfdx sequential model, so that
+/// [`FactorizeAs::factorize_as`] can build it from the dense model's weights.
+///
+/// Implemented by generated code; users name it only in bounds.
+pub trait VariantOf<Dense> {
+    /// The built variant: same tuple structure, big `Linear`s replaced by the cost rule.
+    type Built;
+
+    /// Builds the variant from `dense`, appending one report row per candidate layer, with
+    /// paths under `path`.
+    fn factorize_from(
+        dense: &Dense,
+        path: &str,
+        cfg: &FactorizeConfig,
+        report: &mut FactorizeReport,
+    ) -> Result<Self::Built, FactorizeError>;
+}
+
+/// `model.factorize_as::<V>(&cfg)`: builds the variant that the builder type `V` names (from
+/// [`sequential!`](crate::sequential)) from any model, typically a dfdx tuple that
+/// `#[derive(Factorizable)]` cannot reach. `self` is only borrowed.
+///
+/// ```
+/// use dfdx::prelude::*;
+/// use factorize_runtime::{sequential, FactorizeAs, FactorizeConfig, FactorizedLinear};
+///
+/// sequential! {
+///     /// A two-layer perceptron, as dfdx users write it.
+///     #[factorize(latent_features = 64)]
+///     pub type Mlp = (Linear<512, 1024>, ReLU, Linear<1024, 512>, ReLU, Linear<512, 10>);
+/// }
+///
+/// let dev: Cpu = Default::default();
+/// let model = dev.build_module::<Mlp, f32>();
+/// let (small, report) = model.factorize_as_with_report::<MlpFactorized>(&FactorizeConfig::default())?;
+/// println!("{report}");
+/// let _: &FactorizedLinear<512, 64, 1024, f32, Cpu> = &small.0; // the rule, at compile time
+/// let _: &dfdx::nn::modules::Linear<512, 10, f32, Cpu> = &small.4; // too narrow: kept
+/// let y = small.forward(dev.zeros::<Rank2<3, 512>>()); // dfdx tuples run in sequence
+/// assert_eq!(y.shape(), &(Const::<3>, Const::<10>));
+/// // Deploy: the variant is a builder too.
+/// let _fresh = dev.build_module::<MlpFactorized, f32>();
+/// # Ok::<(), factorize_runtime::FactorizeError>(())
+/// ```
+pub trait FactorizeAs: Sized {
+    /// Builds the variant `V` of `self`.
+    fn factorize_as<V: VariantOf<Self>>(
+        &self,
+        cfg: &FactorizeConfig,
+    ) -> Result<V::Built, FactorizeError> {
+        V::factorize_from(self, "", cfg, &mut FactorizeReport::default())
+    }
+
+    /// Builds the variant `V` of `self` and reports, layer by layer, what was replaced.
+    fn factorize_as_with_report<V: VariantOf<Self>>(
+        &self,
+        cfg: &FactorizeConfig,
+    ) -> Result<(V::Built, FactorizeReport), FactorizeError> {
+        let mut report = FactorizeReport::default();
+        let built = V::factorize_from(self, "", cfg, &mut report)?;
+        Ok((built, report))
+    }
+}
+
+impl<T> FactorizeAs for T {}
+
 macro_rules! carried_over_visits {
     ($([$($generics:tt)*] $ty:ty;)*) => {$(
         impl<$($generics)*> VisitFactorized for $ty {

@@ -3,13 +3,14 @@
 //! Generated code names only `::factorize_runtime::__private::…` paths, so users need no other
 //! dependency or import.
 
-use dfdx::nn::modules::Linear;
 use dfdx::prelude::Storage;
 
 pub use crate::calibrate::{DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized};
 pub use crate::cost::{conv_decision, linear_decision, Decision, FactorizeParams, Latent};
 pub use crate::report::{FactorizeReport, LayerReport, Status};
-pub use crate::{Factorizable, FactorizeConfig, FactorizeError, FactorizedLinear};
+pub use crate::{Factorizable, FactorizeConfig, FactorizeError, FactorizedLinear, VariantOf};
+pub use dfdx::nn::modules::Linear;
+pub use dfdx::nn::{BuildModule, BuildOnDevice};
 pub use dfdx::nn::{ModuleVisitor, TensorCollection};
 pub use dfdx::prelude::{Device, Dtype};
 pub use num_traits::Float;

@@ -1,10 +1,10 @@
-//! dfdx's `TensorCollection` for the variant: build, reset, device and dtype moves, safetensors.
+//! dfdx's `TensorCollection` for the variant, and for the original under
+//! `#[derive(TensorCollection)]`: build, reset, device and dtype moves, optimizers, safetensors.
 
 use proc_macro2::{Ident, TokenStream};
 use quote::{format_ident, quote};
 use syn::GenericParam;
 
-use super::variant_ident;
 use crate::internals::ast::Container;
 
 /// dfdx implements `ModuleFields` for tuples of up to six elements; larger structs nest them.
@@ -24,10 +24,10 @@ fn nest(items: Vec<TokenStream>) -> TokenStream {
     nest(chunks)
 }
 
-pub fn expand(cont: &Container<'_>) -> TokenStream {
+/// The impl for `target`: the struct itself or its variant, which share generics and field names.
+pub fn expand(cont: &Container<'_>, target: &Ident) -> TokenStream {
     let pv = quote!(::factorize_runtime::__private);
     let input = cont.input;
-    let variant = variant_ident(&input.ident);
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let (e, d) = (&cont.dtype, &cont.device);
     let e2 = format_ident!("__E2");
@@ -64,15 +64,15 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
         .unwrap_or_default();
     predicates.push(quote!(#e: #pv::Float + #pv::SampleUniform));
     quote! {
-        impl #impl_generics #pv::TensorCollection<#e, #d> for #variant #ty_generics
+        impl #impl_generics #pv::TensorCollection<#e, #d> for #target #ty_generics
         where #(#predicates,)*
         {
-            type To<#e2: #pv::Dtype, #d2: #pv::Device<#e2>> = #variant<#(#to_args),*>;
+            type To<#e2: #pv::Dtype, #d2: #pv::Device<#e2>> = #target<#(#to_args),*>;
 
             fn iter_tensors<__V: #pv::ModuleVisitor<Self, #e, #d>>(
                 visitor: &mut __V,
             ) -> ::core::result::Result<::core::option::Option<Self::To<__V::E2, __V::D2>>, __V::Err> {
-                visitor.visit_fields(#visits, |#pattern| #variant { #(#names,)* })
+                visitor.visit_fields(#visits, |#pattern| #target { #(#names,)* })
             }
         }
     }

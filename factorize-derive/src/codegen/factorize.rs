@@ -20,7 +20,7 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
         let value = node_value(
             &f.node,
             &params,
-            f,
+            f.attrs.skip.is_some(),
             &forced_ranks(cont, f),
             quote!(&self.#name),
             quote!(&#pv::join(__path, #s)),

@@ -1,8 +1,9 @@
 //! Code generation, split by what it emits.
 
-mod collection;
+pub mod collection;
 mod factorize;
 pub mod mirror;
+pub mod sequential;
 mod types;
 mod variant;
 mod visits;
@@ -26,7 +27,7 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
     let params = params_ident(&cont.input.ident);
     let params_value = cont.attrs.params_tokens();
     let variant = variant::expand(cont);
-    let collection = collection::expand(cont);
+    let collection = collection::expand(cont, &variant_ident(&cont.input.ident));
     let factorize = factorize::expand(cont);
     let visits = visits::expand(cont);
     quote! {

@@ -63,7 +63,14 @@ pub struct ForcedRanks {
 pub fn forced_ranks(cont: &Container<'_>, field: &Field<'_>) -> ForcedRanks {
     let written = |l: &LatentValue, key: &str| {
         let tokens = l.rank_tokens().unwrap_or_else(|| quote!(0usize));
-        (tokens, format!("#[factorize({key} = {})]", l.describe()))
+        (
+            tokens,
+            format!(
+                "#[factorize({key} = {})] on field `{}`",
+                l.describe(),
+                field.ident
+            ),
+        )
     };
     let param = |struct_level: &Option<LatentValue>, key: &str| match &field.attrs.latent {
         Some(l) if l.param().is_some() => Some(written(l, "latent")),
@@ -86,6 +93,15 @@ pub fn forced_ranks(cont: &Container<'_>, field: &Field<'_>) -> ForcedRanks {
 }
 
 impl ForcedRanks {
+    /// No rank fixed: the rule chooses every layer in the type.
+    pub fn none() -> Self {
+        Self {
+            linear: None,
+            conv: None,
+            count: None,
+        }
+    }
+
     /// The fixed rank of a layer (with the attribute as written), or `None` when the rule
     /// chooses in the type.
     fn pick(
@@ -112,15 +128,14 @@ impl ForcedRanks {
     }
 }
 
-/// The field's type in the variant.
+/// The field's type in the variant; `skip` when the field is marked `#[factorize(skip)]`.
 pub fn node_type(
     node: &Node<'_>,
     params: &TokenStream,
-    field: &Field<'_>,
+    skip: bool,
     forced: &ForcedRanks,
 ) -> TokenStream {
     let pv = private();
-    let skip = field.attrs.skip.is_some();
     match node {
         Node::Linear(d) if skip => {
             let ty = d.ty;
@@ -153,7 +168,7 @@ pub fn node_type(
             }
         }
         Node::Tuple(items) => {
-            let items = items.iter().map(|n| node_type(n, params, field, forced));
+            let items = items.iter().map(|n| node_type(n, params, skip, forced));
             quote!(( #(#items,)* ))
         }
         Node::Other(ty) if skip => quote!(#ty),
@@ -168,13 +183,12 @@ pub fn node_type(
 pub fn node_value(
     node: &Node<'_>,
     params: &TokenStream,
-    field: &Field<'_>,
+    skip: bool,
     forced: &ForcedRanks,
     access: TokenStream,
     path: TokenStream,
 ) -> TokenStream {
     let pv = private();
-    let skip = field.attrs.skip.is_some();
     match node {
         Node::Linear(_) if skip => quote!(#pv::skipped_linear(#path, #access, __report)),
         Node::Linear(d) => {
@@ -182,8 +196,7 @@ pub fn node_value(
             let (vi, vo) = (dim(i), dim(o));
             if let Some((k, written)) = forced.linear(d.generic_dim.is_some()) {
                 let message = format!(
-                    "{written} on field `{}` breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*out/(in+out)) - 1, and min(in, out) at least min_features",
-                    field.ident
+                    "{written} breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*out/(in+out)) - 1, and min(in, out) at least min_features"
                 );
                 return quote_spanned! {d.ty.span()=>
                     {
@@ -214,8 +227,7 @@ pub fn node_value(
             let (vi, vo, vk) = (dim(i), dim(o), dim(k));
             if let Some((l, written)) = forced.conv(d.generic_dim.is_some()) {
                 let message = format!(
-                    "{written} on field `{}` breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*k*k*out/(in*k*k+out)) - 1, and min(in, out) at least min_channels",
-                    field.ident
+                    "{written} breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*k*k*out/(in*k*k+out)) - 1, and min(in, out) at least min_channels"
                 );
                 return quote_spanned! {d.ty.span()=>
                     {
@@ -247,7 +259,7 @@ pub fn node_value(
                 node_value(
                     n,
                     params,
-                    field,
+                    skip,
                     forced,
                     quote!(&(#access).#index),
                     quote!(&#pv::join(#path, #name)),

@@ -16,7 +16,12 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
     let where_clause = &generics.where_clause;
     let fields = cont.fields.iter().map(|f| {
         let params = field_params(cont, f);
-        let ty = node_type(&f.node, &params, f, &forced_ranks(cont, f));
+        let ty = node_type(
+            &f.node,
+            &params,
+            f.attrs.skip.is_some(),
+            &forced_ranks(cont, f),
+        );
         let fvis = &f.original.vis;
         let name = f.ident;
         let docs = f.original.attrs.iter().filter(|a| a.path().is_ident("doc"));

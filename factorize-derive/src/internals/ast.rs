@@ -62,22 +62,40 @@ pub struct ConvDims<'a> {
     pub generic_dim: Option<Ident>,
 }
 
+/// Which derive is reading the struct: `TensorCollection` needs only its shape, not the
+/// `#[factorize]` attributes (the `Factorizable` derive beside it reports those, once).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Derive {
+    Factorizable,
+    TensorCollection,
+}
+
+impl Derive {
+    fn name(self) -> &'static str {
+        match self {
+            Derive::Factorizable => "Factorizable",
+            Derive::TensorCollection => "TensorCollection",
+        }
+    }
+}
+
 impl<'a> Container<'a> {
-    pub fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Option<Self> {
+    pub fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput, derive: Derive) -> Option<Self> {
+        let name = derive.name();
         let named = match &input.data {
             Data::Struct(s) => match &s.fields {
                 Fields::Named(named) => named,
                 Fields::Unnamed(_) => {
                     cx.error_spanned_by(
                         &input.ident,
-                        "Factorizable cannot be derived for a tuple struct: name its fields (`struct Model<E, D> { fc1: Linear<..>, .. }`)",
+                        format!("{name} cannot be derived for a tuple struct: name its fields (`struct Model<E, D> {{ fc1: Linear<..>, .. }}`)"),
                     );
                     return None;
                 }
                 Fields::Unit => {
                     cx.error_spanned_by(
                         &input.ident,
-                        "Factorizable cannot be derived for a unit struct: it has no layers",
+                        format!("{name} cannot be derived for a unit struct: it has no layers"),
                     );
                     return None;
                 }
@@ -85,20 +103,25 @@ impl<'a> Container<'a> {
             Data::Enum(e) => {
                 cx.error_spanned_by(
                     e.enum_token,
-                    "Factorizable can only be derived for a struct with named fields, not for an enum",
+                    format!("{name} can only be derived for a struct with named fields, not for an enum"),
                 );
                 return None;
             }
             Data::Union(u) => {
                 cx.error_spanned_by(
                     u.union_token,
-                    "Factorizable can only be derived for a struct with named fields, not for a union",
+                    format!("{name} can only be derived for a struct with named fields, not for a union"),
                 );
                 return None;
             }
         };
-        let attrs = ContainerAttrs::parse(cx, &input.attrs);
-        let (dtype, device) = dtype_and_device(cx, input)?;
+        let parse_attrs = derive == Derive::Factorizable;
+        let attrs = if parse_attrs {
+            ContainerAttrs::parse(cx, &input.attrs)
+        } else {
+            ContainerAttrs::default()
+        };
+        let (dtype, device) = dtype_and_device(cx, input, name)?;
         let const_params: Vec<Ident> = input
             .generics
             .params
@@ -115,7 +138,11 @@ impl<'a> Container<'a> {
                 // Named fields always have an ident.
                 ident: f.ident.as_ref().unwrap_or(&input.ident),
                 original: f,
-                attrs: FieldAttrs::parse(cx, &f.attrs),
+                attrs: if parse_attrs {
+                    FieldAttrs::parse(cx, &f.attrs)
+                } else {
+                    FieldAttrs::default()
+                },
                 node: classify(&f.ty, &const_params),
             })
             .collect();
@@ -130,7 +157,7 @@ impl<'a> Container<'a> {
 }
 
 /// Finds `E: Dtype` and `D: Device<E>` (or `Storage<E>`) by their bounds.
-fn dtype_and_device(cx: &mut Ctxt, input: &DeriveInput) -> Option<(Ident, Ident)> {
+fn dtype_and_device(cx: &mut Ctxt, input: &DeriveInput, name: &str) -> Option<(Ident, Ident)> {
     let mut dtype = None;
     let mut device = None;
     let bound_names =
@@ -172,17 +199,27 @@ fn dtype_and_device(cx: &mut Ctxt, input: &DeriveInput) -> Option<(Ident, Ident)
     }
     match (dtype, device) {
         (Some(e), Some(d)) => Some((e, d)),
+        _ if input.generics.params.is_empty() => {
+            // A concrete struct (`Linear<.., f32, Cpu>` fields) cannot name its variant at
+            // another dtype or device, which dfdx's `TensorCollection` needs.
+            let ident = &input.ident;
+            cx.error_spanned_by(
+                ident,
+                format!("{name} needs a struct generic over dtype and device, as dfdx's modules are: write `struct {ident}<E: Dtype, D: Device<E>>` with fields like `Linear<I, O, E, D>`, and use `{ident}<f32, Cpu>` where you need the concrete type"),
+            );
+            None
+        }
         _ => {
             cx.error_spanned_by(
                 &input.generics,
-                "Factorizable needs the dfdx module generics: a dtype parameter `E: Dtype` and a device parameter `D: Device<E>`",
+                format!("{name} needs the dfdx module generics: a dtype parameter `E: Dtype` and a device parameter `D: Device<E>`"),
             );
             None
         }
     }
 }
 
-fn classify<'a>(ty: &'a Type, const_params: &[Ident]) -> Node<'a> {
+pub fn classify<'a>(ty: &'a Type, const_params: &[Ident]) -> Node<'a> {
     match ty {
         Type::Paren(p) => classify(&p.elem, const_params),
         Type::Group(g) => classify(&g.elem, const_params),
