@@ -786,7 +786,7 @@ fn a_sequential_model_is_factorized_by_the_rule() {
     let rows: Vec<(&str, Status)> = report
         .layers
         .iter()
-        .map(|r| (r.path.as_str(), r.status.clone()))
+        .map(|r| (r.path.as_str(), r.status))
         .collect();
     assert_eq!(
         rows,
