@@ -198,6 +198,15 @@ macro_rules! carried_over {
     )*};
 }
 
+// dfdx 0.13 still has the deprecated `GeLU` (= `FastGeLU`); models written before 0.12 use it.
+#[allow(deprecated)]
+mod deprecated {
+    use super::*;
+    carried_over! {
+        [] GeLU;
+    }
+}
+
 carried_over! {
     [] ReLU;
     [] FastGeLU;

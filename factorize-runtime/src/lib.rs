@@ -95,6 +95,25 @@
 //! let _ = m.factorize(&FactorizeConfig::default());
 //! ```
 //!
+//! A rank written on a field is forced: the rule must replace that layer at that rank, or the
+//! build fails at the attribute, naming the dims and the break-even. 600 saves nothing on a
+//! 1024 → 1024 layer (break-even 512), so this fails to build:
+//!
+//! ```compile_fail,E0080
+//! use dfdx::nn::modules::Linear;
+//! use dfdx::prelude::*;
+//! use factorize_runtime::Factorizable;
+//!
+//! #[derive(Factorizable)]
+//! pub struct Wide<E: Dtype, D: Device<E>> {
+//!     #[factorize(latent = 600)] // "use a rank of at most 511"
+//!     pub fc: Linear<1024, 1024, E, D>,
+//! }
+//! ```
+//!
+//! A struct-level rank is a default, not a force: a layer it does not pay on is kept, with the
+//! reason in the report.
+//!
 //! # Attributes
 //! - On the struct: `factorize_convs`, `factorize_linears` (bool), `min_channels`,
 //!   `min_features` (integer), `latent_channels` (rank, fraction in `[0, 1)`, or a const
@@ -125,6 +144,7 @@ mod error;
 mod factorizable;
 mod factorized_conv;
 pub mod fast;
+mod forced;
 mod linear;
 mod pool;
 mod progress;

@@ -7,6 +7,7 @@ use dfdx::prelude::Storage;
 
 pub use crate::calibrate::{DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized};
 pub use crate::cost::{conv_decision, linear_decision, Decision, FactorizeParams, Latent};
+pub use crate::forced::{violation, ConstMessage, Forced};
 pub use crate::report::{FactorizeReport, LayerReport, Status};
 pub use crate::{Factorizable, FactorizeConfig, FactorizeError, FactorizedLinear, VariantOf};
 pub use dfdx::nn::modules::Linear;

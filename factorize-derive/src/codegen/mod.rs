@@ -30,7 +30,9 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
     let collection = collection::expand(cont, &variant_ident(&cont.input.ident));
     let factorize = factorize::expand(cont);
     let visits = visits::expand(cont);
+    let checks = types::literal_rank_checks(cont);
     quote! {
+        #checks
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]
         const #params: ::factorize_runtime::__private::FactorizeParams = #params_value;

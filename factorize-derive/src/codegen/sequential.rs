@@ -53,7 +53,17 @@ pub fn expand(input: TokenStream) -> syn::Result<TokenStream> {
             quote!(())
         }
     };
-    cx.check()?;
+    if let Err(e) = cx.check() {
+        // Keep the alias, so that one mistake is one error and not one per use of `Mlp`.
+        let (attrs, vis, ident, ty) = (
+            item.attrs.iter().filter(|a| !a.path().is_ident(FACTORIZE)),
+            &item.vis,
+            &item.ident,
+            &item.ty,
+        );
+        let error = e.into_compile_error();
+        return Ok(quote!(#error #(#attrs)* #vis type #ident = #ty;));
+    }
     let built: Type = syn::parse2(built)?;
     let node = classify(&built, &[]);
 

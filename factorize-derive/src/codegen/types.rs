@@ -58,6 +58,8 @@ pub struct ForcedRanks {
     linear: Option<(TokenStream, String)>,
     conv: Option<(TokenStream, String)>,
     count: Option<(TokenStream, String)>,
+    /// The field, for messages.
+    field: String,
 }
 
 pub fn forced_ranks(cont: &Container<'_>, field: &Field<'_>) -> ForcedRanks {
@@ -89,6 +91,7 @@ pub fn forced_ranks(cont: &Container<'_>, field: &Field<'_>) -> ForcedRanks {
             .as_ref()
             .filter(|l| matches!(l, LatentValue::Count(..)))
             .map(|l| written(l, "latent")),
+        field: field.ident.to_string(),
     }
 }
 
@@ -99,6 +102,7 @@ impl ForcedRanks {
             linear: None,
             conv: None,
             count: None,
+            field: String::new(),
         }
     }
 
@@ -195,17 +199,17 @@ pub fn node_value(
             let (i, o, e, dev) = (d.in_dim, d.out_dim, d.dtype, d.device);
             let (vi, vo) = (dim(i), dim(o));
             if let Some((k, written)) = forced.linear(d.generic_dim.is_some()) {
-                let message = format!(
-                    "{written} breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*out/(in+out)) - 1, and min(in, out) at least min_features"
+                let check = rule_check(
+                    d.ty.span(),
+                    Layer::Linear,
+                    &written,
+                    &forced.field,
+                    [&vi, &vo, &quote!(1usize)],
+                    quote!(#pv::linear_decision(&#params, #vi, #vo)),
                 );
                 return quote_spanned! {d.ty.span()=>
                     {
-                        const {
-                            ::core::assert!(
-                                #pv::linear_decision(&#params, #vi, #vo).is_replace(),
-                                #message
-                            )
-                        };
+                        const { #check };
                         #pv::forced_linear::<#i, #k, #o, #e, #dev>(#path, #access, __cfg, __report)?
                     }
                 };
@@ -226,17 +230,17 @@ pub fn node_value(
             let (i, o, k, st, pa, di, e, dev) = conv_args(d);
             let (vi, vo, vk) = (dim(i), dim(o), dim(k));
             if let Some((l, written)) = forced.conv(d.generic_dim.is_some()) {
-                let message = format!(
-                    "{written} breaks the cost rule for these dims: the rank must be at most the break-even rank ceil(in*k*k*out/(in*k*k+out)) - 1, and min(in, out) at least min_channels"
+                let check = rule_check(
+                    d.ty.span(),
+                    Layer::Conv,
+                    &written,
+                    &forced.field,
+                    [&vi, &vo, &vk],
+                    quote!(#pv::conv_decision(&#params, #vi, #vo, #vk, 1)),
                 );
                 return quote_spanned! {d.ty.span()=>
                     {
-                        const {
-                            ::core::assert!(
-                                #pv::conv_decision(&#params, #vi, #vo, #vk, 1).is_replace(),
-                                #message
-                            )
-                        };
+                        const { #check };
                         #pv::forced_conv::<#i, #l, #o, #k, #st, #pa, #di, #e, #dev>(#path, #access, __cfg, __report)?
                     }
                 };
@@ -272,6 +276,100 @@ pub fn node_value(
             #pv::Factorizable::factorize_into(#access, #path, __cfg, __report)?
         },
     }
+}
+
+#[derive(Clone, Copy)]
+enum Layer {
+    Linear,
+    Conv,
+}
+
+/// A const-evaluated statement that panics, naming the dims and the break-even, when
+/// `decision` (a `Decision` expression) does not replace the layer a rank was forced on.
+fn rule_check(
+    span: proc_macro2::Span,
+    layer: Layer,
+    written: &str,
+    field: &str,
+    [in_dim, out_dim, kernel]: [&TokenStream; 3],
+    decision: TokenStream,
+) -> TokenStream {
+    let pv = private();
+    let (kind, min_key, switch) = match layer {
+        Layer::Linear => ("Linear", "min_features", "factorize_linears"),
+        Layer::Conv => ("Conv2D", "min_channels", "factorize_convs"),
+    };
+    quote_spanned! {span=>
+        if let ::core::option::Option::Some(message) = &#pv::violation(
+            &#pv::Forced {
+                written: #written,
+                field: #field,
+                kind: #kind,
+                in_dim: #in_dim,
+                out_dim: #out_dim,
+                kernel: #kernel,
+                min_key: #min_key,
+                switch: #switch,
+            },
+            #decision,
+        ) {
+            ::core::panic!("{}", message.as_str());
+        }
+    }
+}
+
+/// Module-level checks for integer ranks written on fields whose dims the compiler knows
+/// (literals, named consts): the rule must replace each layer such a rank is forced on, or
+/// the build fails here, for every struct, whether or not it is ever factorized.
+pub fn literal_rank_checks(cont: &Container<'_>) -> TokenStream {
+    fn walk(
+        node: &Node<'_>,
+        params: &TokenStream,
+        (written, field, span): (&str, &str, proc_macro2::Span),
+        out: &mut Vec<TokenStream>,
+    ) {
+        let pv = private();
+        match node {
+            Node::Linear(d) if d.generic_dim.is_none() => {
+                let (vi, vo) = (dim(d.in_dim), dim(d.out_dim));
+                let check = rule_check(
+                    span,
+                    Layer::Linear,
+                    written,
+                    field,
+                    [&vi, &vo, &quote!(1usize)],
+                    quote!(#pv::linear_decision(&#params, #vi, #vo)),
+                );
+                out.push(quote_spanned!(span=> const _: () = #check;));
+            }
+            Node::Conv(d) if d.generic_dim.is_none() => {
+                let (vi, vo, vk) = (dim(d.in_dim), dim(d.out_dim), dim(d.kernel));
+                let check = rule_check(
+                    span,
+                    Layer::Conv,
+                    written,
+                    field,
+                    [&vi, &vo, &vk],
+                    quote!(#pv::conv_decision(&#params, #vi, #vo, #vk, 1)),
+                );
+                out.push(quote_spanned!(span=> const _: () = #check;));
+            }
+            Node::Tuple(items) => items
+                .iter()
+                .for_each(|n| walk(n, params, (written, field, span), out)),
+            Node::Linear(_) | Node::Conv(_) | Node::Other(_) => {}
+        }
+    }
+    let mut out = Vec::new();
+    for f in &cont.fields {
+        if let (Some(LatentValue::Count(n, span)), None) = (&f.attrs.latent, f.attrs.skip) {
+            let written = format!("#[factorize(latent = {n})]");
+            let params = field_params(cont, f);
+            let field = f.ident.to_string();
+            walk(&f.node, &params, (&written, &field, *span), &mut out);
+        }
+    }
+    quote!(#(#out)*)
 }
 
 /// A dim as a value expression: `{ N * 2 }` as written in a type becomes `(N * 2)`, so the
