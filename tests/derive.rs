@@ -547,6 +547,87 @@ mod stacks {
         }
     }
 
+    /// dfdx's wrappers with the layers written out inside, as dfdx users write residual MLPs.
+    #[derive(Factorizable)]
+    #[factorize(latent_features = 32, min_features = 128)]
+    pub struct Inline<E: Dtype, D: Device<E>> {
+        pub res: Residual<(Linear<128, 256, E, D>, ReLU, Linear<256, 128, E, D>)>,
+        pub stack: Repeated<(Linear<128, 128, E, D>, ReLU), 2>,
+        pub both: GeneralizedResidual<Linear<128, 128, E, D>, Block<E, D>>,
+    }
+
+    #[mirror]
+    impl<E: Dtype, D: Device<E>> Module<Tensor<(usize, Const<128>), E, D>> for Inline<E, D> {
+        type Output = Tensor<(usize, Const<128>), E, D>;
+        type Error = D::Err;
+        fn try_forward(
+            &self,
+            x: Tensor<(usize, Const<128>), E, D>,
+        ) -> Result<Self::Output, D::Err> {
+            self.both
+                .try_forward(self.stack.try_forward(self.res.try_forward(x)?)?)
+        }
+    }
+
+    #[test]
+    fn layers_written_inside_wrappers_are_factorized() {
+        let dev = Dev::seed_from_u64(5);
+        let mut model = Inline::<f32, Dev> {
+            res: Residual((build(&dev), ReLU, build(&dev))),
+            stack: Repeated {
+                modules: (0..2).map(|_| (build(&dev), ReLU)).collect(),
+            },
+            both: GeneralizedResidual {
+                f: build(&dev),
+                r: block(&dev, 32),
+            },
+        };
+        // Rank-32 weights everywhere, so the variant computes the same function.
+        set_spectrum(&mut model.res.0 .0, &power_law(32, 0.5));
+        set_spectrum(&mut model.res.0 .2, &power_law(32, 0.5));
+        for m in &mut model.stack.modules {
+            set_spectrum(&mut m.0, &power_law(32, 0.5));
+        }
+        set_spectrum(&mut model.both.f, &power_law(32, 0.5));
+        let (f, report) = model
+            .factorize_with_report(&FactorizeConfig::default())
+            .unwrap();
+        let _: &FactorizedLinear<128, 32, 256, f32, Dev> = &f.res.0 .0;
+        let _: &FactorizedLinear<128, 32, 128, f32, Dev> = &f.stack.modules[1].0;
+        let _: &FactorizedLinear<128, 32, 128, f32, Dev> = &f.both.f;
+        let paths: Vec<&str> = report.layers.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "res.0.0",
+                "res.0.2",
+                "stack.0.0",
+                "stack.1.0",
+                "both.f",
+                "both.r.up",
+                "both.r.down"
+            ]
+        );
+        assert!(report.layers.iter().all(|r| r.status == Status::Replaced));
+        let x: Rows = dev.sample_normal_like(&(16, Const));
+        let (y0, y1) = (
+            model.forward(x.clone()).as_vec(),
+            f.forward(x.clone()).as_vec(),
+        );
+        assert!(rel(&y0, &y1) <= 1e-5, "{}", rel(&y0, &y1));
+        // The calibration walks reach inside the wrappers too.
+        let (_, report) = model
+            .factorize_calibrated(
+                &FactorizeConfig::default(),
+                Fit::Exact { ridge: 0.0 },
+                |m| {
+                    m.forward(x.clone());
+                },
+            )
+            .unwrap();
+        assert!(report.layers.iter().all(|r| r.nmse.is_some()), "{report}");
+    }
+
     /// A block whose weights have rank `rank` (power-law spectra).
     fn block(dev: &Dev, rank: usize) -> Block<f32, Dev> {
         let mut b = Block {
@@ -765,6 +846,7 @@ mod seq {
             (Linear<1024, 512>, ReLU),
             Linear<512, 260>,
             LayerNorm1D<260>,
+            Residual<(Linear<260, 520>, ReLU, Linear<520, 260>)>,
         );
     }
 }
@@ -784,6 +866,10 @@ fn a_sequential_model_is_factorized_by_the_rule() {
     let _: &FactorizedLinear<512, 64, 1024, f32, Dev> = &small.0;
     let _: &FactorizedLinear<1024, 64, 512, f32, Dev> = &(small.2).0;
     let _: &dfdx::nn::modules::Linear<512, 260, f32, Dev> = &small.3;
+    const NARROW: Status = Status::TooNarrow {
+        width: 260,
+        min: 300,
+    };
     let rows: Vec<(&str, Status)> = report
         .layers
         .iter()
@@ -794,13 +880,9 @@ fn a_sequential_model_is_factorized_by_the_rule() {
         [
             ("0", Status::Replaced),
             ("2.0", Status::Replaced),
-            (
-                "3",
-                Status::TooNarrow {
-                    width: 260,
-                    min: 300
-                }
-            ),
+            ("3", NARROW),
+            ("5.0.0", NARROW),
+            ("5.0.2", NARROW),
         ]
     );
     // Each replaced layer is at its Eckart–Young optimum.
@@ -853,4 +935,15 @@ fn a_sequential_model_error_names_the_layer_and_leaves_the_model_as_it_was() {
         "{e}"
     );
     assert_eq!(model.0.weight.as_vec(), snapshot);
+}
+
+/// Models written before dfdx 0.12 use the deprecated `GeLU` (= `FastGeLU`): carried over.
+#[test]
+#[allow(deprecated)]
+fn the_deprecated_gelu_is_carried_over() {
+    use dfdx::nn::modules::GeLU;
+    let carried: GeLU = GeLU.factorize(&FactorizeConfig::default()).unwrap();
+    let dev: Dev = Default::default();
+    let x: Tensor<Rank1<4>, f32, Dev> = dev.sample_normal();
+    assert_eq!(carried.forward(x.clone()).array(), GeLU.forward(x).array());
 }

@@ -10,7 +10,7 @@ pub use crate::cost::{conv_decision, linear_decision, Decision, FactorizeParams,
 pub use crate::forced::{violation, ConstMessage, Forced};
 pub use crate::report::{FactorizeReport, LayerReport, Status};
 pub use crate::{Factorizable, FactorizeConfig, FactorizeError, FactorizedLinear, VariantOf};
-pub use dfdx::nn::modules::Linear;
+pub use dfdx::nn::modules::{AddInto, GeneralizedResidual, Linear, Repeated, Residual, SplitInto};
 pub use dfdx::nn::{BuildModule, BuildOnDevice};
 pub use dfdx::nn::{ModuleVisitor, TensorCollection};
 pub use dfdx::prelude::{Device, Dtype};

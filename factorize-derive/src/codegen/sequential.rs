@@ -159,6 +159,22 @@ fn built_type(cx: &mut Ctxt, ty: &Type, e: &Ident, d: &Ident) -> TokenStream {
                     );
                     quote!(())
                 }
+                (
+                    name @ ("Residual"
+                    | "SplitInto"
+                    | "AddInto"
+                    | "GeneralizedResidual"
+                    | "Repeated"),
+                    args,
+                ) if !args.is_empty() => {
+                    // dfdx's wrappers build to themselves around the built parts.
+                    let name = Ident::new(name, last.ident.span());
+                    let args = args.iter().map(|a| match a {
+                        GenericArgument::Type(t) => built_type(cx, t, e, d),
+                        other => quote!(#other),
+                    });
+                    quote_spanned!(ty.span()=> #pv::#name<#(#args),*>)
+                }
                 ("Conv2D", _) => {
                     cx.error_spanned_by(
                         ty,

@@ -5,7 +5,7 @@ use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 
 use super::params_ident;
-use crate::internals::ast::{Container, Field, Node};
+use crate::internals::ast::{Container, Field, Node, Wrapper, WrapperKind};
 use crate::internals::attr::LatentValue;
 
 const P: &str = "::factorize_runtime::__private";
@@ -175,6 +175,12 @@ pub fn node_type(
             let items = items.iter().map(|n| node_type(n, params, skip, forced));
             quote!(( #(#items,)* ))
         }
+        Node::Wrapper(w) => {
+            let name = quote::format_ident!("{}", wrapper_name(w.kind));
+            let parts = w.parts.iter().map(|n| node_type(n, params, skip, forced));
+            let count = w.count.map(|c| quote!(#c));
+            quote!(#pv::#name<#(#parts,)* #count>)
+        }
         Node::Other(ty) if skip => quote!(#ty),
         Node::Other(ty) => {
             quote_spanned!(ty.span()=> <#ty as #pv::Factorizable>::Factorized)
@@ -271,10 +277,79 @@ pub fn node_value(
             });
             quote!(( #(#items,)* ))
         }
+        Node::Wrapper(w) => wrapper_value(w, params, skip, forced, access, path),
         Node::Other(_) if skip => quote!(::core::clone::Clone::clone(#access)),
         Node::Other(ty) => quote_spanned! {ty.span()=>
             #pv::Factorizable::factorize_into(#access, #path, __cfg, __report)?
         },
+    }
+}
+
+/// The dfdx type name of a wrapper (re-exported under `__private`).
+pub fn wrapper_name(kind: WrapperKind) -> &'static str {
+    match kind {
+        WrapperKind::Newtype(name) => name,
+        WrapperKind::GeneralizedResidual => "GeneralizedResidual",
+        WrapperKind::Repeated => "Repeated",
+    }
+}
+
+/// Builds a wrapper of the variant around its parts' variants, with dfdx's names for the parts
+/// as report paths (`0`, `f`/`r`, the block index), as the runtime's wrapper impls do.
+fn wrapper_value(
+    w: &Wrapper<'_>,
+    params: &TokenStream,
+    skip: bool,
+    forced: &ForcedRanks,
+    access: TokenStream,
+    path: TokenStream,
+) -> TokenStream {
+    let pv = private();
+    let part = |n: &Node<'_>, field: TokenStream, name: &str| {
+        node_value(
+            n,
+            params,
+            skip,
+            forced,
+            quote!(&(#access).#field),
+            quote!(&#pv::join(#path, #name)),
+        )
+    };
+    match (w.kind, w.parts.as_slice()) {
+        (WrapperKind::Newtype(name), [inner]) => {
+            let name = quote::format_ident!("{}", name);
+            let inner = part(inner, quote!(0), "0");
+            quote!(#pv::#name(#inner))
+        }
+        (WrapperKind::GeneralizedResidual, [f, r]) => {
+            let (f, r) = (part(f, quote!(f), "f"), part(r, quote!(r), "r"));
+            quote!(#pv::GeneralizedResidual { f: #f, r: #r })
+        }
+        (WrapperKind::Repeated, [block]) => {
+            // A block holding a `Repeated` shadows these names in its own closure; every use
+            // of the outer ones is evaluated before that, so nesting needs no fresh names.
+            let (index, module, here) = (
+                quote::format_ident!("__index"),
+                quote::format_ident!("__block"),
+                quote::format_ident!("__block_path"),
+            );
+            let value = node_value(block, params, skip, forced, quote!(#module), quote!(&#here));
+            quote! {
+                #pv::Repeated {
+                    modules: (#access)
+                        .modules
+                        .iter()
+                        .enumerate()
+                        .map(|(#index, #module)| {
+                            let #here = #pv::join(#path, &#index.to_string());
+                            ::core::result::Result::Ok::<_, #pv::FactorizeError>(#value)
+                        })
+                        .collect::<::core::result::Result<::std::vec::Vec<_>, _>>()?,
+                }
+            }
+        }
+        // The parser builds each kind with its number of parts.
+        _ => quote!(::core::compile_error!("factorize: malformed wrapper")),
     }
 }
 
@@ -354,10 +429,10 @@ pub fn literal_rank_checks(cont: &Container<'_>) -> TokenStream {
                 );
                 out.push(quote_spanned!(span=> const _: () = #check;));
             }
-            Node::Tuple(items) => items
+            _ => node
+                .children()
                 .iter()
                 .for_each(|n| walk(n, params, (written, field, span), out)),
-            Node::Linear(_) | Node::Conv(_) | Node::Other(_) => {}
         }
     }
     let mut out = Vec::new();

@@ -3,7 +3,7 @@
 use proc_macro2::TokenStream;
 use quote::quote;
 
-use super::types::{field_params, forced_ranks, node_type};
+use super::types::{field_params, forced_ranks, node_type, wrapper_name};
 use super::variant_ident;
 use crate::internals::ast::{Container, Node};
 
@@ -55,6 +55,10 @@ fn describe(node: &Node<'_>) -> String {
         Node::Tuple(items) => {
             let parts: Vec<String> = items.iter().map(describe).collect();
             format!("({})", parts.join(", "))
+        }
+        Node::Wrapper(w) => {
+            let parts: Vec<String> = w.parts.iter().map(describe).collect();
+            format!("{}<{}>", wrapper_name(w.kind), parts.join(", "))
         }
         Node::Other(ty) => format!("`{}`", quote!(#ty).to_string().replace(' ', "")),
     }

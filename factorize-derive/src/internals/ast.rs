@@ -34,8 +34,49 @@ pub enum Node<'a> {
     Conv(ConvDims<'a>),
     /// A tuple of modules written out: dfdx's sequential model.
     Tuple(Vec<Node<'a>>),
+    /// One of dfdx's wrappers (`Residual`, `Repeated`, ..) with layers written out inside.
+    Wrapper(Wrapper<'a>),
     /// Anything else: carried over through its `Factorizable` impl.
     Other(&'a Type),
+}
+
+impl<'a> Node<'a> {
+    /// The nodes inside a tuple or a wrapper.
+    pub fn children(&self) -> &[Node<'a>] {
+        match self {
+            Node::Tuple(items) => items,
+            Node::Wrapper(w) => &w.parts,
+            Node::Linear(_) | Node::Conv(_) | Node::Other(_) => &[],
+        }
+    }
+
+    /// Whether a `Linear` (`Conv2D` when `conv`) is written out in this node.
+    pub fn contains(&self, conv: bool) -> bool {
+        match self {
+            Node::Linear(_) => !conv,
+            Node::Conv(_) => conv,
+            _ => self.children().iter().any(|n| n.contains(conv)),
+        }
+    }
+}
+
+/// dfdx's module wrappers that the derive looks into.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum WrapperKind {
+    /// `Residual<T>`, `SplitInto<T>`, `AddInto<T>`: a tuple struct around one module.
+    Newtype(&'static str),
+    /// `GeneralizedResidual<F, R>`: fields `f` and `r`.
+    GeneralizedResidual,
+    /// `Repeated<T, N>`: `N` copies in `modules`.
+    Repeated,
+}
+
+pub struct Wrapper<'a> {
+    pub kind: WrapperKind,
+    /// The wrapped modules: one, or `f` and `r`.
+    pub parts: Vec<Node<'a>>,
+    /// `N` of `Repeated<T, N>`.
+    pub count: Option<&'a GenericArgument>,
 }
 
 pub struct LinearDims<'a> {
@@ -234,6 +275,9 @@ pub fn classify<'a>(ty: &'a Type, const_params: &[Ident]) -> Node<'a> {
                 return Node::Other(ty);
             };
             let args: Vec<&GenericArgument> = args.args.iter().collect();
+            if let Some(w) = wrapper(&last.ident, &args, const_params) {
+                return Node::Wrapper(w);
+            }
             if last.ident == "Conv2D" {
                 let [in_dim, out_dim, kernel, stride, padding, dilation, dtype, device] =
                     args.as_slice()
@@ -276,6 +320,36 @@ pub fn classify<'a>(ty: &'a Type, const_params: &[Ident]) -> Node<'a> {
         }
         _ => Node::Other(ty),
     }
+}
+
+/// A dfdx wrapper with a `Linear` or `Conv2D` written out inside; other wrappers (around
+/// nested structs) are left to their `Factorizable` impls.
+fn wrapper<'a>(
+    ident: &Ident,
+    args: &[&'a GenericArgument],
+    const_params: &[Ident],
+) -> Option<Wrapper<'a>> {
+    let ty = |a: &&'a GenericArgument| match a {
+        GenericArgument::Type(t) => Some(classify(t, const_params)),
+        _ => None,
+    };
+    let (kind, parts, count) = match (ident.to_string().as_str(), args) {
+        (name @ ("Residual" | "SplitInto" | "AddInto"), [t]) => {
+            let name = match name {
+                "Residual" => "Residual",
+                "SplitInto" => "SplitInto",
+                _ => "AddInto",
+            };
+            (WrapperKind::Newtype(name), vec![ty(t)?], None)
+        }
+        ("GeneralizedResidual", [f, r]) => {
+            (WrapperKind::GeneralizedResidual, vec![ty(f)?, ty(r)?], None)
+        }
+        ("Repeated", [t, n]) => (WrapperKind::Repeated, vec![ty(t)?], Some(*n)),
+        _ => return None,
+    };
+    let layers = parts.iter().any(|p| p.contains(false) || p.contains(true));
+    layers.then_some(Wrapper { kind, parts, count })
 }
 
 /// The first of `names` that occurs as an identifier in `arg`.

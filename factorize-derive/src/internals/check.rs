@@ -10,7 +10,7 @@ pub fn check(cx: &mut Ctxt, cont: &Container<'_>) {
         if field.attrs.skip.is_some() {
             continue;
         }
-        let (has_linear, has_conv) = (contains_linear(&field.node), contains_conv(&field.node));
+        let (has_linear, has_conv) = (field.node.contains(false), field.node.contains(true));
         if !has_linear && !has_conv {
             if let Some(latent) = &field.attrs.latent {
                 cx.syn_error(syn::Error::new(
@@ -57,22 +57,6 @@ fn check_rank_params(cx: &mut Ctxt, cont: &Container<'_>) {
     }
 }
 
-fn contains_linear(node: &Node<'_>) -> bool {
-    match node {
-        Node::Linear(_) => true,
-        Node::Tuple(items) => items.iter().any(contains_linear),
-        Node::Conv(_) | Node::Other(_) => false,
-    }
-}
-
-fn contains_conv(node: &Node<'_>) -> bool {
-    match node {
-        Node::Conv(_) => true,
-        Node::Tuple(items) => items.iter().any(contains_conv),
-        Node::Linear(_) | Node::Other(_) => false,
-    }
-}
-
 fn check_generic_dims(
     cx: &mut Ctxt,
     field: &syn::Ident,
@@ -82,8 +66,8 @@ fn check_generic_dims(
     let (ty, generic_dim) = match node {
         Node::Linear(dims) => (dims.ty, &dims.generic_dim),
         Node::Conv(dims) => (dims.ty, &dims.generic_dim),
-        Node::Tuple(items) => {
-            for item in items {
+        Node::Tuple(_) | Node::Wrapper(_) => {
+            for item in node.children() {
                 check_generic_dims(cx, field, item, latent);
             }
             return;
