@@ -548,6 +548,8 @@ mod stacks {
     }
 
     /// dfdx's wrappers with the layers written out inside, as dfdx users write residual MLPs.
+    /// (An alias would hide the layers from the derive, hence clippy's complexity allowance.)
+    #[allow(clippy::type_complexity)]
     #[derive(Factorizable)]
     #[factorize(latent_features = 32, min_features = 128)]
     pub struct Inline<E: Dtype, D: Device<E>> {
