@@ -203,6 +203,59 @@ impl FactorizeParams {
     }
 }
 
+impl std::fmt::Display for Latent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Latent::Count(n) => write!(f, "rank {n}"),
+            Latent::Fraction(x) => write!(f, "rank {x} × min(in, out)"),
+        }
+    }
+}
+
+/// The rule in words, e.g. for a report's header:
+///
+/// ```
+/// use factorize_runtime::FactorizeParams;
+/// assert_eq!(
+///     FactorizeParams::DEFAULT.to_string(),
+///     "linears at least 256 wide at rank 128; convolutions at least 256 channels wide at \
+///      rank 0.25 × min(in, out); each replaced only if that saves multiply-adds"
+/// );
+/// ```
+impl std::fmt::Display for FactorizeParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kinds = [
+            (
+                self.factorize_linears,
+                "linears",
+                self.min_features,
+                "",
+                self.latent_features,
+            ),
+            (
+                self.factorize_convs,
+                "convolutions",
+                self.min_channels,
+                " channels",
+                self.latent_channels,
+            ),
+        ];
+        let mut parts = Vec::new();
+        for (enabled, kind, min, unit, latent) in kinds {
+            parts.push(if enabled {
+                format!("{kind} at least {min}{unit} wide at {latent}")
+            } else {
+                format!("{kind} never")
+            });
+        }
+        write!(
+            f,
+            "{}; each replaced only if that saves multiply-adds",
+            parts.join("; ")
+        )
+    }
+}
+
 impl Default for FactorizeParams {
     fn default() -> Self {
         Self::DEFAULT

@@ -1,7 +1,8 @@
 //! What a factorization did, layer by layer.
 //!
 //! A [`FactorizeReport`] has one [`LayerReport`] per candidate layer, in field order, with its
-//! full path (`encoder.fc1`). Its `Display` is an aligned table with a totals line:
+//! full path (`encoder.fc1`). Its `Display` is an aligned table with a totals line and a legend
+//! of the columns shown (columns no row fills are left out; `{report:#}` leaves the legend out):
 //!
 //! ```
 //! use factorize_runtime::report::{FactorizeReport, LayerReport, Status};
@@ -236,12 +237,47 @@ fn ratio(before: usize, after: usize) -> String {
     }
 }
 
+/// One line per column that needs explaining, shown under the table when the column is.
+const LEGEND: [(&str, &str); 5] = [
+    (
+        "MACs/pos",
+        "multiply-adds per input row of a Linear (per output pixel of a convolution), before → after",
+    ),
+    ("params", "weights and biases, before → after"),
+    (
+        "rel err",
+        "the weight's relative error ‖W − BA‖ / ‖W‖ (Frobenius); for an SVD fit, the least any pair of that rank reaches",
+    ),
+    (
+        "nmse",
+        "output error on calibration inputs: mean squared error / variance of the dense layer's outputs; \"held\": on inputs not used to fit",
+    ),
+    (
+        "why they differ",
+        "rel err weighs every input direction alike, while real inputs concentrate in a few, which the kept rank serves first; \
+         compare nmse with rel err², both ratios of squares",
+    ),
+];
+
 impl fmt::Display for FactorizeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let header = [
             "layer", "kind", "shape", "rank", "status", "MACs/pos", "params", "rel err", "nmse",
             "backend", "time",
         ];
+        // Optional columns appear only when a row fills them.
+        let has_error = self.layers.iter().any(|r| r.relative_error.is_some());
+        let has_nmse = self
+            .layers
+            .iter()
+            .any(|r| r.nmse.is_some() || r.nmse_heldout.is_some());
+        let has_backend = self.layers.iter().any(|r| r.backend.is_some());
+        let shown = |column: usize| match header[column] {
+            "rel err" => has_error,
+            "nmse" => has_nmse,
+            "backend" => has_backend,
+            _ => true,
+        };
         let mut rows: Vec<[String; 11]> = self
             .layers
             .iter()
@@ -290,7 +326,15 @@ impl fmt::Display for FactorizeReport {
             String::new(),
             format!("{:.1} ms", self.total_time().as_secs_f64() * 1e3),
         ]);
-        let mut widths = header.map(|h| h.chars().count());
+        let keep = |row: &[String; 11]| -> Vec<String> {
+            (0..row.len())
+                .filter(|&c| shown(c))
+                .map(|c| row[c].clone())
+                .collect()
+        };
+        let header: Vec<String> = keep(&header.map(String::from));
+        let rows: Vec<Vec<String>> = rows.iter().map(keep).collect();
+        let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
         for row in &rows {
             for (w, cell) in widths.iter_mut().zip(row) {
                 *w = (*w).max(cell.chars().count());
@@ -298,7 +342,7 @@ impl fmt::Display for FactorizeReport {
         }
         let line = |f: &mut fmt::Formatter<'_>, cells: &[String]| -> fmt::Result {
             let mut text = String::new();
-            for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
                 if i > 0 {
                     text.push_str("  ");
                 }
@@ -308,7 +352,7 @@ impl fmt::Display for FactorizeReport {
             }
             writeln!(f, "{}", text.trim_end())
         };
-        line(f, &header.map(String::from))?;
+        line(f, &header)?;
         let rule: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
         writeln!(f, "{}", "-".repeat(rule))?;
         let (body, totals) = rows.split_at(rows.len() - 1);
@@ -322,6 +366,82 @@ impl fmt::Display for FactorizeReport {
                 writeln!(f, "note: {}: {note}", r.path)?;
             }
         }
+        if f.alternate() {
+            return Ok(());
+        }
+        writeln!(f)?;
+        for (name, text) in LEGEND {
+            let column_shown = match name {
+                "rel err" => has_error,
+                "nmse" => has_nmse,
+                "why they differ" => has_error && has_nmse,
+                _ => true,
+            };
+            if column_shown {
+                writeln!(f, "{name}: {text}")?;
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(nmse: Option<f64>) -> FactorizeReport {
+        let mut report = FactorizeReport::default();
+        report.push(LayerReport::kept(
+            "head",
+            LayerKind::Linear,
+            128,
+            10,
+            1,
+            Status::TooNarrow {
+                width: 10,
+                min: 256,
+            },
+        ));
+        let mut row = LayerReport::kept("fc", LayerKind::Linear, 1024, 4096, 1, Status::Replaced);
+        row.set_replaced(128, 0.38, Backend::Cpu, Duration::from_millis(3));
+        row.nmse_heldout = nmse;
+        report.push(row);
+        report
+    }
+
+    #[test]
+    fn columns_no_row_fills_are_left_out_with_their_legend() {
+        let text = report(None).to_string();
+        let header = text.lines().next().unwrap();
+        assert!(
+            header.contains("rel err") && !header.contains("nmse"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nrel err: ") && !text.contains("\nnmse: "),
+            "{text}"
+        );
+        assert!(!text.contains("why they differ"), "{text}");
+    }
+
+    #[test]
+    fn filled_columns_are_shown_and_explained() {
+        let text = report(Some(0.025)).to_string();
+        assert!(text.lines().next().unwrap().contains("nmse"), "{text}");
+        assert!(text.contains("held 0.0250"), "{text}");
+        assert!(
+            text.contains("\nnmse: ") && text.contains("\nwhy they differ: "),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nMACs/pos: multiply-adds per input row"),
+            "{text}"
+        );
+        // The alternate form is the table alone.
+        let table = format!("{:#}", report(Some(0.025)));
+        assert!(
+            table.contains("total") && !table.contains("MACs/pos: "),
+            "{table}"
+        );
     }
 }
