@@ -169,3 +169,8 @@ pub mod builders {
 #[doc(hidden)]
 #[path = "private.rs"]
 pub mod __private;
+
+/// The README's code blocks, compiled and run as doc tests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
