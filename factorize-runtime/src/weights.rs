@@ -212,12 +212,7 @@ mod tests {
                 TensorView::new(Dtype::F32, vec![2, 3, 2], &cube).unwrap(),
             ),
         ];
-        let bytes = safetensors::serialize(views, &None).unwrap();
-        let dir = std::env::temp_dir().join(dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.safetensors");
-        std::fs::write(&path, bytes).unwrap();
-        path
+        write(dir, views.into())
     }
 
     #[test]
