@@ -95,9 +95,9 @@
 //! let _ = m.factorize(&FactorizeConfig::default());
 //! ```
 //!
-//! A rank written on a field is forced: the rule must replace that layer at that rank, or the
-//! build fails at the attribute, naming the dims and the break-even. 600 saves nothing on a
-//! 1024 → 1024 layer (break-even 512), so this fails to build:
+//! An integer rank written on a field is forced: the rule must replace that layer at that
+//! rank, or the build fails at the attribute, naming the dims and the break-even. 600 saves
+//! nothing on a 1024 → 1024 layer (break-even 512), so this fails to build:
 //!
 //! ```compile_fail,E0080
 //! use dfdx::nn::modules::Linear;
