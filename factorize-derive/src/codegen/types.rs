@@ -65,14 +65,7 @@ pub struct ForcedRanks {
 pub fn forced_ranks(cont: &Container<'_>, field: &Field<'_>) -> ForcedRanks {
     let written = |l: &LatentValue, key: &str| {
         let tokens = l.rank_tokens().unwrap_or_else(|| quote!(0usize));
-        (
-            tokens,
-            format!(
-                "#[factorize({key} = {})] on field `{}`",
-                l.describe(),
-                field.ident
-            ),
-        )
+        (tokens, format!("#[factorize({key} = {})]", l.describe()))
     };
     let param = |struct_level: &Option<LatentValue>, key: &str| match &field.attrs.latent {
         Some(l) if l.param().is_some() => Some(written(l, "latent")),
