@@ -16,22 +16,26 @@ use internals::{check, ctxt::Ctxt};
 #[proc_macro_derive(Factorizable, attributes(factorize))]
 pub fn derive_factorizable(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
-    expand_derive(&input)
+    expand_derive(&input, Derive::Factorizable)
         .unwrap_or_else(syn::Error::into_compile_error)
         .into()
 }
 
-fn expand_derive(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
+/// Parsing, checks, then code generation: nothing is generated when any check failed.
+fn expand_derive(input: &DeriveInput, derive: Derive) -> syn::Result<proc_macro2::TokenStream> {
     let mut cx = Ctxt::default();
-    let cont = Container::from_ast(&mut cx, input, Derive::Factorizable);
-    if let Some(cont) = &cont {
+    let cont = Container::from_ast(&mut cx, input, derive);
+    if let (Some(cont), Derive::Factorizable) = (&cont, derive) {
         check::check(&mut cx, cont);
     }
     cx.check()?;
-    match cont {
-        Some(cont) => Ok(codegen::expand(&cont)),
-        None => Ok(proc_macro2::TokenStream::new()),
-    }
+    Ok(match (cont, derive) {
+        (None, _) => proc_macro2::TokenStream::new(),
+        (Some(cont), Derive::Factorizable) => codegen::expand(&cont),
+        (Some(cont), Derive::TensorCollection) => {
+            codegen::collection::expand(&cont, &cont.input.ident)
+        }
+    })
 }
 
 /// Derives dfdx's `TensorCollection` for a model struct (build, optimizers, safetensors); see
@@ -39,15 +43,9 @@ fn expand_derive(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
 #[proc_macro_derive(TensorCollection)]
 pub fn derive_tensor_collection(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
-    let mut cx = Ctxt::default();
-    let cont = Container::from_ast(&mut cx, &input, Derive::TensorCollection);
-    let expanded = cx
-        .check()
-        .map(|()| cont.map(|c| codegen::collection::expand(&c, &c.input.ident)));
-    match expanded {
-        Ok(tokens) => tokens.unwrap_or_default().into(),
-        Err(e) => e.into_compile_error().into(),
-    }
+    expand_derive(&input, Derive::TensorCollection)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
 }
 
 /// Declares a dfdx sequential model (a tuple of builders) and names its factorized variant;

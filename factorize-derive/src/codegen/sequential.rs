@@ -17,7 +17,7 @@ use super::{params_ident, variant_ident};
 use crate::internals::ast::classify;
 use crate::internals::attr::{ContainerAttrs, LatentValue};
 use crate::internals::ctxt::Ctxt;
-use crate::internals::symbol::FACTORIZE;
+use crate::internals::symbol::{is_wrapper, FACTORIZE};
 
 pub fn expand(input: TokenStream) -> syn::Result<TokenStream> {
     let item: ItemType = syn::parse2(input).map_err(|e| {
@@ -159,14 +159,7 @@ fn built_type(cx: &mut Ctxt, ty: &Type, e: &Ident, d: &Ident) -> TokenStream {
                     );
                     quote!(())
                 }
-                (
-                    name @ ("Residual"
-                    | "SplitInto"
-                    | "AddInto"
-                    | "GeneralizedResidual"
-                    | "Repeated"),
-                    args,
-                ) if !args.is_empty() => {
+                (name, args) if is_wrapper(name) && !args.is_empty() => {
                     // dfdx's wrappers build to themselves around the built parts.
                     let name = Ident::new(name, last.ident.span());
                     let args = args.iter().map(|a| match a {

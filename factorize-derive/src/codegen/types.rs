@@ -198,14 +198,7 @@ pub fn node_value(
             let (i, o, e, dev) = (d.in_dim, d.out_dim, d.dtype, d.device);
             let (vi, vo) = (dim(i), dim(o));
             if let Some((k, written)) = forced.linear(d.generic_dim.is_some()) {
-                let check = rule_check(
-                    d.ty.span(),
-                    Layer::Linear,
-                    &written,
-                    &forced.field,
-                    [&vi, &vo, &quote!(1usize)],
-                    quote!(#pv::linear_decision(&#params, #vi, #vo)),
-                );
+                let check = rule_check(d.ty.span(), node, params, &written, &forced.field);
                 return quote_spanned! {d.ty.span()=>
                     {
                         const { #check };
@@ -229,14 +222,7 @@ pub fn node_value(
             let (i, o, k, st, pa, di, e, dev) = conv_args(d);
             let (vi, vo, vk) = (dim(i), dim(o), dim(k));
             if let Some((l, written)) = forced.conv(d.generic_dim.is_some()) {
-                let check = rule_check(
-                    d.ty.span(),
-                    Layer::Conv,
-                    &written,
-                    &forced.field,
-                    [&vi, &vo, &vk],
-                    quote!(#pv::conv_decision(&#params, #vi, #vo, #vk, 1)),
-                );
+                let check = rule_check(d.ty.span(), node, params, &written, &forced.field);
                 return quote_spanned! {d.ty.span()=>
                     {
                         const { #check };
@@ -346,26 +332,43 @@ fn wrapper_value(
     }
 }
 
-#[derive(Clone, Copy)]
-enum Layer {
-    Linear,
-    Conv,
-}
-
-/// A const-evaluated statement that panics, naming the dims and the break-even, when
-/// `decision` (a `Decision` expression) does not replace the layer a rank was forced on.
+/// A const-evaluated statement that panics, naming the dims and the break-even, when the
+/// cost rule under `params` does not replace `layer` (a `Linear` or `Conv2D` node), on which a
+/// rank was forced.
 fn rule_check(
     span: proc_macro2::Span,
-    layer: Layer,
+    layer: &Node<'_>,
+    params: &TokenStream,
     written: &str,
     field: &str,
-    [in_dim, out_dim, kernel]: [&TokenStream; 3],
-    decision: TokenStream,
 ) -> TokenStream {
     let pv = private();
-    let (kind, min_key, switch) = match layer {
-        Layer::Linear => ("Linear", "min_features", "factorize_linears"),
-        Layer::Conv => ("Conv2D", "min_channels", "factorize_convs"),
+    let (kind, min_key, switch, [in_dim, out_dim, kernel], decision) = match layer {
+        Node::Linear(d) => {
+            let (vi, vo) = (dim(d.in_dim), dim(d.out_dim));
+            let decision = quote!(#pv::linear_decision(&#params, #vi, #vo));
+            let dims = [vi, vo, quote!(1usize)];
+            (
+                "Linear",
+                "min_features",
+                "factorize_linears",
+                dims,
+                decision,
+            )
+        }
+        Node::Conv(d) => {
+            let (vi, vo, vk) = (dim(d.in_dim), dim(d.out_dim), dim(d.kernel));
+            let decision = quote!(#pv::conv_decision(&#params, #vi, #vo, #vk, 1));
+            (
+                "Conv2D",
+                "min_channels",
+                "factorize_convs",
+                [vi, vo, vk],
+                decision,
+            )
+        }
+        // Ranks are only forced on layers.
+        _ => return TokenStream::new(),
     };
     quote_spanned! {span=>
         if let ::core::option::Option::Some(message) = &#pv::violation(
@@ -396,32 +399,17 @@ pub fn literal_rank_checks(cont: &Container<'_>) -> TokenStream {
         (written, field, span): (&str, &str, proc_macro2::Span),
         out: &mut Vec<TokenStream>,
     ) {
-        let pv = private();
-        match node {
-            Node::Linear(d) if d.generic_dim.is_none() => {
-                let (vi, vo) = (dim(d.in_dim), dim(d.out_dim));
-                let check = rule_check(
-                    span,
-                    Layer::Linear,
-                    written,
-                    field,
-                    [&vi, &vo, &quote!(1usize)],
-                    quote!(#pv::linear_decision(&#params, #vi, #vo)),
-                );
+        let literal_dims = match node {
+            Node::Linear(d) => Some(d.generic_dim.is_none()),
+            Node::Conv(d) => Some(d.generic_dim.is_none()),
+            _ => None,
+        };
+        match literal_dims {
+            Some(true) => {
+                let check = rule_check(span, node, params, written, field);
                 out.push(quote_spanned!(span=> const _: () = #check;));
             }
-            Node::Conv(d) if d.generic_dim.is_none() => {
-                let (vi, vo, vk) = (dim(d.in_dim), dim(d.out_dim), dim(d.kernel));
-                let check = rule_check(
-                    span,
-                    Layer::Conv,
-                    written,
-                    field,
-                    [&vi, &vo, &vk],
-                    quote!(#pv::conv_decision(&#params, #vi, #vo, #vk, 1)),
-                );
-                out.push(quote_spanned!(span=> const _: () = #check;));
-            }
+            Some(false) => {}
             _ => node
                 .children()
                 .iter()

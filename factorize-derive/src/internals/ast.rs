@@ -8,6 +8,7 @@ use syn::{Data, DeriveInput, Fields, GenericArgument, GenericParam, PathArgument
 
 use super::attr::{ContainerAttrs, FieldAttrs};
 use super::ctxt::Ctxt;
+use super::symbol::{GENERALIZED_RESIDUAL, NEWTYPE_WRAPPERS, REPEATED};
 
 pub struct Container<'a> {
     pub input: &'a DeriveInput,
@@ -333,19 +334,14 @@ fn wrapper<'a>(
         GenericArgument::Type(t) => Some(classify(t, const_params)),
         _ => None,
     };
-    let (kind, parts, count) = match (ident.to_string().as_str(), args) {
-        (name @ ("Residual" | "SplitInto" | "AddInto"), [t]) => {
-            let name = match name {
-                "Residual" => "Residual",
-                "SplitInto" => "SplitInto",
-                _ => "AddInto",
-            };
-            (WrapperKind::Newtype(name), vec![ty(t)?], None)
-        }
-        ("GeneralizedResidual", [f, r]) => {
+    let name = ident.to_string();
+    let newtype = NEWTYPE_WRAPPERS.iter().find(|w| **w == name);
+    let (kind, parts, count) = match (newtype, name.as_str(), args) {
+        (Some(name), _, [t]) => (WrapperKind::Newtype(name), vec![ty(t)?], None),
+        (None, GENERALIZED_RESIDUAL, [f, r]) => {
             (WrapperKind::GeneralizedResidual, vec![ty(f)?, ty(r)?], None)
         }
-        ("Repeated", [t, n]) => (WrapperKind::Repeated, vec![ty(t)?], Some(*n)),
+        (None, REPEATED, [t, n]) => (WrapperKind::Repeated, vec![ty(t)?], Some(*n)),
         _ => return None,
     };
     let layers = parts.iter().any(|p| p.contains(false) || p.contains(true));

@@ -24,3 +24,13 @@ pub const CONTAINER_KEYS: &[&str] = &[
 
 /// Keys accepted on a field.
 pub const FIELD_KEYS: &[&str] = &[SKIP, LATENT, MIN_FEATURES, MIN_CHANNELS];
+
+/// dfdx's one-module wrappers (tuple structs around one module).
+pub const NEWTYPE_WRAPPERS: &[&str] = &["Residual", "SplitInto", "AddInto"];
+pub const GENERALIZED_RESIDUAL: &str = "GeneralizedResidual";
+pub const REPEATED: &str = "Repeated";
+
+/// Every dfdx wrapper the macros look into.
+pub fn is_wrapper(name: &str) -> bool {
+    NEWTYPE_WRAPPERS.contains(&name) || name == GENERALIZED_RESIDUAL || name == REPEATED
+}
