@@ -1,6 +1,7 @@
 //! `#[derive(Factorizable)]` end to end: which fields are replaced, the variant's forward,
 //! reports, exactness, save/load.
 
+#[path = "../factorize-runtime/tests/common/mod.rs"]
 mod common;
 
 use dfdx::nn::modules::{LayerNorm1D, Linear, ReLU};
@@ -324,7 +325,7 @@ fn real_minilm_ffn_layers_meet_their_optimum() {
             .unwrap();
         for (row, w) in report.layers.iter().zip([up, down]) {
             let sigma = common::singular_values(&w.data, w.out_dim, w.in_dim);
-            let optimum = common::optimum(&sigma, 128);
+            let optimum = factorize_runtime::synthetic::optimal_relative_error(&sigma, 128);
             let got = row.relative_error.unwrap();
             assert!(
                 (got / optimum - 1.0).abs() <= 1e-4,
@@ -485,7 +486,7 @@ mod convolutions {
 mod stacks {
     use super::*;
     use dfdx::nn::modules::{GeneralizedResidual, Repeated, Residual};
-    use factorize_runtime::engine::calibrated::Fit;
+    use factorize_runtime::Fit;
 
     type Rows = Tensor<(usize, Const<128>), f32, Dev>;
 
@@ -702,6 +703,7 @@ mod stacks {
             &model.blocks.modules[1].up,
             &h,
             fit,
+            &FactorizeConfig::default(),
         )
         .unwrap();
         assert_eq!(
@@ -888,7 +890,7 @@ fn a_sequential_model_is_factorized_by_the_rule() {
         ]
     );
     // Each replaced layer is at its Eckart–Young optimum.
-    let optimum = common::optimum(&power_law(512, 1.0), 64);
+    let optimum = factorize_runtime::synthetic::optimal_relative_error(&power_law(512, 1.0), 64);
     for row in &report.layers[..2] {
         let err = row.relative_error.unwrap();
         assert!(

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use dfdx::prelude::*;
-use factorize_runtime::engine::calibrated::Fit;
+use factorize_runtime::Fit;
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeReport};
 
 use crate::bert::{Batch, Bert, BertFactorized, HIDDEN};

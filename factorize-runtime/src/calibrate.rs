@@ -15,10 +15,9 @@ use std::collections::HashMap;
 
 use dfdx::prelude::{Device, Dtype, HasShape, Shape, Storage, Tensor};
 
-use crate::engine::calibrated::Fit;
-use crate::linear::host_f64;
+use crate::convert::host_f64;
 use crate::report::{FactorizeReport, LayerReport};
-use crate::{Backend, FactorizeError};
+use crate::{Backend, FactorizeError, Fit};
 
 /// One recorded forward call of a layer: its input's shape and values (row-major).
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +26,16 @@ pub struct RecordedInput {
     pub shape: Vec<usize>,
     /// Its values, row-major.
     pub values: Vec<f64>,
+}
+
+impl RecordedInput {
+    /// The shape and values of `t`.
+    pub fn of<S: Shape, E: Dtype, D: Device<E>, T>(t: &Tensor<S, E, D, T>) -> Self {
+        Self {
+            shape: t.shape().concrete().into(),
+            values: host_f64(t),
+        }
+    }
 }
 
 /// Recorded calls: layer address and input.
@@ -95,10 +104,7 @@ impl<S: Shape, E: Dtype, D: Device<E> + Storage<E>, T> RecordInput for Tensor<S,
                         values: Vec::new(),
                     },
                     Capture::Layer(address) if address != layer => return,
-                    Capture::Layer(_) | Capture::All => RecordedInput {
-                        shape: self.shape().concrete().into(),
-                        values: host_f64(self),
-                    },
+                    Capture::Layer(_) | Capture::All => RecordedInput::of(self),
                 };
                 calls.push((layer, input));
             }
@@ -110,26 +116,24 @@ impl<S: Shape, E: Dtype, D: Device<E> + Storage<E>, T> RecordInput for Tensor<S,
 pub trait Refit {
     /// Identifies the layer in recordings.
     fn address(&self) -> usize;
-    /// Refits the layer to the dense `weight` (`[out, in]`, a convolution's unfolded to
-    /// `[O, I·K·K]`) and `bias`, on the inputs it received in the recorded forward calls, on
-    /// `backend` (see [`crate::engine::calibrated::fit_linear_on`]).
+    /// Refits the layer to the dense layer `(weight, bias)` (the weight `[out, fan_in]`, a
+    /// convolution's unfolded to `[O, I·K·K]`), on the inputs it received in the recorded
+    /// forward calls, on `backend` (see [`crate::engine::calibrated::solve`]).
     fn refit(
         &mut self,
         path: &str,
-        weight: &[f64],
-        bias: &[f64],
+        dense: (&[f64], &[f64]),
         inputs: &[RecordedInput],
         fit: Fit,
         backend: Backend,
     ) -> Result<LayerReport, FactorizeError>;
 
-    /// The output nmse of the layer as it is against the dense `weight` and `bias`, on the
+    /// The output nmse of the layer as it is against the dense layer `(weight, bias)`, on the
     /// recorded `inputs` (see [`crate::engine::calibrated::nmse`]).
     fn nmse_on(
         &self,
         path: &str,
-        weight: &[f64],
-        bias: &[f64],
+        dense: (&[f64], &[f64]),
         inputs: &[RecordedInput],
     ) -> Result<f64, FactorizeError>;
 }
@@ -208,7 +212,7 @@ where
             return Ok(());
         }
         let (w, b) = weights.get(path).ok_or_else(|| missing_dense(path))?;
-        let value = layer.nmse_on(path, w, b, &inputs)?;
+        let value = layer.nmse_on(path, (w, b), &inputs)?;
         if let Some(row) = report.layers.iter_mut().find(|r| r.path == path) {
             row.nmse_heldout = Some(value);
         }
@@ -260,7 +264,7 @@ where
             let Some((w, b)) = weights.get(path) else {
                 return Err(missing_dense(path));
             };
-            let row = layer.refit(path, w, b, &inputs, fit, backend)?;
+            let row = layer.refit(path, (w, b), &inputs, fit, backend)?;
             match report.layers.iter_mut().find(|r| r.path == path) {
                 Some(slot) => *slot = row,
                 None => report.push(row),

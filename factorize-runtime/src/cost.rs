@@ -36,11 +36,12 @@ pub enum Latent {
 
 /// The kind of layer a rule applies to; the kinds differ in the fractions they accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum LayerKind {
     /// A fully connected layer (`Linear`).
     Linear,
     /// A 2-D convolution (`Conv2D`).
-    Conv2d,
+    Conv2D,
 }
 
 impl LayerKind {
@@ -48,7 +49,7 @@ impl LayerKind {
     pub const fn fraction_limit(self) -> f64 {
         match self {
             LayerKind::Linear => 0.5,
-            LayerKind::Conv2d => 1.0,
+            LayerKind::Conv2D => 1.0,
         }
     }
 
@@ -56,7 +57,7 @@ impl LayerKind {
     pub const fn name(self) -> &'static str {
         match self {
             LayerKind::Linear => "linear",
-            LayerKind::Conv2d => "conv2d",
+            LayerKind::Conv2D => "conv2d",
         }
     }
 }
@@ -154,7 +155,10 @@ pub const fn max_rank(in_dim: usize, out_dim: usize, k_h: usize, k_w: usize) -> 
     ceil.saturating_sub(1)
 }
 
-/// The six parameters of the algorithm, with Composer's names and defaults.
+/// The six parameters of the cost rule, with Composer's names and defaults: which layers are
+/// replaced and at what rank. For derived models they are the `#[factorize(..)]` attributes,
+/// evaluated at compile time; the run-time options (how, where) are
+/// [`FactorizeConfig`](crate::FactorizeConfig).
 ///
 /// ```
 /// use factorize_runtime::cost::{FactorizeParams, Latent};
@@ -196,7 +200,7 @@ impl FactorizeParams {
         if let Err(e) = check_latent(self.latent_features, LayerKind::Linear) {
             return Err(("latent_features", e));
         }
-        if let Err(e) = check_latent(self.latent_channels, LayerKind::Conv2d) {
+        if let Err(e) = check_latent(self.latent_channels, LayerKind::Conv2D) {
             return Err(("latent_channels", e));
         }
         Ok(())
@@ -460,10 +464,10 @@ mod tests {
         assert_eq!(latent_rank(Latent::Count(7), 256, 256), 7);
         assert!(check_latent(Latent::Fraction(0.49), LayerKind::Linear).is_ok());
         assert!(check_latent(Latent::Fraction(0.5), LayerKind::Linear).is_err());
-        assert!(check_latent(Latent::Fraction(0.5), LayerKind::Conv2d).is_ok());
-        assert!(check_latent(Latent::Fraction(1.0), LayerKind::Conv2d).is_err());
-        assert!(check_latent(Latent::Fraction(-0.1), LayerKind::Conv2d).is_err());
-        assert!(check_latent(Latent::Fraction(f64::NAN), LayerKind::Conv2d).is_err());
+        assert!(check_latent(Latent::Fraction(0.5), LayerKind::Conv2D).is_ok());
+        assert!(check_latent(Latent::Fraction(1.0), LayerKind::Conv2D).is_err());
+        assert!(check_latent(Latent::Fraction(-0.1), LayerKind::Conv2D).is_err());
+        assert!(check_latent(Latent::Fraction(f64::NAN), LayerKind::Conv2D).is_err());
         assert_eq!(
             check_latent(Latent::Count(0), LayerKind::Linear),
             Err(LatentError::ZeroCount)

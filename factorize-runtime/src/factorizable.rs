@@ -13,10 +13,9 @@ use dfdx::prelude::{Device, Dtype};
 use crate::calibrate::{
     calibrate, evaluate_heldout, DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized,
 };
-use crate::engine::calibrated::Fit;
-use crate::linear::host_f64;
+use crate::convert::host_f64;
 use crate::report::FactorizeReport;
-use crate::{FactorizeConfig, FactorizeError};
+use crate::{FactorizeConfig, FactorizeError, Fit};
 
 /// A model that can build its factorized variant from its own weights.
 ///
@@ -59,7 +58,7 @@ pub trait Factorizable {
     /// (see [`crate::engine::calibrated`]), in forward order, each on the inputs it sees in the
     /// already-factorized model. `run` runs the calibration forward on the variant, e.g.
     /// `|m| { m.forward(batch.clone()); }`; it is called once per replaced layer, plus once.
-    /// The fits run on `cfg.backend` (see [`crate::engine::calibrated::fit_linear_on`]: `Cuda`
+    /// The fits run on `cfg.backend` (see [`crate::engine::calibrated::solve`]: `Cuda`
     /// without a usable GPU is an error naming the first layer). Report rows carry each
     /// layer's calibration nmse and the backend that fitted it.
     fn factorize_calibrated<F>(
@@ -253,7 +252,7 @@ macro_rules! tuples {
                 cfg: &FactorizeConfig,
                 report: &mut FactorizeReport,
             ) -> Result<Self::Factorized, FactorizeError> {
-                Ok(($(self.$idx.factorize_into(&crate::__private::join(path, stringify!($idx)), cfg, report)?,)+))
+                Ok(($(self.$idx.factorize_into(&crate::report::join(path, stringify!($idx)), cfg, report)?,)+))
             }
         }
     )*};
@@ -312,13 +311,13 @@ macro_rules! tuple_visits {
                 path: &str,
                 f: &mut FactorizedVisitor<'_>,
             ) -> Result<(), FactorizeError> {
-                $(self.$idx.visit_factorized(&crate::__private::join(path, stringify!($idx)), f)?;)+
+                $(self.$idx.visit_factorized(&crate::report::join(path, stringify!($idx)), f)?;)+
                 Ok(())
             }
         }
         impl<$($name: VisitDense),+> VisitDense for ($($name,)+) {
             fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
-                $(self.$idx.visit_dense(&crate::__private::join(path, stringify!($idx)), f);)+
+                $(self.$idx.visit_dense(&crate::report::join(path, stringify!($idx)), f);)+
             }
         }
     )*};
@@ -348,9 +347,7 @@ impl<T: Factorizable, const N: usize> Factorizable for Repeated<T, N> {
             .modules
             .iter()
             .enumerate()
-            .map(|(i, m)| {
-                m.factorize_into(&crate::__private::join(path, &i.to_string()), cfg, report)
-            })
+            .map(|(i, m)| m.factorize_into(&crate::report::join(path, &i.to_string()), cfg, report))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Repeated { modules })
     }
@@ -363,7 +360,7 @@ impl<T: VisitFactorized, const N: usize> VisitFactorized for Repeated<T, N> {
         f: &mut FactorizedVisitor<'_>,
     ) -> Result<(), FactorizeError> {
         for (i, m) in self.modules.iter_mut().enumerate() {
-            m.visit_factorized(&crate::__private::join(path, &i.to_string()), f)?;
+            m.visit_factorized(&crate::report::join(path, &i.to_string()), f)?;
         }
         Ok(())
     }
@@ -372,7 +369,7 @@ impl<T: VisitFactorized, const N: usize> VisitFactorized for Repeated<T, N> {
 impl<T: VisitDense, const N: usize> VisitDense for Repeated<T, N> {
     fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
         for (i, m) in self.modules.iter().enumerate() {
-            m.visit_dense(&crate::__private::join(path, &i.to_string()), f);
+            m.visit_dense(&crate::report::join(path, &i.to_string()), f);
         }
     }
 }
@@ -389,7 +386,7 @@ macro_rules! wrappers {
                 cfg: &FactorizeConfig,
                 report: &mut FactorizeReport,
             ) -> Result<Self::Factorized, FactorizeError> {
-                Ok($ty(self.0.factorize_into(&crate::__private::join(path, "0"), cfg, report)?))
+                Ok($ty(self.0.factorize_into(&crate::report::join(path, "0"), cfg, report)?))
             }
         }
         impl<T: VisitFactorized> VisitFactorized for $ty<T> {
@@ -398,12 +395,12 @@ macro_rules! wrappers {
                 path: &str,
                 f: &mut FactorizedVisitor<'_>,
             ) -> Result<(), FactorizeError> {
-                self.0.visit_factorized(&crate::__private::join(path, "0"), f)
+                self.0.visit_factorized(&crate::report::join(path, "0"), f)
             }
         }
         impl<T: VisitDense> VisitDense for $ty<T> {
             fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
-                self.0.visit_dense(&crate::__private::join(path, "0"), f);
+                self.0.visit_dense(&crate::report::join(path, "0"), f);
             }
         }
     )*};
@@ -423,10 +420,10 @@ impl<F: Factorizable, R: Factorizable> Factorizable for GeneralizedResidual<F, R
         Ok(GeneralizedResidual {
             f: self
                 .f
-                .factorize_into(&crate::__private::join(path, "f"), cfg, report)?,
+                .factorize_into(&crate::report::join(path, "f"), cfg, report)?,
             r: self
                 .r
-                .factorize_into(&crate::__private::join(path, "r"), cfg, report)?,
+                .factorize_into(&crate::report::join(path, "r"), cfg, report)?,
         })
     }
 }
@@ -438,16 +435,15 @@ impl<F: VisitFactorized, R: VisitFactorized> VisitFactorized for GeneralizedResi
         f: &mut FactorizedVisitor<'_>,
     ) -> Result<(), FactorizeError> {
         self.f
-            .visit_factorized(&crate::__private::join(path, "f"), f)?;
-        self.r
-            .visit_factorized(&crate::__private::join(path, "r"), f)
+            .visit_factorized(&crate::report::join(path, "f"), f)?;
+        self.r.visit_factorized(&crate::report::join(path, "r"), f)
     }
 }
 
 impl<F: VisitDense, R: VisitDense> VisitDense for GeneralizedResidual<F, R> {
     fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
-        self.f.visit_dense(&crate::__private::join(path, "f"), f);
-        self.r.visit_dense(&crate::__private::join(path, "r"), f);
+        self.f.visit_dense(&crate::report::join(path, "f"), f);
+        self.r.visit_dense(&crate::report::join(path, "r"), f);
     }
 }
 

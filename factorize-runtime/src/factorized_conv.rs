@@ -17,21 +17,18 @@
 //! assert_eq!(y.shape().concrete(), [1, 32, 10, 10]);
 //! ```
 
-use std::time::Instant;
-
 use dfdx::prelude::*;
 use num_traits::Float;
 use rand_distr::uniform::SampleUniform;
 
-use crate::calibrate::{RecordInput, RecordedInput, Refit};
+use crate::calibrate::{RecordInput, RecordedInput};
 use crate::conv::unfold::Geometry;
 use crate::conv::{Conv2D, UnbiasedConv2D};
+use crate::convert::{host_f64, to_device};
 use crate::cost::LayerKind;
-use crate::engine::calibrated::{fit_linear_on, nmse, CalibratedFit, Calibration, Fit};
-use crate::engine::{self, check_finite, WeightMatrix};
-use crate::linear::{host_f64, to_device};
-use crate::report::{LayerReport, Status};
-use crate::{Backend, FactorizeConfig, FactorizeError, Method};
+use crate::pair::{self, DenseLayer, LowRankPair, Sealed};
+use crate::report::LayerReport;
+use crate::{FactorizeConfig, FactorizeError, Fit};
 
 /// A factorized convolution: `K × K`, `I → L`, no bias; then `1 × 1`, `L → O`, with bias.
 #[derive(Debug, Clone)]
@@ -123,6 +120,115 @@ where
 
 impl<
         const I: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > Sealed for Conv2D<I, O, K, S, P, DIL, E, D>
+{
+}
+
+impl<
+        const I: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > DenseLayer for Conv2D<I, O, K, S, P, DIL, E, D>
+{
+    type Elem = E;
+    type Dev = D;
+    type Pair<const L: usize> = FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>;
+    const KIND: LayerKind = LayerKind::Conv2D;
+    const IN: usize = I;
+    const OUT: usize = O;
+    const KERNEL: usize = K;
+
+    /// The weight unfolded to `[O, I·K·K]`.
+    fn host_weights(&self) -> (Vec<f64>, Vec<f64>) {
+        (host_f64(&self.weight), host_f64(&self.bias))
+    }
+
+    fn device(&self) -> D {
+        self.weight.device().clone()
+    }
+
+    /// Every `K × K` patch of the recorded images (with the layer's stride, padding and
+    /// dilation) is one row.
+    fn calibration_rows(path: &str, inputs: &[RecordedInput]) -> Result<Vec<f64>, FactorizeError> {
+        image_patches::<I, K, S, P, DIL>(path, inputs)
+    }
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > Sealed for FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
+{
+}
+
+impl<
+        const I: usize,
+        const L: usize,
+        const O: usize,
+        const K: usize,
+        const S: usize,
+        const P: usize,
+        const DIL: usize,
+        E: Dtype,
+        D: Device<E>,
+    > LowRankPair for FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
+{
+    type Dense = Conv2D<I, O, K, S, P, DIL, E, D>;
+    const RANK: usize = L;
+
+    fn from_host(
+        dev: &D,
+        first: &[f64],
+        second: &[f64],
+        bias: &[f64],
+        path: &str,
+    ) -> Result<Self, FactorizeError> {
+        let (l, i, o, k, one) = (Const::<L>, Const::<I>, Const::<O>, Const::<K>, Const::<1>);
+        Ok(FactorizedConv2D {
+            first: UnbiasedConv2D {
+                weight: to_device(dev, first, (l, i, k, k), path)?,
+            },
+            second: Conv2D {
+                weight: to_device(dev, second, (o, l, one, one), path)?,
+                bias: to_device(dev, bias, (o,), path)?,
+            },
+        })
+    }
+
+    fn host_factors(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        (
+            host_f64(&self.first.weight),
+            host_f64(&self.second.weight),
+            host_f64(&self.second.bias),
+        )
+    }
+
+    fn device(&self) -> D {
+        self.second.weight.device().clone()
+    }
+}
+
+impl<
+        const I: usize,
         const L: usize,
         const O: usize,
         const K: usize,
@@ -133,206 +239,44 @@ impl<
         D: Device<E>,
     > FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
 {
-    /// The layer from host factors: `first` `[L, I·K·K]` and `second` `[O, L]`, row-major.
-    fn from_host(
-        dev: &D,
-        first: &[f64],
-        second: &[f64],
-        bias: Tensor<Rank1<O>, E, D>,
-        path: &str,
-    ) -> Result<Self, FactorizeError> {
-        Ok(FactorizedConv2D {
-            first: UnbiasedConv2D {
-                weight: to_device(
-                    dev,
-                    first,
-                    (Const::<L>, Const::<I>, Const::<K>, Const::<K>),
-                    path,
-                )?,
-            },
-            second: Conv2D {
-                weight: to_device(
-                    dev,
-                    second,
-                    (Const::<O>, Const::<L>, Const::<1>, Const::<1>),
-                    path,
-                )?,
-                bias,
-            },
-        })
-    }
-
     /// Builds the factorized convolution from `conv` (truncated SVD of `[O, I·K·K]` by
     /// default); `conv` is only read.
     pub fn from_conv(
         conv: &Conv2D<I, O, K, S, P, DIL, E, D>,
         cfg: &FactorizeConfig,
     ) -> Result<Self, FactorizeError> {
-        Self::from_conv_named("conv", conv, cfg).map(|(layer, _)| layer)
+        pair::build(CONV, conv, cfg).map(|(layer, _)| layer)
     }
 
-    /// As [`Self::from_conv`], naming the layer `path` in errors and in the report row.
-    pub fn from_conv_named(
+    /// As [`Self::from_conv`], naming the layer `path` in errors and in the report row it also
+    /// returns.
+    pub fn from_conv_with_report(
         path: &str,
         conv: &Conv2D<I, O, K, S, P, DIL, E, D>,
         cfg: &FactorizeConfig,
     ) -> Result<(Self, LayerReport), FactorizeError> {
-        let start = Instant::now();
-        let fan_in = I * K * K;
-        let weight = host_f64(&conv.weight);
-        check_finite(path, "bias", &host_f64(&conv.bias))?;
-        let w = WeightMatrix::new(path, &weight, O, fan_in)?;
-        w.check_rank(L)?;
-        let dev = conv.weight.device();
-        let mut row = LayerReport::kept(path, LayerKind::Conv2d, I, O, K, Status::Replaced);
-        let (first, second, error, backend, note) = match cfg.method {
-            Method::Svd => {
-                let solved = engine::solve(&w, L, cfg)?;
-                let f = solved.factors;
-                (
-                    f.first,
-                    f.second,
-                    f.relative_error,
-                    solved.backend,
-                    solved.note,
-                )
-            }
-            Method::Fresh => {
-                let first = crate::linear::fresh_uniform(L * fan_in, fan_in, 1);
-                let second = crate::linear::fresh_uniform(O * L, L, 2);
-                let err = engine::relative_error(&w, &second, &first, L);
-                (first, second, err, crate::Backend::Cpu, None)
-            }
-        };
-        let bias = match cfg.method {
-            Method::Svd => conv.bias.clone(),
-            Method::Fresh => to_device(
-                dev,
-                &crate::linear::fresh_uniform(O, L, 3),
-                (Const::<O>,),
-                path,
-            )?,
-        };
-        let layer = Self::from_host(dev, &first, &second, bias, path)?;
-        row.set_replaced(L, error, backend, start.elapsed());
-        row.note = note;
-        Ok((layer, row))
+        pair::build(path, conv, cfg)
     }
-}
 
-impl<
-        const I: usize,
-        const L: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Device<E>,
-    > FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
-{
     /// Builds the factorized convolution fitted to the outputs of `conv` on calibration images
     /// (`N × I × H × W`): every `K × K` patch (with the layer's stride, padding and dilation) is
     /// one calibration row of the unfolded weight `[O, I·K·K]`, fitted as
-    /// [`crate::engine::calibrated::fit_linear`] does; the bias is refitted. The report row
-    /// carries the calibration nmse over all output positions and the backend (the GPU when
-    /// one is usable, as under [`Backend::Auto`], else the CPU; ALS always on the CPU).
+    /// [`FactorizedLinear::from_linear_calibrated`](crate::FactorizedLinear::from_linear_calibrated)
+    /// fits, on `cfg.backend`; the bias is refitted. The report row carries the calibration
+    /// nmse over all output positions and the backend used.
     pub fn from_conv_calibrated<N: Dim, H: Dim, W: Dim>(
         path: &str,
         conv: &Conv2D<I, O, K, S, P, DIL, E, D>,
         images: &Tensor<(N, Const<I>, H, W), E, D>,
         fit: Fit,
+        cfg: &FactorizeConfig,
     ) -> Result<(Self, LayerReport), FactorizeError> {
-        let (n, _, h, w) = *images.shape();
-        let input = RecordedInput {
-            shape: vec![n.size(), I, h.size(), w.size()],
-            values: host_f64(images),
-        };
-        let weight = host_f64(&conv.weight);
-        let bias = host_f64(&conv.bias);
-        let (fitted, row) = fit_images::<I, L, O, K, S, P, DIL>(
-            path,
-            &weight,
-            &bias,
-            &[input],
-            fit,
-            Backend::Auto,
-        )?;
-        let dev = conv.weight.device();
-        let bias = to_device(dev, &fitted.bias, (Const::<O>,), path)?;
-        let layer = Self::from_host(
-            dev,
-            &fitted.factors.first,
-            &fitted.factors.second,
-            bias,
-            path,
-        )?;
-        Ok((layer, row))
+        pair::fit_dense(path, conv, &[RecordedInput::of(images)], fit, cfg)
     }
 }
 
-impl<
-        const I: usize,
-        const L: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Device<E>,
-    > Refit for FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
-{
-    fn address(&self) -> usize {
-        self as *const Self as usize
-    }
-
-    fn refit(
-        &mut self,
-        path: &str,
-        weight: &[f64],
-        bias: &[f64],
-        inputs: &[RecordedInput],
-        fit: Fit,
-        backend: Backend,
-    ) -> Result<LayerReport, FactorizeError> {
-        let (fitted, row) =
-            fit_images::<I, L, O, K, S, P, DIL>(path, weight, bias, inputs, fit, backend)?;
-        let dev = self.second.weight.device().clone();
-        let bias = to_device(&dev, &fitted.bias, (Const::<O>,), path)?;
-        // Replaces the layer only once the new one is complete.
-        *self = Self::from_host(
-            &dev,
-            &fitted.factors.first,
-            &fitted.factors.second,
-            bias,
-            path,
-        )?;
-        Ok(row)
-    }
-
-    fn nmse_on(
-        &self,
-        path: &str,
-        weight: &[f64],
-        bias: &[f64],
-        inputs: &[RecordedInput],
-    ) -> Result<f64, FactorizeError> {
-        let fan_in = I * K * K;
-        let rows = image_patches::<I, K, S, P, DIL>(path, inputs)?;
-        let m = WeightMatrix::new(path, weight, O, fan_in)?;
-        let calib = Calibration::new(path, &rows, rows.len() / fan_in, fan_in)?;
-        let factors = crate::linear::current_factors(
-            O,
-            fan_in,
-            L,
-            host_f64(&self.first.weight),
-            host_f64(&self.second.weight),
-        );
-        nmse(&m, bias, &factors, &host_f64(&self.second.bias), &calib)
-    }
-}
+/// The name of a layer built without a path.
+const CONV: &str = "conv";
 
 /// The `K × K` patches of the recorded images (`[n, I, h, w]` or `[I, h, w]` each), as rows.
 fn image_patches<
@@ -366,36 +310,6 @@ fn image_patches<
         });
     }
     Ok(rows)
-}
-
-/// The data-aware fit of a convolution's unfolded weight `[O, I·K·K]` on the `K × K` patches of
-/// the recorded images (`[n, I, h, w]` or `[I, h, w]` each), and its report row.
-fn fit_images<
-    const I: usize,
-    const L: usize,
-    const O: usize,
-    const K: usize,
-    const S: usize,
-    const P: usize,
-    const DIL: usize,
->(
-    path: &str,
-    weight: &[f64],
-    bias: &[f64],
-    inputs: &[RecordedInput],
-    fit: Fit,
-    backend: Backend,
-) -> Result<(CalibratedFit, LayerReport), FactorizeError> {
-    let start = Instant::now();
-    let fan_in = I * K * K;
-    let rows = image_patches::<I, K, S, P, DIL>(path, inputs)?;
-    let m = WeightMatrix::new(path, weight, O, fan_in)?;
-    let calib = Calibration::new(path, &rows, rows.len() / fan_in, fan_in)?;
-    let (f, used) = fit_linear_on(&m, bias, &calib, L, fit, backend)?;
-    let mut row = LayerReport::kept(path, LayerKind::Conv2d, I, O, K, Status::Replaced);
-    row.set_replaced(L, f.factors.relative_error, used, start.elapsed());
-    row.nmse = Some(f.nmse);
-    Ok((f, row))
 }
 
 /// The `K × K` patches of `images` (`n × I × h × w`, row-major) as rows of length `I·K·K`

@@ -138,6 +138,7 @@
 pub mod calibrate;
 pub mod config;
 pub mod conv;
+mod convert;
 pub mod cost;
 pub mod engine;
 mod error;
@@ -146,13 +147,14 @@ mod factorized_conv;
 pub mod fast;
 mod forced;
 mod linear;
+pub mod pair;
 mod pool;
 mod progress;
 pub mod report;
 pub mod synthetic;
 pub mod weights;
 
-pub use config::{Backend, FactorizeConfig, Method, Precision};
+pub use config::{Backend, FactorizeConfig, Fit, Method, Precision};
 pub use cost::{Decision, FactorizeParams, Latent, LayerKind};
 pub use error::FactorizeError;
 pub use factorizable::{Factorizable, FactorizeAs, VariantOf};

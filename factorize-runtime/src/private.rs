@@ -3,13 +3,11 @@
 //! Generated code names only `::factorize_runtime::__private::…` paths, so users need no other
 //! dependency or import.
 
-use dfdx::prelude::Storage;
-
 pub use crate::calibrate::{DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized};
 pub use crate::cost::{conv_decision, linear_decision, Decision, FactorizeParams, Latent};
 pub use crate::forced::{violation, ConstMessage, Forced};
-pub use crate::report::{FactorizeReport, LayerReport, Status};
-pub use crate::{Factorizable, FactorizeConfig, FactorizeError, FactorizedLinear, VariantOf};
+pub use crate::report::{join, FactorizeReport, LayerReport, Status};
+pub use crate::{Factorizable, FactorizeConfig, FactorizeError, VariantOf};
 pub use dfdx::nn::modules::{AddInto, GeneralizedResidual, Linear, Repeated, Residual, SplitInto};
 pub use dfdx::nn::{BuildModule, BuildOnDevice};
 pub use dfdx::nn::{ModuleVisitor, TensorCollection};
@@ -17,301 +15,76 @@ pub use dfdx::prelude::{Device, Dtype};
 pub use num_traits::Float;
 pub use rand_distr::uniform::SampleUniform;
 
-use crate::conv::Conv2D;
-use crate::cost::LayerKind;
-use crate::FactorizedConv2D;
+pub use crate::conv::Conv2D;
+pub use crate::pair::DenseLayer;
+
+use crate::pair;
 
 /// A compile-time boolean, the outcome of the cost rule for one field.
 pub struct Pick<const REPLACE: bool>;
 
-/// The type of a `Linear<I, O>` field in the factorized variant: dense when the rule says keep,
-/// `FactorizedLinear<I, L, O>` when it says replace.
-pub trait ChooseLinear<const I: usize, const L: usize, const O: usize, E: Dtype, D: Storage<E>> {
+/// The type of a dense layer field `M` (a `Linear` or a `Conv2D`) in the factorized variant,
+/// and how it is built: `M` itself when the rule says keep, its rank-`L` pair when it says
+/// replace.
+pub trait Choose<const L: usize, M: DenseLayer> {
     /// The chosen type.
     type Out;
-}
 
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Storage<E>>
-    ChooseLinear<I, L, O, E, D> for Pick<false>
-{
-    type Out = Linear<I, O, E, D>;
-}
-
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Storage<E>>
-    ChooseLinear<I, L, O, E, D> for Pick<true>
-{
-    type Out = FactorizedLinear<I, L, O, E, D>;
-}
-
-/// Builds the chosen type from the dense layer and reports it.
-pub trait FactorizeLinear<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>:
-    ChooseLinear<I, L, O, E, D>
-{
-    /// Builds the field of the variant at `path`; `decision` is the cost rule's verdict.
+    /// Builds the field of the variant at `path` from the dense layer, with its report row;
+    /// `decision` is the cost rule's verdict.
     fn build(
         path: &str,
-        dense: &Linear<I, O, E, D>,
+        dense: &M,
         decision: Decision,
         cfg: &FactorizeConfig,
         report: &mut FactorizeReport,
     ) -> Result<Self::Out, FactorizeError>;
 }
 
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
-    FactorizeLinear<I, L, O, E, D> for Pick<false>
-{
+impl<const L: usize, M: DenseLayer> Choose<L, M> for Pick<false> {
+    type Out = M;
+
     fn build(
         path: &str,
-        dense: &Linear<I, O, E, D>,
+        dense: &M,
         decision: Decision,
         _cfg: &FactorizeConfig,
         report: &mut FactorizeReport,
-    ) -> Result<Self::Out, FactorizeError> {
-        report.push(LayerReport::kept(
-            path,
-            LayerKind::Linear,
-            I,
-            O,
-            1,
-            decision.into(),
-        ));
+    ) -> Result<M, FactorizeError> {
+        report.push(pair::row::<M>(path, decision.into()));
         Ok(dense.clone())
     }
 }
 
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
-    FactorizeLinear<I, L, O, E, D> for Pick<true>
-{
+impl<const L: usize, M: DenseLayer> Choose<L, M> for Pick<true> {
+    type Out = M::Pair<L>;
+
     fn build(
         path: &str,
-        dense: &Linear<I, O, E, D>,
+        dense: &M,
         _decision: Decision,
         cfg: &FactorizeConfig,
         report: &mut FactorizeReport,
-    ) -> Result<Self::Out, FactorizeError> {
-        let (layer, row) = FactorizedLinear::from_linear_named(path, dense, cfg)?;
+    ) -> Result<M::Pair<L>, FactorizeError> {
+        let (layer, row) = pair::build(path, dense, cfg)?;
         report.push(row);
         Ok(layer)
     }
 }
 
-/// A `Linear` field marked `#[factorize(skip)]`: copied, with a report row saying so.
-pub fn skipped_linear<const I: usize, const O: usize, E: Dtype, D: Device<E>>(
-    path: &str,
-    dense: &Linear<I, O, E, D>,
-    report: &mut FactorizeReport,
-) -> Linear<I, O, E, D> {
-    report.push(LayerReport::kept(
-        path,
-        LayerKind::Linear,
-        I,
-        O,
-        1,
-        Status::Skipped,
-    ));
+/// A dense layer field marked `#[factorize(skip)]`: copied, with a report row saying so.
+pub fn skipped<M: DenseLayer>(path: &str, dense: &M, report: &mut FactorizeReport) -> M {
+    report.push(pair::row::<M>(path, Status::Skipped));
     dense.clone()
 }
 
-/// A `Linear` field with dims from the struct's own const generics and an explicit rank: the
-/// cost rule was checked at compile time for this instantiation.
-pub fn forced_linear<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>(
+/// A dense layer field with an explicit rank `L` whose rule check the derive emitted as a
+/// compile-time assertion: always replaced.
+pub fn forced<const L: usize, M: DenseLayer>(
     path: &str,
-    dense: &Linear<I, O, E, D>,
+    dense: &M,
     cfg: &FactorizeConfig,
     report: &mut FactorizeReport,
-) -> Result<FactorizedLinear<I, L, O, E, D>, FactorizeError> {
-    <Pick<true> as FactorizeLinear<I, L, O, E, D>>::build(
-        path,
-        dense,
-        Decision::Replace { latent: L },
-        cfg,
-        report,
-    )
-}
-
-/// `parent.child`, or `child` at the top.
-pub fn join(parent: &str, child: &str) -> String {
-    if parent.is_empty() {
-        child.to_string()
-    } else {
-        format!("{parent}.{child}")
-    }
-}
-
-/// The type of a `Conv2D` field in the factorized variant.
-pub trait ChooseConv<
-    const I: usize,
-    const L: usize,
-    const O: usize,
-    const K: usize,
-    const S: usize,
-    const P: usize,
-    const DIL: usize,
-    E: Dtype,
-    D: Storage<E>,
->
-{
-    /// The chosen type.
-    type Out;
-}
-
-impl<
-        const I: usize,
-        const L: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Storage<E>,
-    > ChooseConv<I, L, O, K, S, P, DIL, E, D> for Pick<false>
-{
-    type Out = Conv2D<I, O, K, S, P, DIL, E, D>;
-}
-
-impl<
-        const I: usize,
-        const L: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Storage<E>,
-    > ChooseConv<I, L, O, K, S, P, DIL, E, D> for Pick<true>
-{
-    type Out = FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>;
-}
-
-/// Builds the chosen convolution type from the dense one and reports it.
-pub trait FactorizeConv<
-    const I: usize,
-    const L: usize,
-    const O: usize,
-    const K: usize,
-    const S: usize,
-    const P: usize,
-    const DIL: usize,
-    E: Dtype,
-    D: Device<E>,
->: ChooseConv<I, L, O, K, S, P, DIL, E, D>
-{
-    /// Builds the field of the variant at `path`; `decision` is the cost rule's verdict.
-    fn build(
-        path: &str,
-        dense: &Conv2D<I, O, K, S, P, DIL, E, D>,
-        decision: Decision,
-        cfg: &FactorizeConfig,
-        report: &mut FactorizeReport,
-    ) -> Result<Self::Out, FactorizeError>;
-}
-
-impl<
-        const I: usize,
-        const L: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Device<E>,
-    > FactorizeConv<I, L, O, K, S, P, DIL, E, D> for Pick<false>
-{
-    fn build(
-        path: &str,
-        dense: &Conv2D<I, O, K, S, P, DIL, E, D>,
-        decision: Decision,
-        _cfg: &FactorizeConfig,
-        report: &mut FactorizeReport,
-    ) -> Result<Self::Out, FactorizeError> {
-        report.push(LayerReport::kept(
-            path,
-            LayerKind::Conv2d,
-            I,
-            O,
-            K,
-            decision.into(),
-        ));
-        Ok(dense.clone())
-    }
-}
-
-impl<
-        const I: usize,
-        const L: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Device<E>,
-    > FactorizeConv<I, L, O, K, S, P, DIL, E, D> for Pick<true>
-{
-    fn build(
-        path: &str,
-        dense: &Conv2D<I, O, K, S, P, DIL, E, D>,
-        _decision: Decision,
-        cfg: &FactorizeConfig,
-        report: &mut FactorizeReport,
-    ) -> Result<Self::Out, FactorizeError> {
-        let (layer, row) = FactorizedConv2D::from_conv_named(path, dense, cfg)?;
-        report.push(row);
-        Ok(layer)
-    }
-}
-
-/// A `Conv2D` field marked `#[factorize(skip)]`.
-pub fn skipped_conv<
-    const I: usize,
-    const O: usize,
-    const K: usize,
-    const S: usize,
-    const P: usize,
-    const DIL: usize,
-    E: Dtype,
-    D: Device<E>,
->(
-    path: &str,
-    dense: &Conv2D<I, O, K, S, P, DIL, E, D>,
-    report: &mut FactorizeReport,
-) -> Conv2D<I, O, K, S, P, DIL, E, D> {
-    report.push(LayerReport::kept(
-        path,
-        LayerKind::Conv2d,
-        I,
-        O,
-        K,
-        Status::Skipped,
-    ));
-    dense.clone()
-}
-
-/// A `Conv2D` field with generic dims and an explicit rank (checked at compile time).
-pub fn forced_conv<
-    const I: usize,
-    const L: usize,
-    const O: usize,
-    const K: usize,
-    const S: usize,
-    const P: usize,
-    const DIL: usize,
-    E: Dtype,
-    D: Device<E>,
->(
-    path: &str,
-    dense: &Conv2D<I, O, K, S, P, DIL, E, D>,
-    cfg: &FactorizeConfig,
-    report: &mut FactorizeReport,
-) -> Result<FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>, FactorizeError> {
-    <Pick<true> as FactorizeConv<I, L, O, K, S, P, DIL, E, D>>::build(
-        path,
-        dense,
-        Decision::Replace { latent: L },
-        cfg,
-        report,
-    )
+) -> Result<M::Pair<L>, FactorizeError> {
+    <Pick<true> as Choose<L, M>>::build(path, dense, Decision::Replace { latent: L }, cfg, report)
 }

@@ -8,8 +8,8 @@
 //! use factorize_runtime::report::{FactorizeReport, LayerReport, Status};
 //! use factorize_runtime::{cost::LayerKind, Backend};
 //! let mut report = FactorizeReport::default();
-//! report.push(LayerReport::kept("head", LayerKind::Linear, 128, 10, 1, Status::TooNarrow { width: 10, min: 256 }));
-//! let mut row = LayerReport::kept("fc1", LayerKind::Linear, 1024, 4096, 1, Status::Replaced);
+//! report.push(LayerReport::new("head", LayerKind::Linear, 128, 10, 1, Status::TooNarrow { width: 10, min: 256 }));
+//! let mut row = LayerReport::new("fc1", LayerKind::Linear, 1024, 4096, 1, Status::Replaced);
 //! row.set_replaced(128, 0.12, Backend::Cpu, std::time::Duration::from_millis(30));
 //! report.push(row);
 //! let text = report.to_string();
@@ -23,8 +23,18 @@ use std::time::Duration;
 use crate::cost::{dense_macs, factorized_macs, Decision, LayerKind};
 use crate::Backend;
 
+/// The path of `child` under `parent` (`encoder` + `fc1` = `encoder.fc1`); `child` at the top.
+pub fn join(parent: &str, child: &str) -> String {
+    if parent.is_empty() {
+        child.to_string()
+    } else {
+        format!("{parent}.{child}")
+    }
+}
+
 /// What happened to one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Status {
     /// Replaced by a factorized pair.
     Replaced,
@@ -79,6 +89,7 @@ impl fmt::Display for Status {
 
 /// One layer's row.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct LayerReport {
     /// The layer's path in the model, e.g. `encoder.fc1`.
     pub path: String,
@@ -118,8 +129,9 @@ pub struct LayerReport {
 }
 
 impl LayerReport {
-    /// A row for a layer left as it is (or about to be replaced: see [`Self::set_replaced`]).
-    pub fn kept(
+    /// A row for a layer with `status`; a replaced layer's rank, error and backend are set by
+    /// [`Self::set_replaced`].
+    pub fn new(
         path: impl Into<String>,
         kind: LayerKind,
         in_dim: usize,
@@ -179,6 +191,7 @@ impl LayerReport {
 
 /// The rows of a whole model, in field order.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct FactorizeReport {
     /// One row per candidate layer.
     pub layers: Vec<LayerReport>,
@@ -222,7 +235,7 @@ impl FactorizeReport {
 }
 
 fn shape(r: &LayerReport) -> String {
-    if r.kind == LayerKind::Conv2d {
+    if r.kind == LayerKind::Conv2D {
         format!("{}→{} {}×{}", r.in_dim, r.out_dim, r.kernel, r.kernel)
     } else {
         format!("{}→{}", r.in_dim, r.out_dim)
@@ -391,7 +404,7 @@ mod tests {
 
     fn report(nmse: Option<f64>) -> FactorizeReport {
         let mut report = FactorizeReport::default();
-        report.push(LayerReport::kept(
+        report.push(LayerReport::new(
             "head",
             LayerKind::Linear,
             128,
@@ -402,7 +415,7 @@ mod tests {
                 min: 256,
             },
         ));
-        let mut row = LayerReport::kept("fc", LayerKind::Linear, 1024, 4096, 1, Status::Replaced);
+        let mut row = LayerReport::new("fc", LayerKind::Linear, 1024, 4096, 1, Status::Replaced);
         row.set_replaced(128, 0.38, Backend::Cpu, Duration::from_millis(3));
         row.nmse_heldout = nmse;
         report.push(row);

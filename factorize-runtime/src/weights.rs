@@ -166,7 +166,7 @@ pub fn factorize_matrix(
     }
     let w = WeightMatrix::new(&m.name, &m.data, m.out_dim, m.in_dim)?;
     let decision = linear_decision(params, m.in_dim, m.out_dim);
-    let mut row = LayerReport::kept(
+    let mut row = LayerReport::new(
         m.name.clone(),
         LayerKind::Linear,
         m.in_dim,
@@ -180,12 +180,12 @@ pub fn factorize_matrix(
     let solved = engine::solve(&w, latent, cfg)?;
     row.set_replaced(
         latent,
-        solved.factors.relative_error,
+        solved.value.relative_error,
         solved.backend,
         solved.time,
     );
     row.note = solved.note;
-    Ok((row, Some(solved.factors)))
+    Ok((row, Some(solved.value)))
 }
 
 #[cfg(test)]

@@ -211,7 +211,7 @@ mod factorized {
         let dev = Dev::seed_from_u64(3);
         let sigma = power_law(12, 0.7);
         let dense = conv_with_spectrum(&dev, &sigma);
-        let (f, row) = FactorizedConv2D::<8, 4, 12, 3, 2, 1, 1, f64, Dev>::from_conv_named(
+        let (f, row) = FactorizedConv2D::<8, 4, 12, 3, 2, 1, 1, f64, Dev>::from_conv_with_report(
             "block.conv",
             &dense,
             &FactorizeConfig::default(),
@@ -228,7 +228,7 @@ mod factorized {
         assert_eq!(f.second.bias.as_vec(), dense.bias.as_vec());
         assert_eq!(
             (row.kind, row.kernel, row.status),
-            (LayerKind::Conv2d, 3, Status::Replaced)
+            (LayerKind::Conv2D, 3, Status::Replaced)
         );
         assert_eq!((row.macs_before, row.macs_after), (72 * 12, 4 * (72 + 12)));
     }
@@ -256,8 +256,8 @@ mod calibrated {
     use super::Dev;
     use dfdx::prelude::*;
     use factorize_runtime::conv::Conv2D;
-    use factorize_runtime::engine::calibrated::Fit;
     use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
+    use factorize_runtime::Fit;
     use factorize_runtime::{FactorizeConfig, FactorizeError, FactorizedConv2D};
 
     /// nmse measured on the outputs themselves.
@@ -290,6 +290,7 @@ mod calibrated {
             &dense,
             &x,
             Fit::Exact { ridge: 0.0 },
+            &FactorizeConfig::default(),
         )
         .unwrap();
         let y = dense.forward(x.clone()).as_vec();
@@ -313,6 +314,7 @@ mod calibrated {
             &dilated,
             &tiny,
             Fit::exact(),
+            &FactorizeConfig::default(),
         )
         .unwrap_err();
         assert!(matches!(e, FactorizeError::Calibration { .. }), "{e}");

@@ -56,22 +56,22 @@ fn check_against_cpu(out_dim: usize, in_dim: usize, sigma: &[f64], rank: usize) 
     let m = WeightMatrix::new("gpu", &w, out_dim, in_dim).unwrap();
     let g = solve(&m, rank, &cuda()).unwrap();
     assert_eq!(g.backend, Backend::Cuda);
-    let measured = relative_error(&m, &g.factors.second, &g.factors.first, rank);
+    let measured = relative_error(&m, &g.value.second, &g.value.first, rank);
     let optimum = optimal_relative_error(sigma, rank);
     assert!(
         (measured - optimum).abs() <= 1e-4 * optimum + 1e-12,
         "{out_dim}x{in_dim} rank {rank}: GPU {measured} vs optimum {optimum}"
     );
-    assert!((g.factors.relative_error - measured).abs() <= 1e-4 * optimum + 1e-12);
+    assert!((g.value.relative_error - measured).abs() <= 1e-4 * optimum + 1e-12);
     let c = low_rank(&m, rank, Precision::F64).unwrap();
     assert!(
-        (g.factors.relative_error - c.relative_error).abs() <= 1e-4 * c.relative_error + 1e-12,
+        (g.value.relative_error - c.relative_error).abs() <= 1e-4 * c.relative_error + 1e-12,
         "GPU {} vs CPU {}",
-        g.factors.relative_error,
+        g.value.relative_error,
         c.relative_error
     );
     for (a, b) in g
-        .factors
+        .value
         .singular_values
         .iter()
         .zip(&c.singular_values)
@@ -108,12 +108,12 @@ fn gpu_special_matrices() {
     }
     let z = vec![0.0; 20 * 30];
     let m = WeightMatrix::new("zeros", &z, 20, 30).unwrap();
-    let f = solve(&m, 4, &cuda()).unwrap().factors;
+    let f = solve(&m, 4, &cuda()).unwrap().value;
     assert_eq!(f.relative_error, 0.0);
     assert!(f.first.iter().chain(&f.second).all(|x| x.is_finite()));
     let ones = vec![1.0; 20 * 30];
     let m = WeightMatrix::new("ones", &ones, 20, 30).unwrap();
-    let f = solve(&m, 1, &cuda()).unwrap().factors;
+    let f = solve(&m, 1, &cuda()).unwrap().value;
     assert!(f.relative_error < 1e-10, "{}", f.relative_error);
 }
 
@@ -124,16 +124,17 @@ fn gpu_is_deterministic() {
     }
     let w = matrix_with_spectrum(512, 700, &power_law(512, 0.8), 3);
     let m = WeightMatrix::new("det", &w, 512, 700).unwrap();
-    let a = solve(&m, 32, &cuda()).unwrap().factors;
-    let b = solve(&m, 32, &cuda()).unwrap().factors;
+    let a = solve(&m, 32, &cuda()).unwrap().value;
+    let b = solve(&m, 32, &cuda()).unwrap().value;
     assert_eq!(a, b);
 }
 
 mod calibrated {
     use super::gpu;
-    use factorize_runtime::engine::calibrated::{fit_linear, fit_linear_on, Calibration, Fit};
+    use factorize_runtime::engine::calibrated::{fit_linear, solve, Calibration};
     use factorize_runtime::engine::{gpu_available, WeightMatrix};
     use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
+    use factorize_runtime::Fit;
     use factorize_runtime::{Backend, FactorizeError};
 
     fn case(out_dim: usize, in_dim: usize, rows: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
@@ -172,9 +173,9 @@ mod calibrated {
             let m = WeightMatrix::new("fc", &w, o, i).unwrap();
             let c = Calibration::new("fc", &x, n, i).unwrap();
             let cpu = fit_linear(&m, &bias, &c, rank, Fit::Exact { ridge }).unwrap();
-            let (g, backend) =
-                fit_linear_on(&m, &bias, &c, rank, Fit::Exact { ridge }, Backend::Cuda).unwrap();
-            assert_eq!(backend, Backend::Cuda);
+            let solved = solve(&m, &bias, &c, rank, Fit::Exact { ridge }, Backend::Cuda).unwrap();
+            assert_eq!(solved.backend, Backend::Cuda);
+            let g = solved.value;
             assert!(
                 (g.nmse / cpu.nmse - 1.0).abs() < 1e-6,
                 "{o}x{i} n {n}: GPU {} vs CPU {}",
@@ -200,21 +201,17 @@ mod calibrated {
         let (w, x, bias) = case(40, 30, 60);
         let m = WeightMatrix::new("fc", &w, 40, 30).unwrap();
         let c = Calibration::new("fc", &x, 60, 30).unwrap();
-        let (_, cpu) = fit_linear_on(&m, &bias, &c, 4, Fit::exact(), Backend::Cpu).unwrap();
-        assert_eq!(cpu, Backend::Cpu);
-        let (_, als) = fit_linear_on(&m, &bias, &c, 4, Fit::als(), Backend::Cuda).unwrap();
+        let backend = |fit, backend| solve(&m, &bias, &c, 4, fit, backend).map(|s| s.backend);
+        assert_eq!(backend(Fit::exact(), Backend::Cpu).unwrap(), Backend::Cpu);
+        let als = backend(Fit::als(), Backend::Cuda).unwrap();
         assert_eq!(als, Backend::Cpu, "ALS runs on the CPU");
         match gpu_available() {
             Ok(()) => {
-                let (_, auto) =
-                    fit_linear_on(&m, &bias, &c, 4, Fit::exact(), Backend::Auto).unwrap();
-                assert_eq!(auto, Backend::Cuda);
+                assert_eq!(backend(Fit::exact(), Backend::Auto).unwrap(), Backend::Cuda);
             }
             Err(_) => {
-                let (_, auto) =
-                    fit_linear_on(&m, &bias, &c, 4, Fit::exact(), Backend::Auto).unwrap();
-                assert_eq!(auto, Backend::Cpu);
-                let e = fit_linear_on(&m, &bias, &c, 4, Fit::exact(), Backend::Cuda).unwrap_err();
+                assert_eq!(backend(Fit::exact(), Backend::Auto).unwrap(), Backend::Cpu);
+                let e = backend(Fit::exact(), Backend::Cuda).unwrap_err();
                 assert!(
                     matches!(e, FactorizeError::BackendUnavailable { .. }),
                     "{e}"
@@ -229,9 +226,9 @@ mod calibrated {
 mod calibrated_apis {
     use dfdx::nn::modules::{Linear, ReLU};
     use dfdx::prelude::*;
-    use factorize_runtime::engine::calibrated::Fit;
     use factorize_runtime::engine::gpu_available;
     use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
+    use factorize_runtime::Fit;
     use factorize_runtime::{
         mirror, Backend, Factorizable, FactorizeConfig, FactorizeError, FactorizedLinear,
     };
@@ -298,6 +295,7 @@ mod calibrated_apis {
             &net.a,
             &x,
             Fit::exact(),
+            &FactorizeConfig::default(),
         )
         .unwrap();
         match gpu_available() {
@@ -365,7 +363,7 @@ fn solve_many_matches_solve_layer_by_layer() {
         for ((w, rank), m) in layers.iter().zip(&many) {
             let one = solve(w, *rank, &cfg).unwrap();
             assert_eq!(m.backend, one.backend);
-            assert_eq!(m.factors, one.factors, "{} on {:?}", w.name(), cfg.backend);
+            assert_eq!(m.value, one.value, "{} on {:?}", w.name(), cfg.backend);
         }
     }
     // Ranks are checked before any work, naming the layer.

@@ -67,7 +67,7 @@ fn weights_are_the_truncated_svd_and_the_bias_moves_to_the_second_map() {
     let dev: Dev = Default::default();
     let sigma = power_law(48, 0.6);
     let dense = dense_with_spectrum::<64, 48>(&dev, &sigma);
-    let (f, row) = FactorizedLinear::<64, 12, 48, f32, Dev>::from_linear_named(
+    let (f, row) = FactorizedLinear::<64, 12, 48, f32, Dev>::from_linear_with_report(
         "block.fc",
         &dense,
         &FactorizeConfig::default(),
@@ -123,7 +123,8 @@ fn fresh_method_reinitialises() {
         ..Default::default()
     };
     let (f, row) =
-        FactorizedLinear::<64, 12, 48, f32, Dev>::from_linear_named("fc", &dense, &cfg).unwrap();
+        FactorizedLinear::<64, 12, 48, f32, Dev>::from_linear_with_report("fc", &dense, &cfg)
+            .unwrap();
     // PyTorch's default init: uniform in ±1/sqrt(fan_in).
     let bound = 1.0 / (64f32).sqrt();
     assert!(f.first.weight.as_vec().iter().all(|x| x.abs() <= bound));
@@ -186,7 +187,7 @@ fn bad_weights_are_an_error_and_the_source_is_untouched() {
     let mut w = dense.weight.as_vec();
     w[5] = f32::NAN;
     dense.weight.copy_from(&w);
-    let e = FactorizedLinear::<6, 2, 4, f32, Dev>::from_linear_named(
+    let e = FactorizedLinear::<6, 2, 4, f32, Dev>::from_linear_with_report(
         "head",
         &dense,
         &FactorizeConfig::default(),
@@ -236,7 +237,7 @@ fn bad_weights_are_an_error_and_the_source_is_untouched() {
 
 #[test]
 fn calibrated_construction_and_typed_rank_reduction() {
-    use factorize_runtime::engine::calibrated::Fit;
+    use factorize_runtime::Fit;
     let dev = Dev::seed_from_u64(2);
     let dense = dense_with_spectrum::<64, 48>(&dev, &power_law(48, 0.3));
     let x: Tensor<(usize, Const<64>), f32, Dev> = dev.sample_normal_like(&(200, Const));
@@ -245,6 +246,7 @@ fn calibrated_construction_and_typed_rank_reduction() {
         &dense,
         &x,
         Fit::Exact { ridge: 0.0 },
+        &FactorizeConfig::default(),
     )
     .unwrap();
     assert!(row.nmse.unwrap() > 0.0 && row.nmse.unwrap() < 1.0);
@@ -281,7 +283,7 @@ fn calibrated_construction_and_typed_rank_reduction() {
     assert!(diff <= 1e-4 * norm, "{diff} vs {norm}");
     // From data: fitted to the layer's own outputs.
     let (smaller, row) = f
-        .reduce_calibrated::<8, usize>("fc", &x, Fit::exact())
+        .reduce_calibrated::<8, usize>("fc", &x, Fit::exact(), &FactorizeConfig::default())
         .unwrap();
     let _: &FactorizedLinear<64, 8, 48, f32, Dev> = &smaller;
     assert_eq!(row.latent, 8);

@@ -116,12 +116,10 @@ impl ForcedRanks {
         })
     }
 
-    fn linear(&self, generic_dim: bool) -> Option<(TokenStream, String)> {
-        Self::pick(&self.linear, &self.count, generic_dim)
-    }
-
-    fn conv(&self, generic_dim: bool) -> Option<(TokenStream, String)> {
-        Self::pick(&self.conv, &self.count, generic_dim)
+    /// The fixed rank of `layer`, if any.
+    fn of(&self, layer: &Layer<'_>) -> Option<(TokenStream, String)> {
+        let which = if layer.conv { &self.conv } else { &self.linear };
+        Self::pick(which, &self.count, layer.generic_dim)
     }
 }
 
@@ -134,34 +132,20 @@ pub fn node_type(
 ) -> TokenStream {
     let pv = private();
     match node {
-        Node::Linear(d) if skip => {
-            let ty = d.ty;
-            quote!(#ty)
-        }
-        Node::Linear(d) => {
-            let (i, o, e, dev) = (d.in_dim, d.out_dim, d.dtype, d.device);
-            if let Some((k, _)) = forced.linear(d.generic_dim.is_some()) {
-                return quote_spanned!(d.ty.span()=> ::factorize_runtime::FactorizedLinear<#i, #k, #o, #e, #dev>);
+        Node::Linear(_) | Node::Conv(_) => {
+            let Some(l) = Layer::of(node, params) else {
+                return TokenStream::new();
+            };
+            if skip {
+                let ty = l.written;
+                return quote!(#ty);
             }
-            let (vi, vo) = (dim(i), dim(o));
-            quote_spanned! {d.ty.span()=>
-                <#pv::Pick<{ #pv::linear_decision(&#params, #vi, #vo).is_replace() }>
-                    as #pv::ChooseLinear<#i, { #pv::linear_decision(&#params, #vi, #vo).latent() }, #o, #e, #dev>>::Out
+            let (dense, decision) = (&l.dense, &l.decision);
+            if let Some((k, _)) = forced.of(&l) {
+                return quote_spanned!(l.span=> <#dense as #pv::DenseLayer>::Pair<#k>);
             }
-        }
-        Node::Conv(d) if skip => {
-            let ty = d.ty;
-            quote!(#ty)
-        }
-        Node::Conv(d) => {
-            let (i, o, k, st, pa, di, e, dev) = conv_args(d);
-            if let Some((l, _)) = forced.conv(d.generic_dim.is_some()) {
-                return quote_spanned!(d.ty.span()=> ::factorize_runtime::FactorizedConv2D<#i, #l, #o, #k, #st, #pa, #di, #e, #dev>);
-            }
-            let (vi, vo, vk) = (dim(i), dim(o), dim(k));
-            quote_spanned! {d.ty.span()=>
-                <#pv::Pick<{ #pv::conv_decision(&#params, #vi, #vo, #vk, 1).is_replace() }>
-                    as #pv::ChooseConv<#i, { #pv::conv_decision(&#params, #vi, #vo, #vk, 1).latent() }, #o, #k, #st, #pa, #di, #e, #dev>>::Out
+            quote_spanned! {l.span=>
+                <#pv::Pick<{ #decision.is_replace() }> as #pv::Choose<{ #decision.latent() }, #dense>>::Out
             }
         }
         Node::Tuple(items) => {
@@ -193,52 +177,31 @@ pub fn node_value(
 ) -> TokenStream {
     let pv = private();
     match node {
-        Node::Linear(_) if skip => quote!(#pv::skipped_linear(#path, #access, __report)),
-        Node::Linear(d) => {
-            let (i, o, e, dev) = (d.in_dim, d.out_dim, d.dtype, d.device);
-            let (vi, vo) = (dim(i), dim(o));
-            if let Some((k, written)) = forced.linear(d.generic_dim.is_some()) {
-                let check = rule_check(d.ty.span(), node, params, &written, &forced.field);
-                return quote_spanned! {d.ty.span()=>
+        Node::Linear(_) | Node::Conv(_) => {
+            let Some(l) = Layer::of(node, params) else {
+                return TokenStream::new();
+            };
+            if skip {
+                return quote!(#pv::skipped(#path, #access, __report));
+            }
+            let (dense, decision) = (&l.dense, &l.decision);
+            if let Some((k, written)) = forced.of(&l) {
+                let check = rule_check(&l, &written, &forced.field);
+                return quote_spanned! {l.span=>
                     {
                         const { #check };
-                        #pv::forced_linear::<#i, #k, #o, #e, #dev>(#path, #access, __cfg, __report)?
+                        #pv::forced::<#k, #dense>(#path, #access, __cfg, __report)?
                     }
                 };
             }
-            quote_spanned! {d.ty.span()=>
-                <#pv::Pick<{ #pv::linear_decision(&#params, #vi, #vo).is_replace() }>
-                    as #pv::FactorizeLinear<#i, { #pv::linear_decision(&#params, #vi, #vo).latent() }, #o, #e, #dev>>::build(
-                        #path,
-                        #access,
-                        #pv::linear_decision(&#params, #vi, #vo),
-                        __cfg,
-                        __report,
-                    )?
-            }
-        }
-        Node::Conv(_) if skip => quote!(#pv::skipped_conv(#path, #access, __report)),
-        Node::Conv(d) => {
-            let (i, o, k, st, pa, di, e, dev) = conv_args(d);
-            let (vi, vo, vk) = (dim(i), dim(o), dim(k));
-            if let Some((l, written)) = forced.conv(d.generic_dim.is_some()) {
-                let check = rule_check(d.ty.span(), node, params, &written, &forced.field);
-                return quote_spanned! {d.ty.span()=>
-                    {
-                        const { #check };
-                        #pv::forced_conv::<#i, #l, #o, #k, #st, #pa, #di, #e, #dev>(#path, #access, __cfg, __report)?
-                    }
-                };
-            }
-            quote_spanned! {d.ty.span()=>
-                <#pv::Pick<{ #pv::conv_decision(&#params, #vi, #vo, #vk, 1).is_replace() }>
-                    as #pv::FactorizeConv<#i, { #pv::conv_decision(&#params, #vi, #vo, #vk, 1).latent() }, #o, #k, #st, #pa, #di, #e, #dev>>::build(
-                        #path,
-                        #access,
-                        #pv::conv_decision(&#params, #vi, #vo, #vk, 1),
-                        __cfg,
-                        __report,
-                    )?
+            quote_spanned! {l.span=>
+                <#pv::Pick<{ #decision.is_replace() }> as #pv::Choose<{ #decision.latent() }, #dense>>::build(
+                    #path,
+                    #access,
+                    #decision,
+                    __cfg,
+                    __report,
+                )?
             }
         }
         Node::Tuple(items) => {
@@ -332,45 +295,69 @@ fn wrapper_value(
     }
 }
 
-/// A const-evaluated statement that panics, naming the dims and the break-even, when the
-/// cost rule under `params` does not replace `layer` (a `Linear` or `Conv2D` node), on which a
-/// rank was forced.
-fn rule_check(
+/// A `Linear` or `Conv2D` node as the generated code needs it.
+struct Layer<'a> {
+    /// The type as written in the field.
+    written: &'a syn::Type,
+    /// The dense type as the runtime names it (the field may use dfdx's builder form).
+    dense: TokenStream,
+    /// The cost rule's verdict on it, a const expression.
+    decision: TokenStream,
+    /// `[in, out, kernel]` as value expressions.
+    dims: [TokenStream; 3],
+    conv: bool,
+    /// Whether its dims use one of the struct's const generics.
+    generic_dim: bool,
     span: proc_macro2::Span,
-    layer: &Node<'_>,
-    params: &TokenStream,
-    written: &str,
-    field: &str,
-) -> TokenStream {
+}
+
+impl<'a> Layer<'a> {
+    fn of(node: &Node<'a>, params: &TokenStream) -> Option<Self> {
+        let pv = private();
+        Some(match node {
+            Node::Linear(d) => {
+                let (i, o, e, dev) = (d.in_dim, d.out_dim, d.dtype, d.device);
+                let (vi, vo) = (dim(i), dim(o));
+                Layer {
+                    written: d.ty,
+                    dense: quote!(#pv::Linear<#i, #o, #e, #dev>),
+                    decision: quote!(#pv::linear_decision(&#params, #vi, #vo)),
+                    dims: [vi, vo, quote!(1usize)],
+                    conv: false,
+                    generic_dim: d.generic_dim.is_some(),
+                    span: d.ty.span(),
+                }
+            }
+            Node::Conv(d) => {
+                let (i, o, k) = (d.in_dim, d.out_dim, d.kernel);
+                let (st, pa, di, e, dev) = (d.stride, d.padding, d.dilation, d.dtype, d.device);
+                let (vi, vo, vk) = (dim(i), dim(o), dim(k));
+                Layer {
+                    written: d.ty,
+                    dense: quote!(#pv::Conv2D<#i, #o, #k, #st, #pa, #di, #e, #dev>),
+                    decision: quote!(#pv::conv_decision(&#params, #vi, #vo, #vk, 1)),
+                    dims: [vi, vo, vk],
+                    conv: true,
+                    generic_dim: d.generic_dim.is_some(),
+                    span: d.ty.span(),
+                }
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// A const-evaluated statement that panics, naming the dims and the break-even, when the
+/// cost rule does not replace `layer`, on which a rank was forced.
+fn rule_check(layer: &Layer<'_>, written: &str, field: &str) -> TokenStream {
     let pv = private();
-    let (kind, min_key, switch, [in_dim, out_dim, kernel], decision) = match layer {
-        Node::Linear(d) => {
-            let (vi, vo) = (dim(d.in_dim), dim(d.out_dim));
-            let decision = quote!(#pv::linear_decision(&#params, #vi, #vo));
-            let dims = [vi, vo, quote!(1usize)];
-            (
-                "Linear",
-                "min_features",
-                "factorize_linears",
-                dims,
-                decision,
-            )
-        }
-        Node::Conv(d) => {
-            let (vi, vo, vk) = (dim(d.in_dim), dim(d.out_dim), dim(d.kernel));
-            let decision = quote!(#pv::conv_decision(&#params, #vi, #vo, #vk, 1));
-            (
-                "Conv2D",
-                "min_channels",
-                "factorize_convs",
-                [vi, vo, vk],
-                decision,
-            )
-        }
-        // Ranks are only forced on layers.
-        _ => return TokenStream::new(),
+    let (kind, min_key, switch) = if layer.conv {
+        ("Conv2D", "min_channels", "factorize_convs")
+    } else {
+        ("Linear", "min_features", "factorize_linears")
     };
-    quote_spanned! {span=>
+    let ([in_dim, out_dim, kernel], decision) = (&layer.dims, &layer.decision);
+    quote_spanned! {layer.span=>
         if let ::core::option::Option::Some(message) = &#pv::violation(
             &#pv::Forced {
                 written: #written,
@@ -399,18 +386,14 @@ pub fn literal_rank_checks(cont: &Container<'_>) -> TokenStream {
         (written, field, span): (&str, &str, proc_macro2::Span),
         out: &mut Vec<TokenStream>,
     ) {
-        let literal_dims = match node {
-            Node::Linear(d) => Some(d.generic_dim.is_none()),
-            Node::Conv(d) => Some(d.generic_dim.is_none()),
-            _ => None,
-        };
-        match literal_dims {
-            Some(true) => {
-                let check = rule_check(span, node, params, written, field);
+        match Layer::of(node, params) {
+            Some(mut layer) if !layer.generic_dim => {
+                layer.span = span;
+                let check = rule_check(&layer, written, field);
                 out.push(quote_spanned!(span=> const _: () = #check;));
             }
-            Some(false) => {}
-            _ => node
+            Some(_) => {}
+            None => node
                 .children()
                 .iter()
                 .for_each(|n| walk(n, params, (written, field, span), out)),
@@ -437,21 +420,4 @@ fn dim(arg: &syn::GenericArgument) -> TokenStream {
         }
     }
     quote!(#arg)
-}
-
-type ConvArgs<'a> = (
-    &'a syn::GenericArgument,
-    &'a syn::GenericArgument,
-    &'a syn::GenericArgument,
-    &'a syn::GenericArgument,
-    &'a syn::GenericArgument,
-    &'a syn::GenericArgument,
-    &'a syn::GenericArgument,
-    &'a syn::GenericArgument,
-);
-
-fn conv_args<'a>(d: &crate::internals::ast::ConvDims<'a>) -> ConvArgs<'a> {
-    (
-        d.in_dim, d.out_dim, d.kernel, d.stride, d.padding, d.dilation, d.dtype, d.device,
-    )
 }

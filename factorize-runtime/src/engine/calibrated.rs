@@ -15,7 +15,8 @@
 //! from the weight-space start, for comparison.
 //!
 //! ```
-//! use factorize_runtime::engine::calibrated::{fit_linear, Calibration, Fit};
+//! use factorize_runtime::engine::calibrated::{fit_linear, Calibration};
+//! use factorize_runtime::Fit;
 //! use factorize_runtime::engine::WeightMatrix;
 //! // 2 outputs, 3 inputs; inputs that only ever vary along the first axis.
 //! let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
@@ -26,55 +27,18 @@
 //! assert!(fit.nmse < 1e-20); // rank 1 is exact on these inputs
 //! ```
 
+use std::time::Instant;
+
 use faer::linalg::solvers::Solve;
 use faer::{Accum, Mat, MatRef, Side};
 
 use super::cpu::{
     gram, lower_product, mirror_lower, split_factors, symmetric_product, top_eigenvectors, Leading,
 };
-use super::{check_finite, low_rank, LowRank, WeightMatrix};
-use crate::{Backend, FactorizeError, Precision};
-
-/// How the pair is fitted to the calibration data.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Fit {
-    /// The exact optimum of the output error, with a ridge `ρ = ridge · tr(C) / in` on the input
-    /// second moment (`0.0`: none unless the rows do not span the inputs).
-    Exact {
-        /// Relative ridge.
-        ridge: f64,
-    },
-    /// Composer's alternating least squares, `iterations` rounds from the weight-space SVD.
-    Als {
-        /// Rounds (Composer uses 3).
-        iterations: usize,
-    },
-}
-
-impl Fit {
-    /// The default ridge of the exact fit, chosen on the MiniLM layers (768 calibration rows,
-    /// 128 held out; 12 layers × ranks 32/64/128): mean held-out nmse 0.1666 at 0.01, 0.1655 at
-    /// 0.1, 0.1722 at 1, 0.2773 for weight-space SVD (the infinite ridge), 0.1679 for ALS.
-    pub const DEFAULT_RIDGE: f64 = 0.1;
-
-    /// The exact fit with the default ridge.
-    pub const fn exact() -> Fit {
-        Fit::Exact {
-            ridge: Self::DEFAULT_RIDGE,
-        }
-    }
-
-    /// Composer's ALS with its 3 rounds.
-    pub const fn als() -> Fit {
-        Fit::Als { iterations: 3 }
-    }
-}
-
-impl Default for Fit {
-    fn default() -> Self {
-        Fit::exact()
-    }
-}
+use super::{check_finite, low_rank, on_cpu, route, LowRank, Solved, WeightMatrix};
+#[cfg(feature = "cuda-engine")]
+use super::{settle, Route};
+use crate::{Backend, FactorizeError, Fit, Precision};
 
 /// Calibration inputs of one layer: `rows × cols` row-major, checked finite and non-empty.
 #[derive(Debug, Clone, Copy)]
@@ -434,87 +398,58 @@ fn quad(m: MatRef<'_, f64>, c: &Mat<f64>) -> f64 {
     sum
 }
 
-/// [`fit_linear`] on the backend asked for: the exact fit runs on the GPU under
-/// `Backend::Cuda`, or under `Backend::Auto` when one is usable (falling back to the CPU when
-/// it runs out of memory); ALS always runs on the CPU. Returns the backend used.
-pub fn fit_linear_on(
+/// [`fit_linear`] on the backend asked for, by the engines' one policy (see
+/// [`super::route`]): the exact fit runs on the GPU under `Backend::Cuda`, or under
+/// `Backend::Auto` when one is usable (redone on the CPU, with a note, when it runs out of
+/// memory); ALS always runs on the CPU.
+pub fn solve(
     w: &WeightMatrix<'_>,
     bias: &[f64],
     x: &Calibration<'_>,
     rank: usize,
     fit: Fit,
     backend: Backend,
-) -> Result<(CalibratedFit, Backend), FactorizeError> {
-    if let (Fit::Exact { ridge }, true) = (fit, backend != Backend::Cpu) {
-        match super::gpu_available() {
-            Ok(()) => {
-                if let Some(done) = gpu_fit(w, bias, x, rank, ridge, backend)? {
-                    return Ok((done, Backend::Cuda));
-                }
-            }
-            Err(reason) if backend == Backend::Cuda => {
-                return Err(FactorizeError::BackendUnavailable {
-                    layer: w.name().to_string(),
-                    backend,
-                    reason,
-                })
-            }
-            Err(_) => {}
+) -> Result<Solved<CalibratedFit>, FactorizeError> {
+    let start = Instant::now();
+    let cpu = || fit_linear(w, bias, x, rank, fit);
+    // ALS has no GPU route.
+    if let Fit::Exact { ridge } = fit {
+        #[cfg(feature = "cuda-engine")]
+        if route(w.name(), backend)? == Route::Gpu {
+            check_inputs(w, bias, x, rank)?;
+            let outcome = super::cuda::calibrated(w, x.data, x.rows, ridge, rank)
+                .map(|done| from_gpu(done, w, bias, x));
+            return settle(w.name(), backend, outcome, start.elapsed(), cpu);
+        }
+        #[cfg(not(feature = "cuda-engine"))]
+        {
+            // Without the engine the route is the CPU, or an error under `Backend::Cuda`.
+            let _ = ridge;
+            route(w.name(), backend)?;
         }
     }
-    Ok((fit_linear(w, bias, x, rank, fit)?, Backend::Cpu))
+    on_cpu(start, None, cpu)
 }
 
-/// The exact fit on the GPU; `None` when it ran out of memory under `Backend::Auto`.
+/// The GPU's fit as the CPU's fit reports it.
 #[cfg(feature = "cuda-engine")]
-fn gpu_fit(
+fn from_gpu(
+    done: super::cuda::CalibratedOnGpu,
     w: &WeightMatrix<'_>,
     bias: &[f64],
     x: &Calibration<'_>,
-    rank: usize,
-    ridge: f64,
-    backend: Backend,
-) -> Result<Option<CalibratedFit>, FactorizeError> {
-    use super::cuda::{calibrated, GpuError};
-    check_inputs(w, bias, x, rank)?;
-    let done = match calibrated(w, x.data, x.rows, ridge, rank) {
-        Ok(done) => done,
-        Err(GpuError::OutOfMemory(_)) if backend == Backend::Auto => return Ok(None),
-        Err(GpuError::OutOfMemory(reason) | GpuError::Failed(reason)) => {
-            return Err(FactorizeError::Device {
-                layer: w.name().to_string(),
-                reason,
-            })
-        }
-    };
+) -> CalibratedFit {
     let energies = Energies {
         output: done.output_energy,
         error: done.error_energy,
     };
-    Ok(Some(CalibratedFit {
+    CalibratedFit {
         bias: refitted_bias(bias, &done.w_mu, &done.ba_mu),
         nmse: energies.nmse(&done.w_mu, bias, x.rows),
         factors: done.factors,
         ridge: done.ridge,
         rank_deficient: x.rows <= w.in_dim(),
-    }))
-}
-
-/// Without the GPU engine there is nothing to run (`gpu_available` says so first).
-#[cfg(not(feature = "cuda-engine"))]
-fn gpu_fit(
-    w: &WeightMatrix<'_>,
-    _bias: &[f64],
-    _x: &Calibration<'_>,
-    _rank: usize,
-    _ridge: f64,
-    backend: Backend,
-) -> Result<Option<CalibratedFit>, FactorizeError> {
-    Err(FactorizeError::BackendUnavailable {
-        layer: w.name().to_string(),
-        backend,
-        reason: super::gpu_available().err().unwrap_or_default(),
-    })
+    }
 }
 
 /// Composer-style alternating least squares in covariance form, from the weight-space SVD.

@@ -43,11 +43,11 @@ pub(crate) enum GpuError {
 
 impl From<DriverError> for GpuError {
     fn from(e: DriverError) -> Self {
-        let text = format!("{e:?}");
-        if text.contains("OUT_OF_MEMORY") {
-            GpuError::OutOfMemory(text)
+        use cudarc::driver::sys::CUresult;
+        if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            GpuError::OutOfMemory(format!("{e:?}"))
         } else {
-            GpuError::Failed(text)
+            GpuError::Failed(format!("{e:?}"))
         }
     }
 }

@@ -188,14 +188,16 @@ pub struct LowRank {
     pub iterations: usize,
 }
 
-/// The outcome of [`solve`]: the factors, where they were computed, and how long it took.
+/// The outcome of [`solve`] (a [`LowRank`]) or of [`calibrated::solve`] (a
+/// [`calibrated::CalibratedFit`]): the result, where it was computed, and how long it took.
 #[derive(Debug, Clone)]
-pub struct Solved {
-    /// The factorization.
-    pub factors: LowRank,
+#[non_exhaustive]
+pub struct Solved<T = LowRank> {
+    /// The factorization or fit.
+    pub value: T,
     /// The backend that computed it (never `Auto`).
     pub backend: Backend,
-    /// Wall time of the factorization.
+    /// Wall time of the computation, a GPU attempt included.
     pub time: Duration,
     /// Anything the caller should know, e.g. a fallback to the CPU.
     pub note: Option<String>,
@@ -214,13 +216,8 @@ pub fn gpu_available() -> Result<(), String> {
     }
 }
 
-/// The best rank-`rank` factorization of `w` on the backend `cfg` asks for.
-///
-/// - `Backend::Cpu`: the CPU engine.
-/// - `Backend::Cuda`: the GPU engine, or [`FactorizeError::BackendUnavailable`] naming the layer
-///   and the reason (no `cuda` feature, no driver, no device); GPU failures are errors too.
-/// - `Backend::Auto`: the GPU when [`gpu_available`], else the CPU; a layer that runs the GPU
-///   out of memory is redone on the CPU, and [`Solved::note`] says so.
+/// The best rank-`rank` factorization of `w` on the backend `cfg` asks for (see [`route`]
+/// for the policy).
 pub fn solve(
     w: &WeightMatrix<'_>,
     rank: usize,
@@ -228,13 +225,15 @@ pub fn solve(
 ) -> Result<Solved, FactorizeError> {
     w.check_rank(rank)?;
     let start = Instant::now();
+    let cpu = || low_rank(w, rank, cfg.precision);
     #[cfg(feature = "cuda-engine")]
-    if wants_gpu(w.name(), cfg)? {
-        return from_gpu(w, rank, cfg, cuda::low_rank(w, rank), start.elapsed());
+    if route(w.name(), cfg.backend)? == Route::Gpu {
+        let outcome = cuda::low_rank(w, rank);
+        return settle(w.name(), cfg.backend, outcome, start.elapsed(), cpu);
     }
     #[cfg(not(feature = "cuda-engine"))]
-    wants_gpu(w.name(), cfg)?;
-    on_cpu(w, rank, cfg, start, None)
+    route(w.name(), cfg.backend)?;
+    on_cpu(start, None, cpu)
 }
 
 /// [`solve`] for several layers `(weight, rank)`, in order. On the GPU each layer's weights
@@ -251,7 +250,7 @@ pub fn solve(
 ///     (WeightMatrix::new("b", &b, 2, 3).unwrap(), 1),
 /// ];
 /// let solved = solve_many(&layers, &FactorizeConfig::default()).unwrap();
-/// assert!(solved.iter().all(|s| s.factors.relative_error < 1e-12));
+/// assert!(solved.iter().all(|s| s.value.relative_error < 1e-12));
 /// ```
 pub fn solve_many(
     layers: &[(WeightMatrix<'_>, usize)],
@@ -264,82 +263,98 @@ pub fn solve_many(
         return Ok(Vec::new());
     };
     #[cfg(feature = "cuda-engine")]
-    if wants_gpu(first.name(), cfg)? {
+    if route(first.name(), cfg.backend)? == Route::Gpu {
         return cuda::low_rank_many(layers)
             .into_iter()
             .zip(layers)
-            .map(|((outcome, time), (w, rank))| from_gpu(w, *rank, cfg, outcome, time))
+            .map(|((outcome, time), (w, rank))| {
+                let cpu = || low_rank(w, *rank, cfg.precision);
+                settle(w.name(), cfg.backend, outcome, time, cpu)
+            })
             .collect();
     }
     #[cfg(not(feature = "cuda-engine"))]
-    wants_gpu(first.name(), cfg)?;
+    route(first.name(), cfg.backend)?;
     layers
         .iter()
-        .map(|(w, rank)| on_cpu(w, *rank, cfg, Instant::now(), None))
+        .map(|(w, rank)| on_cpu(Instant::now(), None, || low_rank(w, *rank, cfg.precision)))
         .collect()
 }
 
-/// Whether `cfg` sends the work to the GPU: `Backend::Cuda` without a usable GPU is an error
-/// naming `layer` and the reason.
-fn wants_gpu(layer: &str, cfg: &FactorizeConfig) -> Result<bool, FactorizeError> {
-    if cfg.backend == Backend::Cpu {
-        return Ok(false);
+/// Where an engine sends a layer's work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// The CPU engine.
+    Cpu,
+    /// The GPU engine.
+    Gpu,
+}
+
+/// The dispatch policy of every engine entry point, for the layer `layer`:
+/// - `Backend::Cpu`: the CPU engine.
+/// - `Backend::Cuda`: the GPU engine, or [`FactorizeError::BackendUnavailable`] naming the
+///   layer and the reason (no `cuda` feature, no driver, no device); GPU failures, out of
+///   memory included, are errors too (see `settle`).
+/// - `Backend::Auto`: the GPU when [`gpu_available`], else the CPU; a layer that runs the GPU
+///   out of memory is redone on the CPU, and [`Solved::note`] says so.
+pub(crate) fn route(layer: &str, backend: Backend) -> Result<Route, FactorizeError> {
+    if backend == Backend::Cpu {
+        return Ok(Route::Cpu);
     }
     match gpu_available() {
-        Ok(()) => Ok(true),
-        Err(reason) if cfg.backend == Backend::Cuda => Err(FactorizeError::BackendUnavailable {
+        Ok(()) => Ok(Route::Gpu),
+        Err(reason) if backend == Backend::Cuda => Err(FactorizeError::BackendUnavailable {
             layer: layer.to_string(),
-            backend: Backend::Cuda,
+            backend,
             reason,
         }),
-        Err(_) => Ok(false),
+        Err(_) => Ok(Route::Cpu),
     }
 }
 
-fn on_cpu(
-    w: &WeightMatrix<'_>,
-    rank: usize,
-    cfg: &FactorizeConfig,
+/// The result of `cpu`, computed now, as a [`Solved`] timed from `start`.
+pub(crate) fn on_cpu<T>(
     start: Instant,
     note: Option<String>,
-) -> Result<Solved, FactorizeError> {
+    cpu: impl FnOnce() -> Result<T, FactorizeError>,
+) -> Result<Solved<T>, FactorizeError> {
     Ok(Solved {
-        factors: low_rank(w, rank, cfg.precision)?,
+        value: cpu()?,
         backend: Backend::Cpu,
         time: start.elapsed(),
         note,
     })
 }
 
-/// The GPU's outcome for a layer (after `gpu_time`) as the caller sees it: under
-/// `Backend::Auto` a layer that ran the GPU out of memory is redone on the CPU, with a note.
+/// The GPU's `outcome` for `layer` (after `gpu_time`) as [`route`]'s policy says: under
+/// `Backend::Auto` a layer that ran the GPU out of memory is redone by `cpu`, with a note.
 #[cfg(feature = "cuda-engine")]
-fn from_gpu(
-    w: &WeightMatrix<'_>,
-    rank: usize,
-    cfg: &FactorizeConfig,
-    outcome: Result<LowRank, cuda::GpuError>,
+pub(crate) fn settle<T>(
+    layer: &str,
+    backend: Backend,
+    outcome: Result<T, cuda::GpuError>,
     gpu_time: Duration,
-) -> Result<Solved, FactorizeError> {
+    cpu: impl FnOnce() -> Result<T, FactorizeError>,
+) -> Result<Solved<T>, FactorizeError> {
     match outcome {
-        Ok(factors) => Ok(Solved {
-            factors,
+        Ok(value) => Ok(Solved {
+            value,
             backend: Backend::Cuda,
             time: gpu_time,
             note: None,
         }),
-        Err(cuda::GpuError::OutOfMemory(reason)) if cfg.backend == Backend::Auto => {
+        Err(cuda::GpuError::OutOfMemory(reason)) if backend == Backend::Auto => {
             let note = format!("GPU out of memory ({reason}); done on the CPU");
-            let mut solved = on_cpu(w, rank, cfg, Instant::now(), Some(note))?;
+            let mut solved = on_cpu(Instant::now(), Some(note), cpu)?;
             solved.time += gpu_time;
             Ok(solved)
         }
         Err(cuda::GpuError::OutOfMemory(reason)) => Err(FactorizeError::Device {
-            layer: w.name().to_string(),
+            layer: layer.to_string(),
             reason: format!("out of memory: {reason}"),
         }),
         Err(cuda::GpuError::Failed(reason)) => Err(FactorizeError::Device {
-            layer: w.name().to_string(),
+            layer: layer.to_string(),
             reason,
         }),
     }

@@ -1,4 +1,4 @@
-//! Shared helpers of the end-to-end tests.
+//! Shared helpers of the tests on real data (the root suite's tests include this file too).
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -9,9 +9,17 @@ use std::path::PathBuf;
 /// `None` with a printed skip line when it is absent on a user's machine; under CI (`CI=true`)
 /// its absence fails the test, so a broken checkout cannot pass silently.
 pub fn minilm_dir(test: &str) -> Option<PathBuf> {
+    // The checkout's sibling `shared/`, from whichever of the workspace's crates this runs in.
+    let beside = |up: &str| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(up);
     let dir = std::env::var_os("FACTORIZE_MINILM_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/minilm"));
+        .or_else(|| {
+            ["../shared/data/minilm", "../../shared/data/minilm"]
+                .map(beside)
+                .into_iter()
+                .find(|d| d.is_dir())
+        })
+        .unwrap_or_else(|| beside("../shared/data/minilm"));
     if dir.join("weights.safetensors").is_file() {
         return Some(dir);
     }
@@ -34,11 +42,4 @@ pub fn singular_values(data: &[f64], rows: usize, cols: usize) -> Vec<f64> {
     let mut s: Vec<f64> = s.into_iter().collect();
     s.sort_by(|a, b| b.total_cmp(a));
     s
-}
-
-/// The Eckart–Young optimum from a spectrum.
-pub fn optimum(sigma: &[f64], rank: usize) -> f64 {
-    let total: f64 = sigma.iter().map(|s| s * s).sum();
-    let tail: f64 = sigma[rank..].iter().map(|s| s * s).sum();
-    (tail / total).sqrt()
 }

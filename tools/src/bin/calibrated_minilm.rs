@@ -1,13 +1,14 @@
 //! Data-aware vs weight-space factorization on the real MiniLM layers: output nmse on the
 //! calibration rows and on held-out rows, per layer and rank.
 //!
-//! `cargo run --release -p factorize-runtime --example calibrated_minilm -- ../shared/data/minilm`
+//! `cargo run --release -p factorize-tools --bin calibrated_minilm -- ../shared/data/minilm`
 
 use std::time::Instant;
 
-use factorize_runtime::engine::calibrated::{fit_linear, nmse, Calibration, Fit};
+use factorize_runtime::engine::calibrated::{fit_linear, nmse, Calibration};
 use factorize_runtime::engine::{low_rank, WeightMatrix};
 use factorize_runtime::weights::{read_matrices, read_tensors};
+use factorize_runtime::Fit;
 use factorize_runtime::Precision;
 
 fn main() {

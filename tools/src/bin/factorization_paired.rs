@@ -2,7 +2,7 @@
 //! a machine whose speed drifts between criterion's separate measurement phases: the median of
 //! the per-pair ratios compares the two under the same conditions.
 //!
-//! `cargo run --release -p factorize-runtime --example factorization_paired [-- PAIRS]`
+//! `cargo run --release -p factorize-tools --bin factorization_paired [-- PAIRS]`
 
 use std::time::Instant;
 

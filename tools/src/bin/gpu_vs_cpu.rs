@@ -1,6 +1,6 @@
 //! CPU vs GPU factorization time and error, per matrix size and spectrum.
 //!
-//! `cargo run --release -p factorize-runtime --features cuda --example gpu_vs_cpu [-- --no-cpu]`
+//! `cargo run --release -p factorize-tools --features cuda --bin gpu_vs_cpu [-- --no-cpu]`
 //! (on a machine without CUDA: build here, run there with `LD_LIBRARY_PATH` set to the CUDA
 //! libraries, see the README).
 
@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use dfdx::nn::modules::Linear;
 use dfdx::prelude::*;
-use factorize_runtime::engine::calibrated::{fit_linear_on, Calibration, Fit};
+use factorize_runtime::engine::calibrated::{self, Calibration};
 use factorize_runtime::engine::{gpu_available, solve, solve_many, WeightMatrix};
 use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
+use factorize_runtime::Fit;
 use factorize_runtime::{Backend, Factorizable, FactorizeConfig, Precision};
 
 /// Eight 4096×4096 layers as a derived dfdx model: `factorize` reads each weight off its
@@ -102,7 +103,7 @@ fn main() {
                 let c = solve(&m, rank, &cpu64).unwrap();
                 t64 = t.elapsed().as_secs_f64() * 1e3;
                 // The CPU f64 path meets the Eckart–Young optimum to ~1e-12 (tests/engine.rs).
-                excess = g.factors.relative_error / c.factors.relative_error - 1.0;
+                excess = g.value.relative_error / c.value.relative_error - 1.0;
             }
             println!(
                 "{:<10} {:<8} {:>5} {:>9.1} {:>10.1} {:>10.1} {:>11.2e} {:>6}",
@@ -113,7 +114,7 @@ fn main() {
                 t32,
                 t64,
                 excess,
-                g.factors.iterations
+                g.value.iterations
             );
         }
     }
@@ -148,7 +149,7 @@ fn main() {
             solve(&m, rank, &gpu).unwrap();
         });
         let exact = time(&mut || {
-            fit_linear_on(&m, &bias, &c, rank, Fit::exact(), Backend::Cuda).unwrap();
+            calibrated::solve(&m, &bias, &c, rank, Fit::exact(), Backend::Cuda).unwrap();
         });
         println!("data-aware {o}x{i} from {rows} rows, rank {rank}: GPU weight-space {weight:.1} ms, GPU exact {exact:.1} ms ({:.2}x)", exact / weight);
     }

@@ -2,13 +2,14 @@
 //! timings for its 3-iteration ALS (`factorize_matrix`: about 60 ms for 384×384 and 220 ms for
 //! 1536×384 on this 2-core CPU, 768 calibration rows, ranks 32–128, PyTorch).
 //!
-//! `cargo run --release -p factorize-runtime --example calibrated_cost [-- OUT IN ROWS RANK]`
+//! `cargo run --release -p factorize-tools --bin calibrated_cost [-- OUT IN ROWS RANK]`
 
 use std::time::Instant;
 
-use factorize_runtime::engine::calibrated::{fit_linear, Calibration, Fit};
+use factorize_runtime::engine::calibrated::{fit_linear, Calibration};
 use factorize_runtime::engine::{low_rank, WeightMatrix};
 use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
+use factorize_runtime::Fit;
 use factorize_runtime::Precision;
 
 fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> f64 {
