@@ -13,9 +13,10 @@ use dfdx::prelude::{Device, Dtype};
 use crate::calibrate::{
     calibrate, evaluate_heldout, DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized,
 };
-use crate::convert::host_f64;
+use crate::conv::Conv2D;
+use crate::pair::DenseLayer;
 use crate::report::FactorizeReport;
-use crate::{FactorizeConfig, FactorizeError, Fit};
+use crate::{FactorizeConfig, FactorizeError, FactorizedConv2D, FactorizedLinear, Fit};
 
 /// A model that can build its factorized variant from its own weights.
 ///
@@ -161,23 +162,6 @@ pub trait FactorizeAs: Sized {
 
 impl<T> FactorizeAs for T {}
 
-macro_rules! carried_over_visits {
-    ($([$($generics:tt)*] $ty:ty;)*) => {$(
-        impl<$($generics)*> VisitFactorized for $ty {
-            fn visit_factorized(
-                &mut self,
-                _path: &str,
-                _f: &mut FactorizedVisitor<'_>,
-            ) -> Result<(), FactorizeError> {
-                Ok(())
-            }
-        }
-        impl<$($generics)*> VisitDense for $ty {
-            fn visit_dense(&self, _path: &str, _f: &mut DenseVisitor<'_>) {}
-        }
-    )*};
-}
-
 /// Modules without anything to factorize: the variant is a copy, and the calibration walks
 /// find nothing in them.
 macro_rules! carried_over {
@@ -193,7 +177,18 @@ macro_rules! carried_over {
                 Ok(self.clone())
             }
         }
-        carried_over_visits! { [$($generics)*] $ty; }
+        impl<$($generics)*> VisitFactorized for $ty {
+            fn visit_factorized(
+                &mut self,
+                _path: &str,
+                _f: &mut FactorizedVisitor<'_>,
+            ) -> Result<(), FactorizeError> {
+                Ok(())
+            }
+        }
+        impl<$($generics)*> VisitDense for $ty {
+            fn visit_dense(&self, _path: &str, _f: &mut DenseVisitor<'_>) {}
+        }
     )*};
 }
 
@@ -228,20 +223,6 @@ carried_over! {
     [const I: usize, const O: usize, E: Dtype, D: Device<E>] UnbiasedLinear<I, O, E, D>;
 }
 
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Factorizable
-    for crate::FactorizedLinear<I, L, O, E, D>
-{
-    type Factorized = Self;
-    fn factorize_into(
-        &self,
-        _path: &str,
-        _cfg: &FactorizeConfig,
-        _report: &mut FactorizeReport,
-    ) -> Result<Self, FactorizeError> {
-        Ok(self.clone())
-    }
-}
-
 macro_rules! tuples {
     ($([$($name:ident $idx:tt),+])*) => {$(
         impl<$($name: Factorizable),+> Factorizable for ($($name,)+) {
@@ -255,56 +236,6 @@ macro_rules! tuples {
                 Ok(($(self.$idx.factorize_into(&crate::report::join(path, stringify!($idx)), cfg, report)?,)+))
             }
         }
-    )*};
-}
-
-tuples! {
-    [A 0]
-    [A 0, B 1]
-    [A 0, B 1, C 2]
-    [A 0, B 1, C 2, F 3]
-    [A 0, B 1, C 2, F 3, G 4]
-    [A 0, B 1, C 2, F 3, G 4, H 5]
-}
-
-impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> VisitFactorized
-    for Linear<I, O, E, D>
-{
-    fn visit_factorized(
-        &mut self,
-        _path: &str,
-        _f: &mut FactorizedVisitor<'_>,
-    ) -> Result<(), FactorizeError> {
-        Ok(())
-    }
-}
-
-impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> VisitDense for Linear<I, O, E, D> {
-    fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
-        f(path, host_f64(&self.weight), host_f64(&self.bias));
-    }
-}
-
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> VisitFactorized
-    for crate::FactorizedLinear<I, L, O, E, D>
-{
-    fn visit_factorized(
-        &mut self,
-        path: &str,
-        f: &mut FactorizedVisitor<'_>,
-    ) -> Result<(), FactorizeError> {
-        f(path, self)
-    }
-}
-
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> VisitDense
-    for crate::FactorizedLinear<I, L, O, E, D>
-{
-    fn visit_dense(&self, _path: &str, _f: &mut DenseVisitor<'_>) {}
-}
-
-macro_rules! tuple_visits {
-    ($([$($name:ident $idx:tt),+])*) => {$(
         impl<$($name: VisitFactorized),+> VisitFactorized for ($($name,)+) {
             fn visit_factorized(
                 &mut self,
@@ -323,7 +254,7 @@ macro_rules! tuple_visits {
     )*};
 }
 
-tuple_visits! {
+tuples! {
     [A 0]
     [A 0, B 1]
     [A 0, B 1, C 2]
@@ -447,99 +378,71 @@ impl<F: VisitDense, R: VisitDense> VisitDense for GeneralizedResidual<F, R> {
     }
 }
 
-// A dense `Conv2D` is only ever reached by the derive's syntax, so it has no `Factorizable`
-// of its own; the calibration walks see its unfolded weight `[O, I·K·K]`.
-impl<
-        const I: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Device<E>,
-    > VisitDense for crate::conv::Conv2D<I, O, K, S, P, DIL, E, D>
-{
-    fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
-        f(path, host_f64(&self.weight), host_f64(&self.bias));
-    }
+/// Dense layer kinds are reached by the derive's syntax only, so they have no `Factorizable` of
+/// their own; the calibration walks see their weight as a matrix `[out, fan_in]`.
+macro_rules! dense_layers {
+    ($([$($generics:tt)*] $ty:ty;)*) => {$(
+        impl<$($generics)*> VisitFactorized for $ty {
+            fn visit_factorized(
+                &mut self,
+                _path: &str,
+                _f: &mut FactorizedVisitor<'_>,
+            ) -> Result<(), FactorizeError> {
+                Ok(())
+            }
+        }
+        impl<$($generics)*> VisitDense for $ty {
+            fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
+                let (weight, bias) = DenseLayer::host_weights(self);
+                f(path, weight, bias);
+            }
+        }
+    )*};
 }
 
-impl<
-        const I: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Device<E>,
-    > VisitFactorized for crate::conv::Conv2D<I, O, K, S, P, DIL, E, D>
-{
-    fn visit_factorized(
-        &mut self,
-        _path: &str,
-        _f: &mut FactorizedVisitor<'_>,
-    ) -> Result<(), FactorizeError> {
-        Ok(())
-    }
+dense_layers! {
+    [const I: usize, const O: usize, E: Dtype, D: Device<E>] Linear<I, O, E, D>;
+    [
+        const I: usize, const O: usize, const K: usize, const S: usize, const P: usize,
+        const DIL: usize, E: Dtype, D: Device<E>
+    ] Conv2D<I, O, K, S, P, DIL, E, D>;
 }
 
-impl<
-        const I: usize,
-        const L: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Device<E>,
-    > Factorizable for crate::FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
-{
-    type Factorized = Self;
-    fn factorize_into(
-        &self,
-        _path: &str,
-        _cfg: &FactorizeConfig,
-        _report: &mut FactorizeReport,
-    ) -> Result<Self, FactorizeError> {
-        Ok(self.clone())
-    }
+/// Factorized pairs are carried over as they are (a variant of a variant is itself), and are
+/// what the calibration walks refit.
+macro_rules! pairs {
+    ($([$($generics:tt)*] $ty:ty;)*) => {$(
+        impl<$($generics)*> Factorizable for $ty {
+            type Factorized = Self;
+            fn factorize_into(
+                &self,
+                _path: &str,
+                _cfg: &FactorizeConfig,
+                _report: &mut FactorizeReport,
+            ) -> Result<Self, FactorizeError> {
+                Ok(self.clone())
+            }
+        }
+        impl<$($generics)*> VisitFactorized for $ty {
+            fn visit_factorized(
+                &mut self,
+                path: &str,
+                f: &mut FactorizedVisitor<'_>,
+            ) -> Result<(), FactorizeError> {
+                f(path, self)
+            }
+        }
+        impl<$($generics)*> VisitDense for $ty {
+            fn visit_dense(&self, _path: &str, _f: &mut DenseVisitor<'_>) {}
+        }
+    )*};
 }
 
-impl<
-        const I: usize,
-        const L: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Device<E>,
-    > VisitFactorized for crate::FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
-{
-    fn visit_factorized(
-        &mut self,
-        path: &str,
-        f: &mut FactorizedVisitor<'_>,
-    ) -> Result<(), FactorizeError> {
-        f(path, self)
-    }
-}
-
-impl<
-        const I: usize,
-        const L: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Device<E>,
-    > VisitDense for crate::FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
-{
-    fn visit_dense(&self, _path: &str, _f: &mut DenseVisitor<'_>) {}
+pairs! {
+    [const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>]
+        FactorizedLinear<I, L, O, E, D>;
+    [
+        const I: usize, const L: usize, const O: usize, const K: usize, const S: usize,
+        const P: usize, const DIL: usize, E: Dtype, D: Device<E>
+    ] FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>;
 }

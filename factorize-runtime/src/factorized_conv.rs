@@ -26,7 +26,7 @@ use crate::conv::unfold::Geometry;
 use crate::conv::{Conv2D, UnbiasedConv2D};
 use crate::convert::{host_f64, to_device};
 use crate::cost::LayerKind;
-use crate::pair::{self, DenseLayer, LowRankPair, Sealed};
+use crate::pair::{self, DenseLayer, LowRankPair, Seal};
 use crate::report::LayerReport;
 use crate::{FactorizeConfig, FactorizeError, Fit};
 
@@ -127,21 +127,9 @@ impl<
         const DIL: usize,
         E: Dtype,
         D: Device<E>,
-    > Sealed for Conv2D<I, O, K, S, P, DIL, E, D>
-{
-}
-
-impl<
-        const I: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Device<E>,
     > DenseLayer for Conv2D<I, O, K, S, P, DIL, E, D>
 {
+    const SEAL: Seal = Seal;
     type Elem = E;
     type Dev = D;
     type Pair<const L: usize> = FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>;
@@ -176,23 +164,10 @@ impl<
         const DIL: usize,
         E: Dtype,
         D: Device<E>,
-    > Sealed for FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
-{
-}
-
-impl<
-        const I: usize,
-        const L: usize,
-        const O: usize,
-        const K: usize,
-        const S: usize,
-        const P: usize,
-        const DIL: usize,
-        E: Dtype,
-        D: Device<E>,
     > LowRankPair for FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>
 {
     type Dense = Conv2D<I, O, K, S, P, DIL, E, D>;
+    const SEAL: Seal = Seal;
     const RANK: usize = L;
 
     fn from_host(

@@ -163,10 +163,8 @@ pub use factorized_conv::FactorizedConv2D;
 pub use linear::FactorizedLinear;
 pub use report::{FactorizeReport, LayerReport, Status};
 
-/// Builder types, as in `dfdx::nn::builders`.
-pub mod builders {
-    pub use crate::linear::builder::FactorizedLinear;
-}
+pub mod builders;
+pub mod prelude;
 
 #[doc(hidden)]
 #[path = "private.rs"]

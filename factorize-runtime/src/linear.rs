@@ -31,27 +31,9 @@ use rand_distr::uniform::SampleUniform;
 use crate::calibrate::{RecordInput, RecordedInput};
 use crate::convert::{host_f64, to_device};
 use crate::cost::LayerKind;
-use crate::pair::{self, DenseLayer, LowRankPair, Sealed};
+use crate::pair::{self, DenseLayer, LowRankPair, Seal};
 use crate::report::LayerReport;
 use crate::{FactorizeConfig, FactorizeError, Fit};
-
-/// The builder type, for `dev.build_module::<builder::FactorizedLinear<I, L, O>, E>()`.
-pub mod builder {
-    /// Builds a [`super::FactorizedLinear`] with dfdx's default init.
-    #[derive(Debug, Copy, Clone, Eq, PartialEq)]
-    pub struct FactorizedLinear<const I: usize, const L: usize, const O: usize>;
-}
-
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> BuildOnDevice<D, E>
-    for builder::FactorizedLinear<I, L, O>
-where
-    FactorizedLinear<I, L, O, E, D>: BuildModule<D, E>,
-{
-    type Built = FactorizedLinear<I, L, O, E, D>;
-    fn try_build_on_device(device: &D) -> Result<Self::Built, D::Err> {
-        Self::Built::try_build(device)
-    }
-}
 
 /// A factorized linear layer: `I → L` without bias, then `L → O` with bias.
 #[derive(Debug, Clone)]
@@ -108,9 +90,8 @@ where
     }
 }
 
-impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> Sealed for Linear<I, O, E, D> {}
-
 impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> DenseLayer for Linear<I, O, E, D> {
+    const SEAL: Seal = Seal;
     type Elem = E;
     type Dev = D;
     type Pair<const L: usize> = FactorizedLinear<I, L, O, E, D>;
@@ -136,15 +117,11 @@ impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> DenseLayer for Line
     }
 }
 
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Sealed
-    for FactorizedLinear<I, L, O, E, D>
-{
-}
-
 impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> LowRankPair
     for FactorizedLinear<I, L, O, E, D>
 {
     type Dense = Linear<I, O, E, D>;
+    const SEAL: Seal = Seal;
     const RANK: usize = L;
 
     fn from_host(

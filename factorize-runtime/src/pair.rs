@@ -24,12 +24,16 @@ use crate::report::{LayerReport, Status};
 use crate::{Backend, FactorizeConfig, FactorizeError, Fit, Method};
 
 mod sealed {
-    pub trait Sealed {}
+    /// Only this crate can name it, so only this crate can implement the traits that ask for it.
+    #[derive(Debug)]
+    pub struct Seal;
 }
-pub(crate) use sealed::Sealed;
+pub(crate) use sealed::Seal;
 
 /// A dense layer that a [`LowRankPair`] can replace. Sealed.
-pub trait DenseLayer: Clone + Sealed {
+pub trait DenseLayer: Clone {
+    #[doc(hidden)]
+    const SEAL: Seal;
     /// The element type.
     type Elem: Dtype;
     /// The device.
@@ -57,7 +61,9 @@ pub trait DenseLayer: Clone + Sealed {
 }
 
 /// A factorized pair: a rank-`RANK` map without bias, then a map with the bias. Sealed.
-pub trait LowRankPair: Sized + Sealed {
+pub trait LowRankPair: Sized {
+    #[doc(hidden)]
+    const SEAL: Seal;
     /// The dense layer it replaces.
     type Dense: DenseLayer;
     /// The rank.

@@ -272,108 +272,118 @@ const LEGEND: [(&str, &str); 5] = [
     ),
 ];
 
-impl fmt::Display for FactorizeReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let header = [
-            "layer", "kind", "shape", "rank", "status", "MACs/pos", "params", "rel err", "nmse",
-            "backend", "time",
-        ];
-        // Optional columns appear only when a row fills them.
-        let has_error = self.layers.iter().any(|r| r.relative_error.is_some());
-        let has_nmse = self
-            .layers
-            .iter()
-            .any(|r| r.nmse.is_some() || r.nmse_heldout.is_some());
-        let has_backend = self.layers.iter().any(|r| r.backend.is_some());
-        let shown = |column: usize| match header[column] {
-            "rel err" => has_error,
-            "nmse" => has_nmse,
-            "backend" => has_backend,
-            _ => true,
-        };
-        let mut rows: Vec<[String; 11]> = self
-            .layers
-            .iter()
-            .map(|r| {
-                [
-                    r.path.clone(),
-                    r.kind.name().to_string(),
-                    shape(r),
-                    if r.latent == 0 {
-                        "-".into()
-                    } else {
-                        r.latent.to_string()
-                    },
-                    r.status.to_string(),
-                    format!("{} → {}", r.macs_before, r.macs_after),
-                    format!("{} → {}", r.params_before, r.params_after),
-                    r.relative_error.map_or("-".into(), |e| format!("{e:.4}")),
-                    match (r.nmse, r.nmse_heldout) {
-                        (None, None) => "-".into(),
-                        (Some(c), None) => format!("{c:.4}"),
-                        (None, Some(h)) => format!("held {h:.4}"),
-                        (Some(c), Some(h)) => format!("{c:.4} / held {h:.4}"),
-                    },
-                    r.backend
-                        .map_or("-".into(), |b| format!("{b:?}").to_lowercase()),
-                    format!("{:.1} ms", r.time.as_secs_f64() * 1e3),
-                ]
-            })
-            .collect();
+/// The table's columns, in order.
+const HEADER: [&str; 11] = [
+    "layer", "kind", "shape", "rank", "status", "MACs/pos", "params", "rel err", "nmse", "backend",
+    "time",
+];
+
+/// One row's cells, in [`HEADER`]'s order.
+fn cells(r: &LayerReport) -> [String; 11] {
+    [
+        r.path.clone(),
+        r.kind.name().to_string(),
+        shape(r),
+        if r.latent == 0 {
+            "-".into()
+        } else {
+            r.latent.to_string()
+        },
+        r.status.to_string(),
+        format!("{} → {}", r.macs_before, r.macs_after),
+        format!("{} → {}", r.params_before, r.params_after),
+        r.relative_error.map_or("-".into(), |e| format!("{e:.4}")),
+        match (r.nmse, r.nmse_heldout) {
+            (None, None) => "-".into(),
+            (Some(c), None) => format!("{c:.4}"),
+            (None, Some(h)) => format!("held {h:.4}"),
+            (Some(c), Some(h)) => format!("{c:.4} / held {h:.4}"),
+        },
+        r.backend
+            .map_or("-".into(), |b| format!("{b:?}").to_lowercase()),
+        format!("{:.1} ms", r.time.as_secs_f64() * 1e3),
+    ]
+}
+
+impl FactorizeReport {
+    /// The totals line's cells, in [`HEADER`]'s order.
+    fn total_cells(&self) -> [String; 11] {
         let (mb, ma) = self.total_macs();
         let (pb, pa) = self.total_params();
-        rows.push([
-            "total".into(),
-            String::new(),
-            String::new(),
-            String::new(),
-            format!(
-                "{} of {} replaced",
-                self.replaced().count(),
-                self.layers.len()
-            ),
-            format!("{mb} → {ma} ({})", ratio(mb, ma)),
-            format!("{pb} → {pa} ({})", ratio(pb, pa)),
-            String::new(),
-            String::new(),
-            String::new(),
-            format!("{:.1} ms", self.total_time().as_secs_f64() * 1e3),
-        ]);
-        let keep = |row: &[String; 11]| -> Vec<String> {
-            (0..row.len())
-                .filter(|&c| shown(c))
-                .map(|c| row[c].clone())
+        let replaced = format!(
+            "{} of {} replaced",
+            self.replaced().count(),
+            self.layers.len()
+        );
+        let mut cells: [String; 11] = Default::default();
+        cells[0] = "total".into();
+        cells[4] = replaced;
+        cells[5] = format!("{mb} → {ma} ({})", ratio(mb, ma));
+        cells[6] = format!("{pb} → {pa} ({})", ratio(pb, pa));
+        cells[10] = format!("{:.1} ms", self.total_time().as_secs_f64() * 1e3);
+        cells
+    }
+
+    /// Whether a column or legend entry is shown: optional columns appear only when a row
+    /// fills them.
+    fn shows(&self, name: &str) -> bool {
+        let any = |p: fn(&LayerReport) -> bool| self.layers.iter().any(p);
+        let error = any(|r| r.relative_error.is_some());
+        let nmse = any(|r| r.nmse.is_some() || r.nmse_heldout.is_some());
+        match name {
+            "rel err" => error,
+            "nmse" => nmse,
+            "backend" => any(|r| r.backend.is_some()),
+            "why they differ" => error && nmse,
+            _ => true,
+        }
+    }
+}
+
+/// Writes `rows` as aligned columns under `header`, with rules above the body and above the
+/// last row (the totals).
+fn table(f: &mut fmt::Formatter<'_>, header: &[String], rows: &[Vec<String>]) -> fmt::Result {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |f: &mut fmt::Formatter<'_>, cells: &[String]| -> fmt::Result {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            text.push_str(cell);
+            text.extend(std::iter::repeat_n(' ', w - cell.chars().count()));
+        }
+        writeln!(f, "{}", text.trim_end())
+    };
+    let rule = "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1));
+    line(f, header)?;
+    writeln!(f, "{rule}")?;
+    let (body, totals) = rows.split_at(rows.len().saturating_sub(1));
+    for row in body {
+        line(f, row)?;
+    }
+    writeln!(f, "{rule}")?;
+    totals.iter().try_for_each(|row| line(f, row))
+}
+
+impl fmt::Display for FactorizeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keep = |row: [String; 11]| -> Vec<String> {
+            row.into_iter()
+                .zip(HEADER)
+                .filter(|(_, name)| self.shows(name))
+                .map(|(cell, _)| cell)
                 .collect()
         };
-        let header: Vec<String> = keep(&header.map(String::from));
-        let rows: Vec<Vec<String>> = rows.iter().map(keep).collect();
-        let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        let line = |f: &mut fmt::Formatter<'_>, cells: &[String]| -> fmt::Result {
-            let mut text = String::new();
-            for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-                if i > 0 {
-                    text.push_str("  ");
-                }
-                let pad = w - cell.chars().count();
-                text.push_str(cell);
-                text.extend(std::iter::repeat_n(' ', pad));
-            }
-            writeln!(f, "{}", text.trim_end())
-        };
-        line(f, &header)?;
-        let rule: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
-        writeln!(f, "{}", "-".repeat(rule))?;
-        let (body, totals) = rows.split_at(rows.len() - 1);
-        for row in body {
-            line(f, row)?;
-        }
-        writeln!(f, "{}", "-".repeat(rule))?;
-        line(f, &totals[0])?;
+        let header = keep(HEADER.map(String::from));
+        let mut rows: Vec<Vec<String>> = self.layers.iter().map(|r| keep(cells(r))).collect();
+        rows.push(keep(self.total_cells()));
+        table(f, &header, &rows)?;
         for r in &self.layers {
             if let Some(note) = &r.note {
                 writeln!(f, "note: {}: {note}", r.path)?;
@@ -384,13 +394,7 @@ impl fmt::Display for FactorizeReport {
         }
         writeln!(f)?;
         for (name, text) in LEGEND {
-            let column_shown = match name {
-                "rel err" => has_error,
-                "nmse" => has_nmse,
-                "why they differ" => has_error && has_nmse,
-                _ => true,
-            };
-            if column_shown {
+            if self.shows(name) {
                 writeln!(f, "{name}: {text}")?;
             }
         }

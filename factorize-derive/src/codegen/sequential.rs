@@ -27,32 +27,7 @@ pub fn expand(input: TokenStream) -> syn::Result<TokenStream> {
         )
     })?;
     let mut cx = Ctxt::default();
-    if !item.generics.params.is_empty() {
-        cx.error_spanned_by(
-            &item.generics,
-            "a sequential! alias takes no generics: dims are literals or named consts (for a model generic over its dims, derive `Factorizable` on a struct)",
-        );
-    }
-    let attrs = ContainerAttrs::parse(&mut cx, &item.attrs);
-    for latent in [&attrs.latent_features, &attrs.latent_channels] {
-        if let Some(LatentValue::Param(ident)) = latent {
-            cx.error_spanned_by(
-                ident,
-                "a rank here is an integer (e.g. 64) or a fraction (e.g. 0.25): a sequential! alias has no const generics",
-            );
-        }
-    }
-    let (e, d) = (format_ident!("__E"), format_ident!("__D"));
-    let built = match &*item.ty {
-        Type::Tuple(t) if !t.elems.is_empty() => built_type(&mut cx, &item.ty, &e, &d),
-        other => {
-            cx.error_spanned_by(
-                other,
-                "sequential! takes a tuple of modules, e.g. `(Linear<1024, 4096>, ReLU, Linear<4096, 1024>)`",
-            );
-            quote!(())
-        }
-    };
+    let (attrs, built) = read(&mut cx, &item);
     if let Err(e) = cx.check() {
         // Keep the alias, so that one mistake is one error and not one per use of `Mlp`.
         let (attrs, vis, ident, ty) = (
@@ -65,7 +40,46 @@ pub fn expand(input: TokenStream) -> syn::Result<TokenStream> {
         return Ok(quote!(#error #(#attrs)* #vis type #ident = #ty;));
     }
     let built: Type = syn::parse2(built)?;
-    let node = classify(&built, &[]);
+    Ok(generate(&item, &attrs, &built))
+}
+
+/// The alias's attributes and the type of the model it builds (its builders' `Built`, over
+/// `__E` and `__D`), with every mistake reported to `cx`.
+fn read(cx: &mut Ctxt, item: &ItemType) -> (ContainerAttrs, TokenStream) {
+    if !item.generics.params.is_empty() {
+        cx.error_spanned_by(
+            &item.generics,
+            "a sequential! alias takes no generics: dims are literals or named consts (for a model generic over its dims, derive `Factorizable` on a struct)",
+        );
+    }
+    let attrs = ContainerAttrs::parse(cx, &item.attrs);
+    for latent in [&attrs.latent_features, &attrs.latent_channels] {
+        if let Some(LatentValue::Param(ident)) = latent {
+            cx.error_spanned_by(
+                ident,
+                "a rank here is an integer (e.g. 64) or a fraction (e.g. 0.25): a sequential! alias has no const generics",
+            );
+        }
+    }
+    let (e, d) = (format_ident!("__E"), format_ident!("__D"));
+    let built = match &*item.ty {
+        Type::Tuple(t) if !t.elems.is_empty() => built_type(cx, &item.ty, &e, &d),
+        other => {
+            cx.error_spanned_by(
+                other,
+                "sequential! takes a tuple of modules, e.g. `(Linear<1024, 4096>, ReLU, Linear<4096, 1024>)`",
+            );
+            quote!(())
+        }
+    };
+    (attrs, built)
+}
+
+/// The alias, its params const, and the variant builder with its `BuildOnDevice` and
+/// `VariantOf` impls.
+fn generate(item: &ItemType, attrs: &ContainerAttrs, built: &Type) -> TokenStream {
+    let (e, d) = (format_ident!("__E"), format_ident!("__D"));
+    let node = classify(built, &[]);
 
     let ident = &item.ident;
     let vis = &item.vis;
@@ -92,7 +106,7 @@ pub fn expand(input: TokenStream) -> syn::Result<TokenStream> {
          parameters `{}`.",
         params_value.to_string().replace(" :: ", "::")
     );
-    Ok(quote! {
+    quote! {
         #(#kept_attrs)*
         #vis type #ident = #ty;
 
@@ -125,7 +139,7 @@ pub fn expand(input: TokenStream) -> syn::Result<TokenStream> {
                 ::core::result::Result::Ok(#value)
             }
         }
-    })
+    }
 }
 
 /// The module type a builder type builds at dtype `e` on device `d`: dfdx's `Linear<I, O>`

@@ -10,8 +10,8 @@
 //! iteration with Rayleigh–Ritz on `G`: each step is a Chebyshev filter of `G` applied to the
 //! block (`b` = `L` plus oversampling; see `filter`), a thin QR and a `b × b` eigensolve. The
 //! residual energy of the Ritz subspace is `trace(G) − Σθ_i`, and Ritz values only approach the
-//! eigenvalues from below, so the iteration stops once a step gains less than `TOLERANCE` of the
-//! remaining residual energy. When it does not settle within `MAX_ITERATIONS` products with `G`,
+//! eigenvalues from below, so the iteration stops once a step gains less than `SubspaceParams::tolerance` of the
+//! remaining residual energy. When it does not settle within `SubspaceParams::max_iterations` products with `G`,
 //! or when `b` is not much smaller than `s` (`8·b > s`) or `s` is at most 512, a dense
 //! eigensolver is used instead: tridiagonalisation, then only the `L` wanted eigenpairs of the
 //! tridiagonal matrix (see `tridiagonal`), back-transformed. The result is always the optimum,
@@ -30,18 +30,10 @@ use faer::{Accum, Col, Conj, Mat, MatMut, MatRef, Scale, Side};
 use super::filter::Chebyshev;
 
 use super::gaussian::Gaussian;
+use super::params::SUBSPACE;
 use super::tridiagonal;
 use super::{LowRank, WeightMatrix};
 use crate::{FactorizeError, Precision};
-
-/// Stop once a step gains less than this fraction of the residual energy. Subspace iteration
-/// converges geometrically, so the energy still missing is a small multiple of the last gain;
-/// the contract allows 2e-4 of the residual energy (1e-4 of its norm).
-pub(crate) const TOLERANCE: f64 = 2e-6;
-/// Beyond this, the dense eigensolver is cheaper than waiting.
-pub(crate) const MAX_ITERATIONS: usize = 40;
-/// The fixed seed of the start block, so that factorizations are reproducible bit for bit.
-pub(crate) const SEED: u64 = 0x5EED_FAC7_0812_3456;
 
 /// The floating-point types the engine computes in.
 pub(crate) trait Real: faer::traits::RealField + Copy {
@@ -92,7 +84,7 @@ fn solve<T: Real>(w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, Factoriz
         vectors: q,
         iterations,
         ..
-    } = top_eigenvectors(g, rank, w.name(), TOLERANCE)?;
+    } = top_eigenvectors(g, rank, w.name(), SUBSPACE.tolerance)?;
 
     // R = Mᵀ·Q: its column norms are the singular values.
     let r = m.transpose() * &q;
@@ -279,15 +271,6 @@ pub(crate) fn mirror_lower<T: Real>(g: &mut Mat<T>) {
     }
 }
 
-/// The largest Gram matrix the dense eigensolver handles on one thread, and that always takes the
-/// dense path.
-const SMALL_DENSE: usize = 512;
-
-/// The block size of the subspace iteration for `rank` eigenpairs of an `s × s` matrix.
-pub(crate) fn block_size(rank: usize, s: usize) -> usize {
-    (rank + (rank / 2).max(16)).min(s)
-}
-
 /// The leading eigenvectors of a symmetric matrix, as found.
 pub(crate) struct Leading<T: Real> {
     /// Orthonormal columns, leading first.
@@ -299,7 +282,7 @@ pub(crate) struct Leading<T: Real> {
 }
 
 /// The `rank` leading eigenvectors of the symmetric `g`. `tolerance`: the subspace iteration
-/// stops once a step gains less than this fraction of the residual energy (see [`TOLERANCE`]).
+/// stops once a step gains less than this fraction of the residual energy (see `SubspaceParams::tolerance`).
 pub(crate) fn top_eigenvectors<T: Real>(
     g: Mat<T>,
     rank: usize,
@@ -307,16 +290,8 @@ pub(crate) fn top_eigenvectors<T: Real>(
     tolerance: f64,
 ) -> Result<Leading<T>, FactorizeError> {
     let s = g.nrows();
-    let b = block_size(rank, s);
-    // A dense eigensolve of the Gram matrix costs about as much as a dozen subspace steps with a
-    // block of s/8 (measured with faer on 2 cores): iterate only for blocks well below that,
-    // and not at all for small matrices, where the dense path is a few milliseconds (384×384
-    // power law, ranks 16 and 32: 3.8–5.3 ms dense, 7–15 ms iterating; at 1024×1024 iterating
-    // still wins to rank 32, 21–31 ms against 41–43 in f32, and ties at 64).
-    // Tighter tolerances take more steps (the data-aware fit's 1e-9: 14 steps for rank 32 of
-    // 384, slower than the dense solve), so they ask for a smaller block still.
-    let blocks = if tolerance < TOLERANCE { 16 } else { 8 };
-    if s > SMALL_DENSE && blocks * b <= s {
+    let b = SUBSPACE.block_size(rank, s);
+    if SUBSPACE.cpu_iterates(b, s, tolerance) {
         if let Some(found) = subspace_iteration(&g, rank, b, layer, tolerance)? {
             return Ok(found);
         }
@@ -325,7 +300,7 @@ pub(crate) fn top_eigenvectors<T: Real>(
 }
 
 /// Chebyshev-filtered subspace iteration with Rayleigh–Ritz (see `filter`); `None` when it did
-/// not settle within `MAX_ITERATIONS` multiplications by `g`, whose count is returned.
+/// not settle within `SubspaceParams::max_iterations` multiplications by `g`, whose count is returned.
 fn subspace_iteration<T: Real>(
     g: &Mat<T>,
     rank: usize,
@@ -344,12 +319,12 @@ fn subspace_iteration<T: Real>(
     // products, not fewer, because the energy is then checked less often.)
     let limit = 1e-3 / eps;
     // The same start block as the GPU engine: column-major random signs.
-    let signs = Gaussian::new(SEED).signs(s * b);
+    let signs = Gaussian::new(SUBSPACE.seed).signs(s * b);
     let omega = Mat::<T>::from_fn(s, b, |i, j| T::of(signs[j * s + i]));
     let mut q = orthonormal(g * &omega);
     let mut products = 1;
     let mut previous: Option<f64> = None;
-    while products < MAX_ITERATIONS {
+    while products < SUBSPACE.max_iterations {
         let z = g * &q;
         products += 1;
         let h = q.transpose() * &z;
@@ -372,7 +347,7 @@ fn subspace_iteration<T: Real>(
         q = match Chebyshev::from_ritz(theta[0].f64(), theta[b - 1].f64(), limit) {
             None => orthonormal(z),
             Some(filter) => {
-                let degree = filter.degree.min(MAX_ITERATIONS - products).max(1);
+                let degree = filter.degree.min(SUBSPACE.max_iterations - products).max(1);
                 products += degree - 1;
                 orthonormal(chebyshev_block(g, q, z, filter, degree))
             }
@@ -420,7 +395,7 @@ fn dense_leading_eigenvectors<T: Real>(
     let s = tri.nrows();
     // Below this size the threads cost more than they share (tridiagonalisation of 384×384
     // in f64: 3.9 ms on one thread, 5.3 ms on two).
-    let par = if s <= SMALL_DENSE {
+    let par = if s <= SUBSPACE.small_dense {
         faer::Par::Seq
     } else {
         faer::get_global_parallelism()

@@ -27,9 +27,9 @@ use cudarc::driver::{
 };
 use rayon::prelude::*;
 
-use super::cpu::{block_size, MAX_ITERATIONS, SEED, TOLERANCE};
 use super::filter::Chebyshev;
 use super::gaussian::Gaussian;
+use super::params::SUBSPACE;
 use super::{LowRank, WeightMatrix};
 
 /// Why the GPU could not do a layer.
@@ -573,11 +573,13 @@ impl Gpu {
         Ok(self.stream.clone_dtoh(&values)?)
     }
 
-    /// The fixed random-sign start block `s × b` (see `SEED`), uploaded once per size.
+    /// The fixed random-sign start block `s × b` (see `SubspaceParams::seed`), uploaded once per size.
     fn start_block(&self, s: usize, b: usize) -> Result<Ref<'_, CudaSlice<f64>>, GpuError> {
         let cached = matches!(&*self.start.borrow(), Some((cs, cb, _)) if (*cs, *cb) == (s, b));
         if !cached {
-            let block = self.stream.clone_htod(&Gaussian::new(SEED).signs(s * b))?;
+            let block = self
+                .stream
+                .clone_htod(&Gaussian::new(SUBSPACE.seed).signs(s * b))?;
             *self.start.borrow_mut() = Some((s, b, block));
         }
         Ref::filter_map(self.start.borrow(), |c| {
@@ -594,8 +596,8 @@ impl Gpu {
         rank: usize,
         tolerance: f64,
     ) -> Result<(CudaSlice<f64>, usize), GpuError> {
-        let b = block_size(rank, s);
-        if 4 * b <= s {
+        let b = SUBSPACE.block_size(rank, s);
+        if SUBSPACE.gpu_iterates(b, s) {
             if let Some(found) = self.subspace_iteration(g, s, rank, b, tolerance)? {
                 return Ok(found);
             }
@@ -696,7 +698,7 @@ impl Gpu {
     }
 
     /// Chebyshev-filtered subspace iteration (see `filter`); `None` when it did not settle
-    /// within `MAX_ITERATIONS` products with `g` or the block lost its rank.
+    /// within `SubspaceParams::max_iterations` products with `g` or the block lost its rank.
     ///
     /// A Rayleigh–Ritz step costs a `b × b` `syevd` (about three filtered steps on an H100), so
     /// it is not done every step: first after three products (its Ritz values place the filter),
@@ -779,7 +781,7 @@ impl Gpu {
                     .max(filter.map_or(1, |f| f.degree));
                 next_check = products + wait;
             }
-            if products >= MAX_ITERATIONS {
+            if products >= SUBSPACE.max_iterations {
                 return Ok(None);
             }
             // q ← p(G)·q, given z = G·q.
@@ -789,7 +791,7 @@ impl Gpu {
                     let degree = f
                         .degree
                         .min(next_check.saturating_sub(products))
-                        .min(MAX_ITERATIONS - products)
+                        .min(SUBSPACE.max_iterations - products)
                         .max(1);
                     products += degree - 1;
                     [q, z, spare] = self.chebyshev_block(g, (s, b), f, degree, [q, z, spare])?;
@@ -915,7 +917,7 @@ impl Gpu {
         }
         let norm = self.norm(&a)?;
         trace.mark(&self.stream, "gram");
-        let (q, iterations) = self.top_eigenvectors(&g, s, rank, TOLERANCE)?;
+        let (q, iterations) = self.top_eigenvectors(&g, s, rank, SUBSPACE.tolerance)?;
         trace.mark(&self.stream, "eigenvectors");
         drop(g);
         // R = Mᵀ·Q (t × rank).

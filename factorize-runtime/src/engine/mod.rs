@@ -24,6 +24,7 @@ mod cpu;
 mod cuda;
 mod filter;
 mod gaussian;
+mod params;
 mod tridiagonal;
 
 pub(crate) use gaussian::Gaussian;

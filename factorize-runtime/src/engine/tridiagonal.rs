@@ -28,6 +28,7 @@ use faer::linalg::triangular_solve::solve_lower_triangular_in_place;
 use faer::{Accum, Mat, MatRef, Par, Side};
 use rayon::prelude::*;
 
+use super::params::SUBSPACE;
 use super::Gaussian;
 
 /// Eigenvalues closer than this fraction of `‖T‖` form one cluster.
@@ -399,7 +400,7 @@ impl Tridiagonal {
             let shift = values[j].min(previous - apart);
             previous = shift;
             let lu = ShiftedLu::new(self, shift);
-            let mut random = Gaussian::new(super::cpu::SEED ^ j as u64);
+            let mut random = Gaussian::new(SUBSPACE.seed ^ j as u64);
             let mut x: Vec<f64> = (0..n).map(|_| random.uniform() - 0.5).collect();
             let start = norm(&x);
             scale(&mut x, 1.0 / start);
