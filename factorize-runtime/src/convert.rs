@@ -17,7 +17,7 @@ pub(crate) fn host_f64<S: Shape, E: Dtype, D: Device<E>, T>(t: &Tensor<S, E, D, 
     // stored weights) is one bulk copy, converted on all cores.
     let values = match t.retaped::<NoneTape>().try_contiguous() {
         Ok(c) => {
-            let mut values = crate::engine::touched(c.shape().num_elements());
+            let mut values = touched(c.shape().num_elements());
             c.copy_into(&mut values);
             values
         }
@@ -27,6 +27,16 @@ pub(crate) fn host_f64<S: Shape, E: Dtype, D: Device<E>, T>(t: &Tensor<S, E, D, 
         .into_par_iter()
         .map(|x| x.to_f64().unwrap_or(f64::NAN))
         .collect()
+}
+
+/// `n` default values in fresh memory touched on all cores. A large block comes from the OS
+/// untouched, and each page then faults in at its first write, one by one in the thread that
+/// writes it; touched on all cores, the faults are shared out.
+fn touched<T: Copy + Default + Send + Sync>(n: usize) -> Vec<T> {
+    let mut out = vec![T::default(); n];
+    out.par_chunks_mut(1 << 16)
+        .for_each(|chunk| chunk.fill(T::default()));
+    out
 }
 
 /// Writes `f64` host values into a new tensor of `shape` on `dev`; a failed allocation is an

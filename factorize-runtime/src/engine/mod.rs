@@ -117,18 +117,6 @@ impl<'a> WeightMatrix<'a> {
     }
 }
 
-/// `n` default values in fresh memory touched on all cores. A large block comes from the OS
-/// untouched, and each page then faults in at its first write, one by one in the thread that
-/// writes it (copying a 4096×4096 f32 weight into fresh memory takes ~30 ms on one core of a
-/// 2-core VM, mostly faults); touched on all cores, the faults are shared out.
-pub(crate) fn touched<T: Copy + Default + Send + Sync>(n: usize) -> Vec<T> {
-    use rayon::prelude::*;
-    let mut out = vec![T::default(); n];
-    out.par_chunks_mut(1 << 16)
-        .for_each(|chunk| chunk.fill(T::default()));
-    out
-}
-
 /// Errors with the first non-finite value of `data`, naming the layer and the tensor.
 pub fn check_finite(layer: &str, tensor: &'static str, data: &[f64]) -> Result<(), FactorizeError> {
     use rayon::prelude::*;
