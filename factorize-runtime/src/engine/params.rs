@@ -7,7 +7,7 @@
 //!   over `small_dense`: faer's dense eigensolver is cheap on a few cores. The GPU iterates
 //!   up to a quarter of the side: its dense `syevd` is slow next to its GEMMs.
 //! - The GPU places its Rayleigh–Ritz checks every few products (`CHECK_SPACING` in
-//!   `cuda.rs`), because a check is a `b × b` `syevd` there, about three filtered steps.
+//!   `cuda/subspace.rs`), because a check is a `b × b` `syevd` there, about three filtered steps.
 //! - Both compute in f64 by default; the CPU honours [`crate::Precision::F32`], the GPU computes
 //!   in f64 always (Hopper's FP64 tensor cores make it nearly as fast).
 
