@@ -87,9 +87,8 @@ pub enum Fit {
 }
 
 impl Fit {
-    /// The default ridge of the exact fit, chosen on the MiniLM layers (768 calibration rows,
-    /// 128 held out; 12 layers × ranks 32/64/128): mean held-out nmse 0.1666 at 0.01, 0.1655 at
-    /// 0.1, 0.1722 at 1, 0.2773 for weight-space SVD (the infinite ridge), 0.1679 for ALS.
+    /// The default ridge of the exact fit: the best mean held-out nmse on the real MiniLM
+    /// layers among 0.01, 0.1 and 1 (docs/performance.md, data-aware fits).
     pub const DEFAULT_RIDGE: f64 = 0.1;
 
     /// The exact fit with the default ridge.

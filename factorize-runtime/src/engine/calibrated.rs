@@ -115,7 +115,7 @@ fn column_means(x: &Calibration<'_>) -> Vec<f64> {
 /// Second moment of the centred rows and the row mean.
 fn moments(x: &Calibration<'_>) -> (Mat<f64>, Vec<f64>) {
     // Accumulated over blocks of rows: a centred copy of all the rows would be the largest
-    // allocation of a small fit, and fresh pages fault in one by one (about 2 µs each here).
+    // allocation of a small fit, and fresh pages fault in one by one.
     const ROWS: usize = 128;
     let mean = column_means(x);
     let mut c = Mat::<f64>::zeros(x.cols, x.cols);

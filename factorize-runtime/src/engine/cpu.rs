@@ -109,8 +109,8 @@ fn solve<T: Real>(w: &WeightMatrix<'_>, rank: usize) -> Result<LowRank, Factoriz
 }
 
 /// `M` in `T`: `W` when `wide`, else `Wᵀ`. Filled on all cores by blocks of columns, each block
-/// reading `W` row by row (a strided read of a 1024×1024 weight took 3.4 ms, and a blocked copy
-/// through a transpose 3.8 ms on one core).
+/// reading `W` row by row (faster than one strided read or a blocked transpose; see
+/// docs/performance.md, tuning notes).
 fn engine_matrix<T: Real>(w: &WeightMatrix<'_>, wide: bool) -> Mat<T> {
     use rayon::prelude::*;
     const BLOCK: usize = 64;
@@ -393,8 +393,8 @@ fn dense_leading_eigenvectors<T: Real>(
     layer: &str,
 ) -> Result<Leading<T>, FactorizeError> {
     let s = tri.nrows();
-    // Below this size the threads cost more than they share (tridiagonalisation of 384×384
-    // in f64: 3.9 ms on one thread, 5.3 ms on two).
+    // Below this size the threads cost more than they share (docs/performance.md, tuning
+    // notes).
     let par = if s <= SUBSPACE.small_dense {
         faer::Par::Seq
     } else {
@@ -473,8 +473,7 @@ fn all_tridiagonal_eigenvectors<T: Real>(
         subdiagonal.as_diagonal(),
         values.as_diagonal_mut(),
         Some(vectors.as_mut()),
-        // Divide and conquer gains from threads even where the tridiagonalisation does not
-        // (384×384 f64: 6.7 ms on two threads, 8.6 ms on one).
+        // Divide and conquer gains from threads even where the tridiagonalisation does not.
         faer::get_global_parallelism(),
         MemStack::new(&mut memory),
         Default::default(),

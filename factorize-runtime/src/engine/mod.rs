@@ -32,6 +32,10 @@ pub(crate) use gaussian::Gaussian;
 pub use cpu::low_rank;
 pub(crate) use cpu::Real;
 
+/// The dense path's tridiagonal eigensolver, for the `eigen` benchmark only (not an API).
+#[doc(hidden)]
+pub use tridiagonal::leading_eigenvectors as __tridiagonal_leading_eigenvectors;
+
 use std::time::{Duration, Instant};
 
 use crate::{Backend, FactorizeConfig, FactorizeError};

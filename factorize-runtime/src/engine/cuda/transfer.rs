@@ -87,9 +87,8 @@ pub(super) fn zeroed_pinned(
 
 impl Gpu {
     /// `src` on the host: copied into a pinned buffer, then out of it on all cores into fresh
-    /// memory. Fresh pages fault in at their first write, one by one in the writing thread:
-    /// the driver's own copy into a new `Vec` took 20–30 ms for a 4096×512 pair of factors on a
-    /// (virtualised) H100 host, against 3 ms into reused memory.
+    /// memory. Fresh pages fault in at their first write, one by one in the writing thread, which
+    /// made the driver's own copy into a new `Vec` several times slower.
     pub(super) fn download(&self, src: &CudaSlice<f64>) -> Result<Vec<f64>, GpuError> {
         let mut slot = self.download.borrow_mut();
         if slot.is_none() {
