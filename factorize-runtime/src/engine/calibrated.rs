@@ -398,8 +398,8 @@ fn quad(m: MatRef<'_, f64>, c: &Mat<f64>) -> f64 {
     sum
 }
 
-/// [`fit_linear`] on the backend asked for, by the engines' one policy (see
-/// [`super::route`]): the exact fit runs on the GPU under `Backend::Cuda`, or under
+/// [`fit_linear`] on the backend asked for, by the engines' one dispatch policy (see
+/// [`super::solve`]): the exact fit runs on the GPU under `Backend::Cuda`, or under
 /// `Backend::Auto` when one is usable (redone on the CPU, with a note, when it runs out of
 /// memory); ALS always runs on the CPU.
 pub fn solve(

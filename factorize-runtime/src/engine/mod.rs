@@ -209,8 +209,14 @@ pub fn gpu_available() -> Result<(), String> {
     }
 }
 
-/// The best rank-`rank` factorization of `w` on the backend `cfg` asks for (see [`route`]
-/// for the policy).
+/// The best rank-`rank` factorization of `w` on the backend `cfg` asks for, by the engines'
+/// one dispatch policy:
+/// - `Backend::Cpu`: the CPU engine.
+/// - `Backend::Cuda`: the GPU engine, or [`FactorizeError::BackendUnavailable`] naming the
+///   layer and the reason (no `cuda` feature, no driver, no device); GPU failures, out of
+///   memory included, are errors too.
+/// - `Backend::Auto`: the GPU when [`gpu_available`], else the CPU; a layer that runs the GPU
+///   out of memory is redone on the CPU, and [`Solved::note`] says so.
 pub fn solve(
     w: &WeightMatrix<'_>,
     rank: usize,
@@ -283,13 +289,8 @@ pub(crate) enum Route {
     Gpu,
 }
 
-/// The dispatch policy of every engine entry point, for the layer `layer`:
-/// - `Backend::Cpu`: the CPU engine.
-/// - `Backend::Cuda`: the GPU engine, or [`FactorizeError::BackendUnavailable`] naming the
-///   layer and the reason (no `cuda` feature, no driver, no device); GPU failures, out of
-///   memory included, are errors too (see `settle`).
-/// - `Backend::Auto`: the GPU when [`gpu_available`], else the CPU; a layer that runs the GPU
-///   out of memory is redone on the CPU, and [`Solved::note`] says so.
+/// Where the dispatch policy (stated on [`solve`]) sends `layer`'s work; `settle` applies the
+/// rest of it to the GPU's outcome. Every engine entry point uses these two.
 pub(crate) fn route(layer: &str, backend: Backend) -> Result<Route, FactorizeError> {
     if backend == Backend::Cpu {
         return Ok(Route::Cpu);
