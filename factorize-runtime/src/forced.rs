@@ -98,7 +98,7 @@ pub const fn violation(forced: &Forced<'_>, decision: Decision) -> Option<ConstM
     let m = ConstMessage::new()
         .str("`")
         .str(forced.written)
-        .str("` on field `")
+        .str("` on `")
         .str(forced.field)
         .str("` (")
         .str(forced.kind)
@@ -115,21 +115,21 @@ pub const fn violation(forced: &Forced<'_>, decision: Decision) -> Option<ConstM
     } else {
         m
     };
-    let m = m.str(") breaks the cost rule: ");
+    let m = m.str("): ");
     Some(match decision {
         Decision::Replace { .. } => return None,
         Decision::NoSaving { latent, max_rank } => m
             .str("rank ")
             .num(latent)
-            .str(" saves no multiply-adds; the break-even is ")
+            .str(" saves no multiply-adds (break-even ")
             .num(max_rank + 1)
-            .str(", so use a rank of at most ")
+            .str("); use at most ")
             .num(max_rank)
-            .str(", or remove the attribute to let the rule decide"),
+            .str(", or remove the attribute"),
         Decision::TooNarrow { width, min } => m
-            .str("its width ")
+            .str("width ")
             .num(width)
-            .str(" is below ")
+            .str(" < ")
             .str(forced.min_key)
             .str(" = ")
             .num(min)
@@ -137,7 +137,7 @@ pub const fn violation(forced: &Forced<'_>, decision: Decision) -> Option<ConstM
             .str(forced.min_key)
             .str(" = ")
             .num(width)
-            .str("` to the field's attribute, or remove `latent`"),
+            .str("` to the field, or remove `latent`"),
         Decision::Disabled => m
             .str("the struct sets `")
             .str(forced.switch)
@@ -174,9 +174,8 @@ mod tests {
         let m = violation(&f, linear_decision(&params, 1024, 1024)).unwrap();
         assert_eq!(
             m.as_str(),
-            "`#[factorize(latent = 600)]` on field `fc` (Linear 1024 -> 1024) breaks the cost rule: \
-             rank 600 saves no multiply-adds; the break-even is 512, so use a rank of at most 511, \
-             or remove the attribute to let the rule decide"
+            "`#[factorize(latent = 600)]` on `fc` (Linear 1024 -> 1024): rank 600 saves no \
+             multiply-adds (break-even 512); use at most 511, or remove the attribute"
         );
         let ok = FactorizeParams {
             latent_features: Latent::Count(511),
@@ -199,7 +198,7 @@ mod tests {
         let m = violation(&f, linear_decision(&params, 128, 200)).unwrap();
         assert!(
             m.as_str().ends_with(
-                "its width 128 is below min_features = 256; add `min_features = 128` to the field's attribute, or remove `latent`"
+                "width 128 < min_features = 256; add `min_features = 128` to the field, or remove `latent`"
             ),
             "{}",
             m.as_str()

@@ -106,7 +106,7 @@
 //!
 //! #[derive(Factorizable)]
 //! pub struct Wide<E: Dtype, D: Device<E>> {
-//!     #[factorize(latent = 600)] // "use a rank of at most 511"
+//!     #[factorize(latent = 600)] // "use at most 511"
 //!     pub fc: Linear<1024, 1024, E, D>,
 //! }
 //! ```

@@ -247,7 +247,7 @@ fn dtype_and_device(cx: &mut Ctxt, input: &DeriveInput, name: &str) -> Option<(I
             let ident = &input.ident;
             cx.error_spanned_by(
                 ident,
-                format!("{name} needs a struct generic over dtype and device, as dfdx's modules are: write `struct {ident}<E: Dtype, D: Device<E>>` with fields like `Linear<I, O, E, D>`, and use `{ident}<f32, Cpu>` where you need the concrete type"),
+                format!("{name} needs a struct generic over dtype and device, as dfdx's modules are: write `struct {ident}<E: Dtype, D: Device<E>>` and use `{ident}<f32, Cpu>`"),
             );
             None
         }

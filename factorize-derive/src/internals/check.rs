@@ -90,7 +90,7 @@ fn check_generic_dims(
                 None => cx.error_spanned_by(
                     ty,
                     format!(
-                        "field `{field}` has dims that use the struct's const generic `{param}`, and stable Rust cannot evaluate the cost rule on them in a type; add `#[factorize(latent = <rank>)]` (the rule is then checked for every instantiation) or `#[factorize(skip)]`"
+                        "field `{field}`: the cost rule cannot read the const generic `{param}` in a type on stable Rust; add `#[factorize(latent = <rank>)]` (checked per instantiation) or `#[factorize(skip)]`"
                     ),
                 ),
             }
