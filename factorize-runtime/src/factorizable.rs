@@ -162,10 +162,10 @@ pub trait FactorizeAs: Sized {
 
 impl<T> FactorizeAs for T {}
 
-/// Modules without anything to factorize: the variant is a copy, and the calibration walks
-/// find nothing in them.
-macro_rules! carried_over {
-    ($([$($generics:tt)*] $ty:ty;)*) => {$(
+/// The impls the walks need, one per role, so that each kind of module below states its roles.
+/// `copied`: its variant is itself (a copy).
+macro_rules! copied {
+    ([$($generics:tt)*] $ty:ty) => {
         impl<$($generics)*> Factorizable for $ty {
             type Factorized = Self;
             fn factorize_into(
@@ -177,6 +177,12 @@ macro_rules! carried_over {
                 Ok(self.clone())
             }
         }
+    };
+}
+
+/// `no_pairs`: the calibration walk finds no factorized layer in it.
+macro_rules! no_pairs {
+    ([$($generics:tt)*] $ty:ty) => {
         impl<$($generics)*> VisitFactorized for $ty {
             fn visit_factorized(
                 &mut self,
@@ -186,9 +192,25 @@ macro_rules! carried_over {
                 Ok(())
             }
         }
+    };
+}
+
+/// `no_dense`: the dense walk finds no dense layer in it.
+macro_rules! no_dense {
+    ([$($generics:tt)*] $ty:ty) => {
         impl<$($generics)*> VisitDense for $ty {
             fn visit_dense(&self, _path: &str, _f: &mut DenseVisitor<'_>) {}
         }
+    };
+}
+
+/// Modules without anything to factorize: the variant is a copy, and the calibration walks
+/// find nothing in them.
+macro_rules! carried_over {
+    ($([$($generics:tt)*] $ty:ty;)*) => {$(
+        copied!([$($generics)*] $ty);
+        no_pairs!([$($generics)*] $ty);
+        no_dense!([$($generics)*] $ty);
     )*};
 }
 
@@ -382,15 +404,7 @@ impl<F: VisitDense, R: VisitDense> VisitDense for GeneralizedResidual<F, R> {
 /// their own; the calibration walks see their weight as a matrix `[out, fan_in]`.
 macro_rules! dense_layers {
     ($([$($generics:tt)*] $ty:ty;)*) => {$(
-        impl<$($generics)*> VisitFactorized for $ty {
-            fn visit_factorized(
-                &mut self,
-                _path: &str,
-                _f: &mut FactorizedVisitor<'_>,
-            ) -> Result<(), FactorizeError> {
-                Ok(())
-            }
-        }
+        no_pairs!([$($generics)*] $ty);
         impl<$($generics)*> VisitDense for $ty {
             fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>) {
                 let (weight, bias) = DenseLayer::host_weights(self);
@@ -412,17 +426,7 @@ dense_layers! {
 /// what the calibration walks refit.
 macro_rules! pairs {
     ($([$($generics:tt)*] $ty:ty;)*) => {$(
-        impl<$($generics)*> Factorizable for $ty {
-            type Factorized = Self;
-            fn factorize_into(
-                &self,
-                _path: &str,
-                _cfg: &FactorizeConfig,
-                _report: &mut FactorizeReport,
-            ) -> Result<Self, FactorizeError> {
-                Ok(self.clone())
-            }
-        }
+        copied!([$($generics)*] $ty);
         impl<$($generics)*> VisitFactorized for $ty {
             fn visit_factorized(
                 &mut self,
@@ -432,9 +436,7 @@ macro_rules! pairs {
                 f(path, self)
             }
         }
-        impl<$($generics)*> VisitDense for $ty {
-            fn visit_dense(&self, _path: &str, _f: &mut DenseVisitor<'_>) {}
-        }
+        no_dense!([$($generics)*] $ty);
     )*};
 }
 
