@@ -17,7 +17,11 @@ use internals::{check, ctxt::Ctxt};
 pub fn derive_factorizable(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
     expand_derive(&input, Derive::Factorizable)
-        .unwrap_or_else(syn::Error::into_compile_error)
+        .unwrap_or_else(|e| {
+            let fallback = codegen::fallback(&input);
+            let error = e.into_compile_error();
+            quote::quote!(#error #fallback)
+        })
         .into()
 }
 

@@ -23,6 +23,28 @@ fn params_ident(ident: &Ident) -> Ident {
     format_ident!("__FACTORIZE_PARAMS_{}", ident)
 }
 
+/// What a failed derive emits beside its error, as thiserror does: a `Factorizable` impl whose
+/// body never runs (the build has already failed), so that the user's `model.factorize(..)`
+/// calls do not each add an error of their own to the one mistake.
+pub fn fallback(input: &syn::DeriveInput) -> TokenStream {
+    let ident = &input.ident;
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let pv = quote!(::factorize_runtime::__private);
+    quote! {
+        impl #impl_generics #pv::Factorizable for #ident #ty_generics #where_clause {
+            type Factorized = Self;
+            fn factorize_into(
+                &self,
+                _: &str,
+                _: &#pv::FactorizeConfig,
+                _: &mut #pv::FactorizeReport,
+            ) -> ::core::result::Result<Self, #pv::FactorizeError> {
+                ::core::unreachable!("the derive reported an error, so this does not build")
+            }
+        }
+    }
+}
+
 pub fn expand(cont: &Container<'_>) -> TokenStream {
     let params = params_ident(&cont.input.ident);
     let params_value = cont.attrs.params_tokens();
