@@ -61,11 +61,11 @@ macro_rules! builds {
 
 builds! {
     [const I: usize, const L: usize, const O: usize]
-        FactorizedLinear<I, L, O> => crate::FactorizedLinear<I, L, O, E, D>;
+        FactorizedLinear<I, L, O> => crate::linear::FactorizedLinear<I, L, O, E, D>;
     [const I: usize, const O: usize, const K: usize, const S: usize, const P: usize, const DIL: usize]
         Conv2D<I, O, K, S, P, DIL> => crate::conv::Conv2D<I, O, K, S, P, DIL, E, D>;
     [
         const I: usize, const L: usize, const O: usize, const K: usize, const S: usize,
         const P: usize, const DIL: usize
-    ] FactorizedConv2D<I, L, O, K, S, P, DIL> => crate::FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>;
+    ] FactorizedConv2D<I, L, O, K, S, P, DIL> => crate::factorized_conv::FactorizedConv2D<I, L, O, K, S, P, DIL, E, D>;
 }

@@ -15,9 +15,10 @@ use std::collections::HashMap;
 
 use dfdx::prelude::{Device, Dtype, HasShape, Shape, Storage, Tensor};
 
+use crate::config::{Backend, Fit};
 use crate::convert::host_f64;
+use crate::error::FactorizeError;
 use crate::report::{FactorizeReport, LayerReport};
-use crate::{Backend, FactorizeError, Fit};
 
 /// One recorded forward call of a layer: its input's shape and values (row-major).
 #[derive(Debug, Clone, PartialEq)]
@@ -191,7 +192,7 @@ pub(crate) fn evaluate_heldout<M, F>(
     mut run: F,
 ) -> Result<(), FactorizeError>
 where
-    M: VisitDense + crate::Factorizable,
+    M: VisitDense + crate::factorizable::Factorizable,
     M::Factorized: VisitFactorized,
     F: FnMut(&M::Factorized),
 {
@@ -230,7 +231,7 @@ pub(crate) fn calibrate<M, F>(
     mut run: F,
 ) -> Result<(M::Factorized, FactorizeReport), FactorizeError>
 where
-    M: VisitDense + crate::Factorizable,
+    M: VisitDense + crate::factorizable::Factorizable,
     M::Factorized: VisitFactorized,
     F: FnMut(&M::Factorized),
 {

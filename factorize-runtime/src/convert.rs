@@ -4,7 +4,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::FactorizeError;
+use crate::error::FactorizeError;
 
 /// Reads a tensor (with or without a tape) to `f64` on the host, in logical row-major order;
 /// NaN where a value has no `f64` form, so that the finiteness checks catch it.

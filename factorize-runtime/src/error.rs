@@ -1,6 +1,6 @@
 //! The one error type of the crate. Every variant names the layer it concerns.
 
-use crate::Backend;
+use crate::config::Backend;
 
 /// Why a factorization failed. The source model is never changed, whatever the error.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

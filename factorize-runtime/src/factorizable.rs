@@ -13,10 +13,13 @@ use dfdx::prelude::{Device, Dtype};
 use crate::calibrate::{
     calibrate, evaluate_heldout, DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized,
 };
+use crate::config::{FactorizeConfig, Fit};
 use crate::conv::Conv2D;
+use crate::error::FactorizeError;
+use crate::factorized_conv::FactorizedConv2D;
+use crate::linear::FactorizedLinear;
 use crate::pair::DenseLayer;
 use crate::report::FactorizeReport;
-use crate::{FactorizeConfig, FactorizeError, FactorizedConv2D, FactorizedLinear, Fit};
 
 /// A model that can build its factorized variant from its own weights.
 ///

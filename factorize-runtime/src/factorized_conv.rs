@@ -22,13 +22,14 @@ use num_traits::Float;
 use rand_distr::uniform::SampleUniform;
 
 use crate::calibrate::{RecordInput, RecordedInput};
+use crate::config::{FactorizeConfig, Fit};
 use crate::conv::unfold::Geometry;
 use crate::conv::{Conv2D, UnbiasedConv2D};
 use crate::convert::{host_f64, to_device};
 use crate::cost::LayerKind;
+use crate::error::FactorizeError;
 use crate::pair::{self, DenseLayer, LowRankPair, Seal};
 use crate::report::LayerReport;
-use crate::{FactorizeConfig, FactorizeError, Fit};
 
 /// A factorized convolution: `K × K`, `I → L`, no bias; then `1 × 1`, `L → O`, with bias.
 #[derive(Debug, Clone)]

@@ -42,7 +42,7 @@ use rayon::prelude::*;
 
 use crate::calibrate::RecordInput;
 use crate::conv::host::Element;
-use crate::FactorizedLinear;
+use crate::linear::FactorizedLinear;
 
 /// An inference forward with the same result as `try_forward`, faster on dfdx's `Cpu` (see the
 /// [module docs](self) for which inputs take the fast route).
@@ -585,7 +585,7 @@ mod tests {
             2e-6,
         );
         let small: FactorizedLinear<24, 6, 40, f32, Cpu> =
-            FactorizedLinear::from_linear(&fc, &crate::FactorizeConfig::default()).unwrap();
+            FactorizedLinear::from_linear(&fc, &crate::config::FactorizeConfig::default()).unwrap();
         close(
             &small.forward_fast(x.clone()).as_vec(),
             &small.forward(x.clone()).as_vec(),

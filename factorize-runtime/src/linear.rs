@@ -29,11 +29,12 @@ use num_traits::Float;
 use rand_distr::uniform::SampleUniform;
 
 use crate::calibrate::{RecordInput, RecordedInput};
+use crate::config::{FactorizeConfig, Fit};
 use crate::convert::{host_f64, to_device};
 use crate::cost::LayerKind;
+use crate::error::FactorizeError;
 use crate::pair::{self, DenseLayer, LowRankPair, Seal};
 use crate::report::LayerReport;
-use crate::{FactorizeConfig, FactorizeError, Fit};
 
 /// A factorized linear layer: `I → L` without bias, then `L → O` with bias.
 #[derive(Debug, Clone)]

@@ -17,11 +17,12 @@ use std::time::Instant;
 use dfdx::prelude::{Device, Dtype};
 
 use crate::calibrate::{RecordedInput, Refit};
+use crate::config::{Backend, FactorizeConfig, Fit, Method};
 use crate::cost::LayerKind;
 use crate::engine::calibrated::{self, nmse, CalibratedFit, Calibration};
 use crate::engine::{self, check_finite, LowRank, WeightMatrix};
+use crate::error::FactorizeError;
 use crate::report::{LayerReport, Status};
-use crate::{Backend, FactorizeConfig, FactorizeError, Fit, Method};
 
 mod sealed {
     /// Only this crate can name it, so only this crate can implement the traits that ask for it.

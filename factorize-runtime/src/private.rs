@@ -4,10 +4,12 @@
 //! dependency or import.
 
 pub use crate::calibrate::{DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized};
+pub use crate::config::FactorizeConfig;
 pub use crate::cost::{conv_decision, linear_decision, Decision, FactorizeParams, Latent};
+pub use crate::error::FactorizeError;
+pub use crate::factorizable::{Factorizable, VariantOf};
 pub use crate::forced::{violation, ConstMessage, Forced};
 pub use crate::report::{join, FactorizeReport, LayerReport, Status};
-pub use crate::{Factorizable, FactorizeConfig, FactorizeError, VariantOf};
 pub use dfdx::nn::modules::{AddInto, GeneralizedResidual, Linear, Repeated, Residual, SplitInto};
 pub use dfdx::nn::{BuildModule, BuildOnDevice};
 pub use dfdx::nn::{ModuleVisitor, TensorCollection};

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::FactorizeConfig;
+use crate::config::FactorizeConfig;
 
 /// Shows "factorizing `path` (what)" with a spinner until dropped, then leaves a done line.
 pub(crate) struct Layer {

@@ -20,8 +20,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::config::Backend;
 use crate::cost::{dense_macs, factorized_macs, Decision, LayerKind};
-use crate::Backend;
 
 /// The path of `child` under `parent` (`encoder` + `fc1` = `encoder.fc1`); `child` at the top.
 pub fn join(parent: &str, child: &str) -> String {

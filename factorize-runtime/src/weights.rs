@@ -21,10 +21,11 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors};
 
+use crate::config::FactorizeConfig;
 use crate::cost::{linear_decision, Decision, FactorizeParams, LayerKind};
 use crate::engine::{self, LowRank, WeightMatrix};
+use crate::error::FactorizeError;
 use crate::report::LayerReport;
-use crate::{FactorizeConfig, FactorizeError};
 
 /// A named `[out, in]` row-major matrix.
 #[derive(Debug, Clone, PartialEq)]

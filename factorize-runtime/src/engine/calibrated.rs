@@ -38,7 +38,8 @@ use super::cpu::{
 use super::{check_finite, low_rank, on_cpu, route, LowRank, Solved, WeightMatrix};
 #[cfg(feature = "cuda-engine")]
 use super::{settle, Route};
-use crate::{Backend, FactorizeError, Fit, Precision};
+use crate::config::{Backend, Fit, Precision};
+use crate::error::FactorizeError;
 
 /// Calibration inputs of one layer: `rows × cols` row-major, checked finite and non-empty.
 #[derive(Debug, Clone, Copy)]

@@ -33,7 +33,8 @@ use super::gaussian::Gaussian;
 use super::params::SUBSPACE;
 use super::tridiagonal;
 use super::{LowRank, WeightMatrix};
-use crate::{FactorizeError, Precision};
+use crate::config::Precision;
+use crate::error::FactorizeError;
 
 /// The floating-point types the engine computes in.
 pub(crate) trait Real: faer::traits::RealField + Copy {

@@ -38,7 +38,8 @@ pub use tridiagonal::leading_eigenvectors as __tridiagonal_leading_eigenvectors;
 
 use std::time::{Duration, Instant};
 
-use crate::{Backend, FactorizeConfig, FactorizeError};
+use crate::config::{Backend, FactorizeConfig};
+use crate::error::FactorizeError;
 
 /// A dense weight matrix `[out, in]` (row-major) on the host, checked to be finite.
 #[derive(Debug, Clone, Copy)]
