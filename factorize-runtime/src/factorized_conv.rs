@@ -249,6 +249,22 @@ impl<
     ) -> Result<(Self, LayerReport), FactorizeError> {
         pair::fit_dense(path, conv, &[RecordedInput::of(images)], fit, cfg)
     }
+
+    /// Lowers the rank to `L2 < L` (checked when the call is compiled): the best rank-`L2`
+    /// approximation of the convolution this pair computes (truncated SVD of its unfolded
+    /// product `[O, I·K·K]`, on `cfg.backend`), bias kept.
+    pub fn reduce<const L2: usize>(
+        &self,
+        cfg: &FactorizeConfig,
+    ) -> Result<FactorizedConv2D<I, L2, O, K, S, P, DIL, E, D>, FactorizeError> {
+        const {
+            assert!(
+                L2 < L,
+                "reduce::<L2>() needs L2 < L: a rank can only be lowered"
+            )
+        };
+        pair::reduce(self, cfg)
+    }
 }
 
 /// The name of a layer built without a path.

@@ -234,6 +234,38 @@ mod factorized {
     }
 
     #[test]
+    fn a_reduced_pair_meets_the_optimum_of_the_pair_it_reduces() {
+        let dev = Dev::seed_from_u64(5);
+        let sigma = power_law(12, 0.7);
+        let dense = conv_with_spectrum(&dev, &sigma);
+        let cfg = FactorizeConfig::default();
+        let four =
+            FactorizedConv2D::<8, 4, 12, 3, 2, 1, 1, f64, Dev>::from_conv(&dense, &cfg).unwrap();
+        let two: FactorizedConv2D<8, 2, 12, 3, 2, 1, 1, f64, Dev> = four.reduce(&cfg).unwrap();
+        // The rank-4 pair computes the top four singular directions of the kernel; its best rank
+        // 2 keeps the top two of them.
+        let a = four.first.weight.as_vec();
+        let b = four.second.weight.as_vec();
+        let product: Vec<f64> = (0..12)
+            .flat_map(|o| (0..72).map(move |i| (o, i)))
+            .map(|(o, i)| (0..4).map(|r| b[o * 4 + r] * a[r * 72 + i]).sum())
+            .collect();
+        let m = WeightMatrix::new("c", &product, 12, 72).unwrap();
+        let measured = relative_error(
+            &m,
+            &two.second.weight.as_vec(),
+            &two.first.weight.as_vec(),
+            2,
+        );
+        let optimum = optimal_relative_error(&sigma[..4], 2);
+        assert!(
+            (measured / optimum - 1.0).abs() < 1e-4,
+            "{measured} vs {optimum}"
+        );
+        assert_eq!(two.second.bias.as_vec(), dense.bias.as_vec());
+    }
+
+    #[test]
     fn outputs_are_unchanged_when_the_kernel_has_rank_at_most_latent() {
         let dev = Dev::seed_from_u64(4);
         let dense = conv_with_spectrum(&dev, &[1.0, 0.5, 0.25]);
