@@ -11,6 +11,19 @@ use factorize_runtime::weights::{read_matrices, read_tensors};
 use factorize_runtime::Fit;
 use factorize_runtime::Precision;
 
+/// The ridges to compare, from the arguments after the data folder: the default one if none.
+fn ridges() -> Vec<f64> {
+    let ridges: Vec<f64> = std::env::args()
+        .skip(2)
+        .map(|a| a.parse().expect("ridge"))
+        .collect();
+    if ridges.is_empty() {
+        vec![Fit::DEFAULT_RIDGE]
+    } else {
+        ridges
+    }
+}
+
 fn main() {
     let dir = std::env::args()
         .nth(1)
@@ -18,15 +31,7 @@ fn main() {
     let weights = read_matrices(format!("{dir}/weights.safetensors")).expect("weights");
     let biases = read_tensors(format!("{dir}/weights.safetensors"), 1).expect("biases");
     let acts = read_tensors(format!("{dir}/activations.safetensors"), 2).expect("activations");
-    let ridges: Vec<f64> = std::env::args()
-        .skip(2)
-        .map(|a| a.parse().expect("ridge"))
-        .collect();
-    let ridges = if ridges.is_empty() {
-        vec![Fit::DEFAULT_RIDGE]
-    } else {
-        ridges
-    };
+    let ridges = ridges();
     let find = |name: &str| acts.iter().find(|t| t.name == name).expect(name);
     println!(
         "{:<18} {:>4} {:>10} {:>10} {:>10} {:>10} {:>22}",
