@@ -135,6 +135,7 @@
 //! at run time; [`report`] describes what happened.
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod calibrate;
 pub mod config;
 pub mod conv;
