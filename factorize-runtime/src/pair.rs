@@ -138,9 +138,7 @@ pub(crate) fn fit<P: LowRankPair>(
     dev: &<P::Dense as DenseLayer>::Dev,
 ) -> Result<(P, LayerReport), FactorizeError> {
     let start = Instant::now();
-    let (out, fan_in) = dims::<P::Dense>();
-    let w = WeightMatrix::new(path, weight, out, fan_in)?;
-    let calib = Calibration::new(path, rows, rows.len() / fan_in.max(1), fan_in)?;
+    let (w, calib) = operands::<P::Dense>(path, weight, rows)?;
     let solved = calibrated::solve(&w, bias, &calib, P::RANK, fit, backend)?;
     let f = &solved.value;
     let pair = P::from_host(dev, &f.factors.first, &f.factors.second, &f.bias, path)?;
@@ -152,8 +150,20 @@ pub(crate) fn fit<P: LowRankPair>(
         start.elapsed(),
     );
     row.nmse = Some(f.nmse);
-    row.note = calibrated_note(f, calib.rows(), fan_in, solved.note);
+    row.note = calibrated_note(f, calib.rows(), w.in_dim(), solved.note);
     Ok((pair, row))
+}
+
+/// The dense weight `[OUT, FAN_IN]` and the calibration rows of a layer of kind `M`, checked.
+fn operands<'a, M: DenseLayer>(
+    path: &'a str,
+    weight: &'a [f64],
+    rows: &'a [f64],
+) -> Result<(WeightMatrix<'a>, Calibration<'a>), FactorizeError> {
+    let (out, fan_in) = dims::<M>();
+    let w = WeightMatrix::new(path, weight, out, fan_in)?;
+    let calib = Calibration::new(path, rows, rows.len() / fan_in.max(1), fan_in)?;
+    Ok((w, calib))
 }
 
 /// The pair fitted to `dense`'s outputs on recorded inputs (see [`fit`]).
@@ -293,10 +303,8 @@ impl<P: LowRankPair> Refit for P {
         (weight, bias): (&[f64], &[f64]),
         inputs: &[RecordedInput],
     ) -> Result<f64, FactorizeError> {
-        let (out, fan_in) = dims::<P::Dense>();
         let rows = P::Dense::calibration_rows(path, inputs)?;
-        let w = WeightMatrix::new(path, weight, out, fan_in)?;
-        let calib = Calibration::new(path, &rows, rows.len() / fan_in.max(1), fan_in)?;
+        let (w, calib) = operands::<P::Dense>(path, weight, &rows)?;
         let (factors, pair_bias) = current(self);
         nmse(&w, bias, &factors, &pair_bias, &calib)
     }

@@ -373,10 +373,11 @@ fn table(f: &mut fmt::Formatter<'_>, header: &[String], rows: &[Vec<String>]) ->
 
 impl fmt::Display for FactorizeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = HEADER.map(|name| self.shows(name));
         let keep = |row: [String; 11]| -> Vec<String> {
             row.into_iter()
-                .zip(HEADER)
-                .filter(|(_, name)| self.shows(name))
+                .zip(shown)
+                .filter(|&(_, shown)| shown)
                 .map(|(cell, _)| cell)
                 .collect()
         };
