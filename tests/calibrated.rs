@@ -125,6 +125,54 @@ mod model_level {
     }
 
     #[test]
+    fn a_correcting_fit_targets_the_dense_model_and_beats_the_exact_fit() {
+        let (_dev, model, x) = setup();
+        let cfg = FactorizeConfig::default();
+        let fit = Fit::Correcting { ridge: 0.0 };
+        let (f, _) = model
+            .factorize_calibrated(&cfg, fit, |m| {
+                m.forward(x.clone());
+            })
+            .unwrap();
+        // Layer b was fitted from what the calibrated layer a hands it to what the dense
+        // model's layer b computes from what the dense layer a hands it.
+        let host = |t: Tensor<(usize, Const<128>), f32, Dev>| -> Vec<f64> {
+            t.as_vec().iter().map(|v| *v as f64).collect()
+        };
+        let seen = host(f.act.forward(f.a.forward(x.clone())));
+        let reference = host(model.act.forward(model.a.forward(x.clone())));
+        let to_f64 = |v: Vec<f32>| -> Vec<f64> { v.iter().map(|v| *v as f64).collect() };
+        let (w, bias) = (to_f64(model.b.0.weight.as_vec()), to_f64(model.b.0.bias.as_vec()));
+        let wm = WeightMatrix::new("b.0", &w, 96, 128).unwrap();
+        let xc = Calibration::new("b.0", &seen, 400, 128)
+            .unwrap()
+            .with_reference("b.0", &reference)
+            .unwrap();
+        let expected = fit_linear(&wm, &bias, &xc, 24, fit).unwrap();
+        let first: Vec<f32> = expected.factors.first.iter().map(|v| *v as f32).collect();
+        assert_eq!(f.b.0.first.weight.as_vec(), first);
+        // At the model's output it is closer to the dense model than the exact fit.
+        let exact = model
+            .factorize_calibrated(&cfg, Fit::Exact { ridge: 0.0 }, |m| {
+                m.forward(x.clone());
+            })
+            .unwrap()
+            .0;
+        let y = model.forward(x.clone()).as_vec();
+        let err = |z: Vec<f32>| {
+            y.iter()
+                .zip(&z)
+                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                .sum::<f64>()
+        };
+        let (e_cor, e_exact) = (
+            err(f.forward(x.clone()).as_vec()),
+            err(exact.forward(x.clone()).as_vec()),
+        );
+        assert!(e_cor < e_exact, "correcting {e_cor} vs exact {e_exact}");
+    }
+
+    #[test]
     fn held_out_nmse_is_reported_per_layer() {
         let (dev, model, x) = setup();
         let (mut f, mut report) = model
@@ -283,5 +331,20 @@ mod model_level_convolutions {
             )
             .unwrap();
         assert_eq!(f.b.first.weight.as_vec(), expected.first.weight.as_vec());
+
+        // The correcting fit runs the variant as the dense model through convolutions too, and
+        // lands closer to the dense model's output.
+        let (c, _) = model
+            .factorize_calibrated(&FactorizeConfig::default(), Fit::correcting(), |m| {
+                m.forward(x.clone());
+            })
+            .unwrap();
+        let y = model.forward(x.clone()).as_vec();
+        let err = |z: Vec<f64>| y.iter().zip(&z).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
+        let (e_cor, e_exact) = (
+            err(c.forward(x.clone()).as_vec()),
+            err(f.forward(x.clone()).as_vec()),
+        );
+        assert!(e_cor < e_exact, "correcting {e_cor} vs exact {e_exact}");
     }
 }

@@ -2,14 +2,14 @@
 //! on sentences.
 //!
 //! ```sh
-//! cargo run --release --example minilm                 # the table: 5 ranks × 2 fits vs dense
+//! cargo run --release --example minilm                 # the table: 5 ranks × 3 fits vs dense
 //! cargo run --release --example minilm -- embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- --rank 64 --fit data embed sentences.txt out.safetensors
 //! ```
 //!
 //! `embed` writes `embeddings` (`[n, 384]`, float32, normalised, in line order) for one sentence
-//! per line, with the dense model or, after `--rank R --fit svd|data`, with that variant
-//! (`data` is calibrated on sentences 0–119). The data comes from `../shared/data/minilm-model`
+//! per line, with the dense model or, after `--rank R --fit svd|data|correcting`, with that
+//! variant (`data` and `correcting` are calibrated on sentences 0–119). The data comes from `../shared/data/minilm-model`
 //! or `$FACTORIZE_MINILM_MODEL_DIR`.
 //!
 //! The model (`bert.rs`), its loader (`checkpoint.rs`) and the tokenizer (`text.rs`) are meant
@@ -128,7 +128,7 @@ fn table() -> Result<(), Error> {
     let attention_macs = LAYERS * 2 * positions * HIDDEN;
     let mut rows = Vec::new();
     for rank in RANKS {
-        for fit in [FitKind::Svd, FitKind::Data] {
+        for fit in [FitKind::Svd, FitKind::Data, FitKind::Correcting] {
             eprintln!("rank {rank}, {fit:?} …");
             rows.push(match rank {
                 32 => measure::<32>(&setup, fit)?,
@@ -172,6 +172,7 @@ fn table() -> Result<(), Error> {
             match r.fit {
                 FitKind::Svd => "weight SVD",
                 FitKind::Data => "data-aware",
+                FitKind::Correcting => "correcting",
             },
             r.macs.1 as f64 / 1e6,
             100.0 * r.macs.1 as f64 / dense_macs as f64,
@@ -258,7 +259,7 @@ fn embed_variant<const R: usize>(
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data] [embed <sentences.txt> <out.safetensors>]";
+    "usage: minilm [--rank R --fit svd|data|correcting] [embed <sentences.txt> <out.safetensors>]";
 
 fn main() {
     if let Err(e) = run(std::env::args().skip(1).collect()) {

@@ -25,6 +25,9 @@ pub enum FitKind {
     /// Each layer fitted to its outputs on the calibration sentences, in forward order
     /// (`factorize_calibrated` with `Fit::exact()`).
     Data,
+    /// As `Data`, each layer fitted to the dense model's outputs of that layer, correcting the
+    /// error of the layers before it (`Fit::correcting()`).
+    Correcting,
 }
 
 impl std::str::FromStr for FitKind {
@@ -33,7 +36,10 @@ impl std::str::FromStr for FitKind {
         match s {
             "svd" => Ok(Self::Svd),
             "data" => Ok(Self::Data),
-            _ => Err(format!("--fit takes `svd` or `data`, not `{s}`")),
+            "correcting" => Ok(Self::Correcting),
+            _ => Err(format!(
+                "--fit takes `svd`, `data` or `correcting`, not `{s}`"
+            )),
         }
     }
 }
@@ -84,9 +90,13 @@ pub fn factorize<const R: usize>(
     let start = Instant::now();
     let (model, report) = match fit {
         FitKind::Svd => dense.factorize_with_report(&cfg)?,
-        FitKind::Data => {
+        FitKind::Data | FitKind::Correcting => {
+            let kind = match fit {
+                FitKind::Correcting => Fit::correcting(),
+                _ => Fit::exact(),
+            };
             let mut failed = None;
-            let done = dense.factorize_calibrated(&cfg, Fit::exact(), |m| {
+            let done = dense.factorize_calibrated(&cfg, kind, |m| {
                 for (_, batch) in calibration {
                     if let Err(e) = m.try_hidden_states(batch) {
                         failed.get_or_insert(e);

@@ -19,6 +19,8 @@ use crate::config::{Backend, Fit};
 use crate::convert::host_f64;
 use crate::error::FactorizeError;
 use crate::report::{FactorizeReport, LayerReport};
+use crate::stand_in::{StandIns, Standing};
+pub use crate::stand_in::StandIn;
 
 /// One recorded forward call of a layer: its input's shape and values (row-major).
 #[derive(Debug, Clone, PartialEq)]
@@ -119,15 +121,21 @@ pub trait Refit {
     fn address(&self) -> usize;
     /// Refits the layer to the dense layer `(weight, bias)` (the weight `[out, fan_in]`, a
     /// convolution's unfolded to `[O, I·K·K]`), on the inputs it received in the recorded
-    /// forward calls, on `backend` (see [`crate::engine::calibrated::solve`]).
+    /// forward calls, on `backend` (see [`crate::engine::calibrated::solve`]). `reference`:
+    /// the same calls' inputs in the dense model, for [`Fit::Correcting`].
     fn refit(
         &mut self,
         path: &str,
         dense: (&[f64], &[f64]),
         inputs: &[RecordedInput],
+        reference: Option<&[RecordedInput]>,
         fit: Fit,
         backend: Backend,
     ) -> Result<LayerReport, FactorizeError>;
+
+    /// The dense layer `(weight, bias)`, of this layer's dense kind and on its device, to stand
+    /// in for it.
+    fn stand_in(&self, path: &str, dense: (&[f64], &[f64])) -> Result<StandIn, FactorizeError>;
 
     /// The output nmse of the layer as it is against the dense layer `(weight, bias)`, on the
     /// recorded `inputs` (see [`crate::engine::calibrated::nmse`]).
@@ -221,6 +229,37 @@ where
     })
 }
 
+/// The inputs of the layer at `address` in a run of `model`, with `stand_ins` standing in.
+fn inputs_of<T, F: FnMut(&T)>(
+    model: &T,
+    address: usize,
+    stand_ins: &StandIns,
+    run: &mut F,
+) -> Vec<RecordedInput> {
+    let _standing = Standing::start(stand_ins);
+    let recording = Recording::start(Capture::Layer(address));
+    run(model);
+    recording
+        .take()
+        .into_iter()
+        .map(|(_, input)| input)
+        .collect()
+}
+
+/// Dense layers standing in for every factorized layer of `model`: run so, it is the dense model.
+fn dense_stand_ins<T: VisitFactorized>(
+    model: &mut T,
+    weights: &HashMap<String, (Vec<f64>, Vec<f64>)>,
+) -> Result<StandIns, FactorizeError> {
+    let mut stand_ins = StandIns::new();
+    model.visit_factorized("", &mut |path, layer| {
+        let (w, b) = weights.get(path).ok_or_else(|| missing_dense(path))?;
+        stand_ins.insert(layer.address(), layer.stand_in(path, (w, b))?);
+        Ok(())
+    })?;
+    Ok(stand_ins)
+}
+
 /// The body of [`crate::Factorizable::factorize_calibrated`].
 pub(crate) fn calibrate<M, F>(
     dense: &M,
@@ -248,16 +287,17 @@ where
         }
         seen
     };
+    // A correcting fit also needs each layer's inputs in the dense model.
+    let dense_model = match fit {
+        Fit::Correcting { .. } => Some(dense_stand_ins(&mut model, &weights)?),
+        Fit::Exact { .. } | Fit::Als { .. } => None,
+    };
+    let none = StandIns::new();
     for address in order {
-        let inputs: Vec<RecordedInput> = {
-            let recording = Recording::start(Capture::Layer(address));
-            run(&model);
-            recording
-                .take()
-                .into_iter()
-                .map(|(_, input)| input)
-                .collect()
-        };
+        let inputs = inputs_of(&model, address, &none, &mut run);
+        let reference = dense_model
+            .as_ref()
+            .map(|stand_ins| inputs_of(&model, address, stand_ins, &mut run));
         model.visit_factorized("", &mut |path, layer| {
             if layer.address() != address {
                 return Ok(());
@@ -265,7 +305,7 @@ where
             let Some((w, b)) = weights.get(path) else {
                 return Err(missing_dense(path));
             };
-            let row = layer.refit(path, (w, b), &inputs, fit, backend)?;
+            let row = layer.refit(path, (w, b), &inputs, reference.as_deref(), fit, backend)?;
             match report.layers.iter_mut().find(|r| r.path == path) {
                 Some(slot) => *slot = row,
                 None => report.push(row),

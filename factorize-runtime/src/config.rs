@@ -84,6 +84,15 @@ pub enum Fit {
         /// Rounds (Composer uses 3).
         iterations: usize,
     },
+    /// The exact optimum of the error against the *dense model's* output of the layer, from the
+    /// inputs the layer sees in the already-factorized model: each fit corrects the error that
+    /// the layers before it let through (reduced-rank regression). The ridge pulls towards the
+    /// dense weight, `ρ‖BA − W‖²` with `ρ` as for [`Fit::Exact`]; without a reference the fit
+    /// equals [`Fit::Exact`]. Runs on the CPU.
+    Correcting {
+        /// Relative ridge.
+        ridge: f64,
+    },
 }
 
 impl Fit {
@@ -101,6 +110,13 @@ impl Fit {
     /// Composer's ALS with its 3 rounds.
     pub const fn als() -> Fit {
         Fit::Als { iterations: 3 }
+    }
+
+    /// The correcting fit with the default ridge.
+    pub const fn correcting() -> Fit {
+        Fit::Correcting {
+            ridge: Self::DEFAULT_RIDGE,
+        }
     }
 }
 

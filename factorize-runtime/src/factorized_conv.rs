@@ -30,6 +30,7 @@ use crate::cost::LayerKind;
 use crate::error::FactorizeError;
 use crate::pair::{self, DenseLayer, LowRankPair, Seal};
 use crate::report::LayerReport;
+use crate::stand_in::stand_in;
 
 /// A factorized convolution: `K × K`, `I → L`, no bias; then `1 × 1`, `L → O`, with bias.
 #[derive(Debug, Clone)]
@@ -108,13 +109,19 @@ where
     X: RecordInput,
     UnbiasedConv2D<I, L, K, S, P, DIL, E, D>: Module<X, Output = Y, Error = D::Err>,
     Conv2D<L, O, 1, 1, 0, 1, E, D>: Module<Y, Error = D::Err>,
+    Conv2D<I, O, K, S, P, DIL, E, D>:
+        Module<X, Output = <Conv2D<L, O, 1, 1, 0, 1, E, D> as Module<Y>>::Output, Error = D::Err>,
 {
     type Output = <Conv2D<L, O, 1, 1, 0, 1, E, D> as Module<Y>>::Output;
     type Error = D::Err;
 
     fn try_forward(&self, x: X) -> Result<Self::Output, D::Err> {
-        // A no-op unless a calibration pass is recording on this thread.
-        x.record(self as *const Self as usize);
+        let address = self as *const Self as usize;
+        // No-ops unless a calibration pass is recording, or a dense layer stands in.
+        x.record(address);
+        if let Some(dense) = stand_in::<Conv2D<I, O, K, S, P, DIL, E, D>>(address) {
+            return dense.try_forward(x);
+        }
         self.second.try_forward(self.first.try_forward(x)?)
     }
 }
@@ -146,6 +153,14 @@ impl<
 
     fn device(&self) -> D {
         self.weight.device().clone()
+    }
+
+    fn from_host(dev: &D, weight: &[f64], bias: &[f64], path: &str) -> Result<Self, FactorizeError> {
+        let (i, o, k) = (Const::<I>, Const::<O>, Const::<K>);
+        Ok(Conv2D {
+            weight: to_device(dev, weight, (o, i, k, k), path)?,
+            bias: to_device(dev, bias, (o,), path)?,
+        })
     }
 
     /// Every `K × K` patch of the recorded images (with the layer's stride, padding and

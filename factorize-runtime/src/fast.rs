@@ -269,6 +269,9 @@ where
     <Self as Module<T>>::Output: 'static,
 {
     fn try_forward_fast(&self, x: T) -> Result<Self::Output, Self::Error> {
+        if crate::stand_in::standing(self as *const Self as usize) {
+            return self.try_forward(x);
+        }
         let routed = {
             let (first, second) = (
                 &self.first.weight as &dyn Any,

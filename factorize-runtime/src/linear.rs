@@ -35,6 +35,7 @@ use crate::cost::LayerKind;
 use crate::error::FactorizeError;
 use crate::pair::{self, DenseLayer, LowRankPair, Seal};
 use crate::report::LayerReport;
+use crate::stand_in::stand_in;
 
 /// A factorized linear layer: `I → L` without bias, then `L → O` with bias.
 #[derive(Debug, Clone)]
@@ -80,13 +81,18 @@ where
     T: RecordInput,
     UnbiasedLinear<I, L, E, D>: Module<T, Output = U, Error = D::Err>,
     Linear<L, O, E, D>: Module<U, Error = D::Err>,
+    Linear<I, O, E, D>: Module<T, Output = <Linear<L, O, E, D> as Module<U>>::Output, Error = D::Err>,
 {
     type Output = <Linear<L, O, E, D> as Module<U>>::Output;
     type Error = D::Err;
 
     fn try_forward(&self, x: T) -> Result<Self::Output, D::Err> {
-        // A no-op unless a calibration pass is recording on this thread.
-        x.record(self as *const Self as usize);
+        let address = self as *const Self as usize;
+        // No-ops unless a calibration pass is recording, or a dense layer stands in.
+        x.record(address);
+        if let Some(dense) = stand_in::<Linear<I, O, E, D>>(address) {
+            return dense.try_forward(x);
+        }
         self.second.try_forward(self.first.try_forward(x)?)
     }
 }
@@ -107,6 +113,13 @@ impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> DenseLayer for Line
 
     fn device(&self) -> D {
         self.weight.device().clone()
+    }
+
+    fn from_host(dev: &D, weight: &[f64], bias: &[f64], path: &str) -> Result<Self, FactorizeError> {
+        Ok(Linear {
+            weight: to_device(dev, weight, (Const::<O>, Const::<I>), path)?,
+            bias: to_device(dev, bias, (Const::<O>,), path)?,
+        })
     }
 
     /// Every recorded input `[.., I]` is rows of `I` values.
@@ -244,7 +257,7 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
         pair::fit(
             path,
             (&weight, &bias),
-            &rows,
+            (&rows, None),
             fit,
             cfg.backend,
             &self.device(),

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use dfdx::prelude::{Device, Dtype};
 
-use crate::calibrate::{RecordedInput, Refit};
+use crate::calibrate::{RecordedInput, Refit, StandIn};
 use crate::config::{Backend, FactorizeConfig, Fit, Method};
 use crate::cost::LayerKind;
 use crate::engine::calibrated::{self, nmse, CalibratedFit, Calibration};
@@ -32,7 +32,7 @@ mod sealed {
 pub(crate) use sealed::Seal;
 
 /// A dense layer that a [`LowRankPair`] can replace. Sealed.
-pub trait DenseLayer: Clone {
+pub trait DenseLayer: Clone + 'static {
     #[doc(hidden)]
     const SEAL: Seal;
     /// The element type.
@@ -56,6 +56,13 @@ pub trait DenseLayer: Clone {
     fn host_weights(&self) -> (Vec<f64>, Vec<f64>);
     /// The device the weights live on.
     fn device(&self) -> Self::Dev;
+    /// The layer from a host weight `[OUT, FAN_IN]` and bias `[OUT]`, on `dev`.
+    fn from_host(
+        dev: &Self::Dev,
+        weight: &[f64],
+        bias: &[f64],
+        path: &str,
+    ) -> Result<Self, FactorizeError>;
     /// The rows (each `FAN_IN` wide) that recorded inputs of this layer give a data-aware fit:
     /// a linear's input rows, a convolution's patches. Errors name `path`.
     fn calibration_rows(path: &str, inputs: &[RecordedInput]) -> Result<Vec<f64>, FactorizeError>;
@@ -128,17 +135,21 @@ pub(crate) fn build<P: LowRankPair>(
 }
 
 /// The pair fitted to the outputs of the dense layer (`weight` `[OUT, FAN_IN]`, `bias`) on
-/// calibration `rows`, as `fit` says and on `backend`, with its report row.
+/// calibration `rows` (and the dense model's `reference` rows, see [`Fit::Correcting`]), as
+/// `fit` says and on `backend`, with its report row.
 pub(crate) fn fit<P: LowRankPair>(
     path: &str,
     (weight, bias): (&[f64], &[f64]),
-    rows: &[f64],
+    (rows, reference): (&[f64], Option<&[f64]>),
     fit: Fit,
     backend: Backend,
     dev: &<P::Dense as DenseLayer>::Dev,
 ) -> Result<(P, LayerReport), FactorizeError> {
     let start = Instant::now();
-    let (w, calib) = operands::<P::Dense>(path, weight, rows)?;
+    let (w, mut calib) = operands::<P::Dense>(path, weight, rows)?;
+    if let Some(reference) = reference {
+        calib = calib.with_reference(path, reference)?;
+    }
     let solved = calibrated::solve(&w, bias, &calib, P::RANK, fit, backend)?;
     let f = &solved.value;
     let pair = P::from_host(dev, &f.factors.first, &f.factors.second, &f.bias, path)?;
@@ -179,7 +190,7 @@ pub(crate) fn fit_dense<P: LowRankPair>(
     fit::<P>(
         path,
         (&weight, &bias),
-        &rows,
+        (&rows, None),
         fit_kind,
         cfg.backend,
         &dense.device(),
@@ -287,14 +298,30 @@ impl<P: LowRankPair> Refit for P {
         path: &str,
         dense: (&[f64], &[f64]),
         inputs: &[RecordedInput],
+        reference: Option<&[RecordedInput]>,
         fit_kind: Fit,
         backend: Backend,
     ) -> Result<LayerReport, FactorizeError> {
         let rows = P::Dense::calibration_rows(path, inputs)?;
-        let (pair, row) = fit::<P>(path, dense, &rows, fit_kind, backend, &self.device())?;
+        let reference = match reference {
+            Some(inputs) => Some(P::Dense::calibration_rows(path, inputs)?),
+            None => None,
+        };
+        let (pair, row) = fit::<P>(
+            path,
+            dense,
+            (&rows, reference.as_deref()),
+            fit_kind,
+            backend,
+            &self.device(),
+        )?;
         // Replaces the layer only once the new one is complete.
         *self = pair;
         Ok(row)
+    }
+
+    fn stand_in(&self, path: &str, (weight, bias): (&[f64], &[f64])) -> Result<StandIn, FactorizeError> {
+        P::Dense::from_host(&self.device(), weight, bias, path).map(StandIn::new)
     }
 
     fn nmse_on(

@@ -41,12 +41,14 @@ use super::{settle, Route};
 use crate::config::{Backend, Fit, Precision};
 use crate::error::FactorizeError;
 
-/// Calibration inputs of one layer: `rows × cols` row-major, checked finite and non-empty.
+/// Calibration inputs of one layer: `rows × cols` row-major, checked finite and non-empty;
+/// optionally with the same rows as the dense model gave them (see [`Self::with_reference`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Calibration<'a> {
     data: &'a [f64],
     rows: usize,
     cols: usize,
+    reference: Option<&'a [f64]>,
 }
 
 impl<'a> Calibration<'a> {
@@ -73,7 +75,32 @@ impl<'a> Calibration<'a> {
             });
         }
         check_finite(layer, "calibration input", data)?;
-        Ok(Self { data, rows, cols })
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            reference: None,
+        })
+    }
+
+    /// Adds the reference inputs: row `i` of `reference` is what the dense model fed the layer
+    /// where the model being fitted fed it row `i` of these inputs. [`Fit::Correcting`] fits
+    /// the layer's output on them; the other fits ignore them.
+    pub fn with_reference(self, layer: &str, reference: &'a [f64]) -> Result<Self, FactorizeError> {
+        if reference.len() != self.data.len() {
+            return Err(FactorizeError::Shape {
+                layer: layer.to_string(),
+                tensor: "reference input",
+                expected: self.data.len(),
+                actual: reference.len(),
+                shape: format!("[{}, {}]", self.rows, self.cols),
+            });
+        }
+        check_finite(layer, "reference input", reference)?;
+        Ok(Self {
+            reference: Some(reference),
+            ..self
+        })
     }
 
     /// Number of rows.
@@ -194,20 +221,25 @@ fn fit_linear_here(
 ) -> Result<CalibratedFit, FactorizeError> {
     let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
     check_inputs(w, bias, x, rank)?;
+    let iterations = match fit {
+        Fit::Correcting { ridge } => return correcting(w, bias, x, rank, ridge),
+        Fit::Exact { .. } => 0,
+        Fit::Als { iterations } => iterations,
+    };
     let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
     let (mut c, mean) = moments(x);
     let rank_deficient = x.rows <= in_dim;
     let scale = trace(&c) / in_dim as f64;
 
     let (factors, energies, ridge) = match fit {
-        Fit::Exact { ridge } => {
+        Fit::Exact { ridge } | Fit::Correcting { ridge } => {
             // No inverse of C is formed, so even a singular C (N <= in) needs no ridge to be
             // solvable; the ridge is about generalising off the calibration rows.
             let rho = ridge * scale;
             let (factors, energies) = exact(w, &mut c, rho, rank)?;
             (factors, energies, rho)
         }
-        Fit::Als { iterations } => {
+        Fit::Als { .. } => {
             let mut factors = als(w, &c, rank, iterations, scale)?;
             factors.relative_error =
                 super::relative_error(w, &factors.second, &factors.first, rank);
@@ -225,6 +257,84 @@ fn fit_linear_here(
         factors,
         ridge,
         rank_deficient,
+    })
+}
+
+/// The correcting fit ([`Fit::Correcting`]) with the relative ridge `ridge`.
+///
+/// With `F` the centred inputs the layer sees and `D` the centred reference inputs (paired
+/// rows), the target is `D·Wᵀ` and the objective `‖D·Wᵀ − F·Mᵀ‖² + ρ‖M − W‖²`. Its unconstrained
+/// minimum solves `M·(C_ff + ρI) = W·(C_df + ρI)`, and for any `M` the objective is a constant
+/// plus `tr((M − M*)·(C_ff + ρI)·(M − M*)ᵀ)`: so the best rank-`rank` `M` is the exact fit of
+/// `M*` under `C_ff` with ridge `ρ`. The bias takes the mean residual,
+/// `b′ = b + W·μ_d − BA·μ_f`.
+fn correcting(
+    w: &WeightMatrix<'_>,
+    bias: &[f64],
+    x: &Calibration<'_>,
+    rank: usize,
+    ridge: f64,
+) -> Result<CalibratedFit, FactorizeError> {
+    let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
+    let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
+    let reference = x.reference.unwrap_or(x.data);
+    // Seen and reference rows side by side: one moment pass gives C_ff, C_fd and C_dd.
+    let joint: Vec<f64> = x
+        .data
+        .chunks_exact(in_dim)
+        .zip(reference.chunks_exact(in_dim))
+        .flat_map(|(f, d)| f.iter().chain(d).copied())
+        .collect();
+    let (moment, mean) = moments(&Calibration::new(w.name(), &joint, x.rows, 2 * in_dim)?);
+    let (mu_f, mu_d) = mean.split_at(in_dim);
+    let block = |row, col| moment.as_ref().submatrix(row, col, in_dim, in_dim);
+    let mut c_ff = block(0, 0).to_owned();
+    let rho = ridge * trace(&c_ff) / in_dim as f64;
+    let ridged = |m: MatRef<'_, f64>| {
+        let mut m = m.to_owned();
+        (0..in_dim).for_each(|i| m[(i, i)] += rho);
+        m
+    };
+    let optimum = ridged(c_ff.as_ref())
+        .llt(Side::Lower)
+        .map_err(|_| FactorizeError::Calibration {
+            layer: w.name().to_string(),
+            reason: "the inputs it sees do not span its input space: a correcting fit needs \
+                     a ridge > 0 here"
+                .into(),
+        })?
+        .solve(ridged(block(0, in_dim)) * wm.transpose());
+    let target: Vec<f64> = (0..out_dim)
+        .flat_map(|o| (0..in_dim).map(move |i| (o, i)))
+        .map(|(o, i)| optimum[(i, o)])
+        .collect();
+    let target = WeightMatrix::new(w.name(), &target, out_dim, in_dim)?;
+    let (mut factors, _) = exact(&target, &mut c_ff, rho, rank)?;
+    factors.relative_error = super::relative_error(w, &factors.second, &factors.first, rank);
+    // The residual on the rows, `[W, −BA]` under the joint second moment.
+    let a = MatRef::from_row_major_slice(&factors.first, rank, in_dim);
+    let b = MatRef::from_row_major_slice(&factors.second, out_dim, rank);
+    let ba = b * a;
+    let residual = Mat::<f64>::from_fn(out_dim, 2 * in_dim, |o, j| {
+        if j < in_dim {
+            -ba[(o, j)]
+        } else {
+            wm[(o, j - in_dim)]
+        }
+    });
+    let energies = Energies {
+        output: quad(wm, &block(in_dim, in_dim).to_owned()),
+        error: quad(residual.as_ref(), &moment).max(0.0),
+    };
+    let column = |m: Mat<f64>| (0..out_dim).map(|o| m[(o, 0)]).collect::<Vec<f64>>();
+    let w_mu = column(wm * MatRef::from_column_major_slice(mu_d, in_dim, 1));
+    let ba_mu = column(&ba * MatRef::from_column_major_slice(mu_f, in_dim, 1));
+    Ok(CalibratedFit {
+        bias: refitted_bias(bias, &w_mu, &ba_mu),
+        nmse: energies.nmse(&w_mu, bias, x.rows),
+        factors,
+        ridge: rho,
+        rank_deficient: x.rows <= in_dim,
     })
 }
 
