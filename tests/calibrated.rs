@@ -5,6 +5,7 @@ mod model_level {
     use dfdx::prelude::*;
     use factorize_runtime::engine::calibrated::{fit_linear, Calibration};
     use factorize_runtime::engine::WeightMatrix;
+    use factorize_runtime::sensitivity::{damage, RankGrid, Truncation};
     use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
     use factorize_runtime::Fit;
     use factorize_runtime::{mirror, Factorizable, FactorizeConfig, FactorizeError, Status};
@@ -12,7 +13,7 @@ mod model_level {
     type Dev = Cpu;
     type Batch = Tensor<(usize, Const<128>), f32, Dev>;
 
-    #[derive(Factorizable)]
+    #[derive(Factorizable, Clone)]
     #[factorize(latent_features = 24, min_features = 64)]
     pub struct Two<E: Dtype, D: Device<E>> {
         pub a: Linear<128, 128, E, D>,
@@ -142,7 +143,10 @@ mod model_level {
         let seen = host(f.act.forward(f.a.forward(x.clone())));
         let reference = host(model.act.forward(model.a.forward(x.clone())));
         let to_f64 = |v: Vec<f32>| -> Vec<f64> { v.iter().map(|v| *v as f64).collect() };
-        let (w, bias) = (to_f64(model.b.0.weight.as_vec()), to_f64(model.b.0.bias.as_vec()));
+        let (w, bias) = (
+            to_f64(model.b.0.weight.as_vec()),
+            to_f64(model.b.0.bias.as_vec()),
+        );
         let wm = WeightMatrix::new("b.0", &w, 96, 128).unwrap();
         let xc = Calibration::new("b.0", &seen, 400, 128)
             .unwrap()
@@ -170,6 +174,94 @@ mod model_level {
             err(exact.forward(x.clone()).as_vec()),
         );
         assert!(e_cor < e_exact, "correcting {e_cor} vs exact {e_exact}");
+    }
+
+    /// `w` (row-major `[out, in]`) truncated to rank `r` by faer's full SVD.
+    fn truncated(w: &[f32], out: usize, inp: usize, r: usize) -> Vec<f32> {
+        let m = faer::Mat::<f64>::from_fn(out, inp, |i, j| w[i * inp + j] as f64);
+        let svd = m.thin_svd().unwrap();
+        let (u, v) = (svd.U().subcols(0, r), svd.V().subcols(0, r));
+        let s = faer::Mat::<f64>::from_fn(r, r, |i, j| if i == j { svd.S()[i] } else { 0.0 });
+        let t = u * s * v.transpose();
+        (0..out * inp)
+            .map(|k| t[(k / inp, k % inp)] as f32)
+            .collect()
+    }
+
+    #[test]
+    fn sensitivity_is_the_output_damage_of_each_layer_truncated_alone() {
+        let (_dev, model, x) = setup();
+        let grid = RankGrid {
+            fractions: vec![0.25, 0.5],
+            multiple: 8,
+        };
+        let cfg = FactorizeConfig {
+            progress: false,
+            ..Default::default()
+        };
+        let y = model.forward(x.clone()).as_vec();
+        let measure = |truncation| {
+            model
+                .sensitivity(
+                    &grid,
+                    truncation,
+                    &cfg,
+                    |m| m.forward(x.clone()).as_vec(),
+                    |reference: &Vec<f32>, out: &Vec<f32>| {
+                        // The reference run is the dense model.
+                        assert_eq!(reference, &y);
+                        damage::mse(reference, out)
+                    },
+                )
+                .unwrap()
+        };
+        let weight = measure(Truncation::Weight);
+        let shapes: Vec<(&str, &[usize], usize)> = weight
+            .layers
+            .iter()
+            .map(|l| (l.path.as_str(), l.ranks.as_slice(), l.positions))
+            .collect();
+        assert_eq!(
+            shapes,
+            [("a", &[16, 32][..], 400), ("b.0", &[16, 24][..], 400)]
+        );
+        // Each figure is the damage of the dense model with that one weight truncated.
+        for (l, layer) in weight.layers.iter().enumerate() {
+            for (&rank, &measured) in layer.ranks.iter().zip(&layer.damage) {
+                let mut alone = model.clone();
+                match l {
+                    0 => alone.a.weight.copy_from(&truncated(
+                        &model.a.weight.as_vec(),
+                        128,
+                        128,
+                        rank,
+                    )),
+                    _ => alone.b.0.weight.copy_from(&truncated(
+                        &model.b.0.weight.as_vec(),
+                        96,
+                        128,
+                        rank,
+                    )),
+                }
+                let expected = damage::mse(&y, &alone.forward(x.clone()).as_vec());
+                assert!(
+                    (measured / expected - 1.0).abs() < 1e-3,
+                    "{} rank {rank}: {measured} vs {expected}",
+                    layer.path
+                );
+            }
+            // A higher rank damages less.
+            assert!(layer.damage[1] < layer.damage[0], "{layer:?}");
+        }
+        // Data-aware truncations damage the output less, and the measure is deterministic.
+        let data = measure(Truncation::default());
+        for (d, w) in data.layers.iter().zip(&weight.layers) {
+            assert!(
+                d.damage.iter().zip(&w.damage).all(|(d, w)| d < w),
+                "{d:?} vs {w:?}"
+            );
+        }
+        assert_eq!(data, measure(Truncation::default()));
     }
 
     #[test]

@@ -17,10 +17,11 @@ use dfdx::prelude::{Device, Dtype, HasShape, Shape, Storage, Tensor};
 
 use crate::config::{Backend, Fit};
 use crate::convert::host_f64;
+use crate::cost::LayerShape;
 use crate::error::FactorizeError;
 use crate::report::{FactorizeReport, LayerReport};
-use crate::stand_in::{StandIns, Standing};
 pub use crate::stand_in::StandIn;
+use crate::stand_in::{StandIns, Standing};
 
 /// One recorded forward call of a layer: its input's shape and values (row-major).
 #[derive(Debug, Clone, PartialEq)]
@@ -137,6 +138,12 @@ pub trait Refit {
     /// in for it.
     fn stand_in(&self, path: &str, dense: (&[f64], &[f64])) -> Result<StandIn, FactorizeError>;
 
+    /// The dims of the dense layer it replaces.
+    fn shape(&self) -> LayerShape;
+
+    /// The calibration rows (`fan_in` wide) that recorded inputs give this layer's fits.
+    fn rows(&self, path: &str, inputs: &[RecordedInput]) -> Result<Vec<f64>, FactorizeError>;
+
     /// The output nmse of the layer as it is against the dense layer `(weight, bias)`, on the
     /// recorded `inputs` (see [`crate::engine::calibrated::nmse`]).
     fn nmse_on(
@@ -177,7 +184,7 @@ pub trait VisitDense {
 }
 
 /// The dense layers of `dense` by path: weight (`[out, in]`, unfolded for convolutions) and bias.
-fn dense_weights<M: VisitDense>(dense: &M) -> HashMap<String, (Vec<f64>, Vec<f64>)> {
+pub(crate) fn dense_weights<M: VisitDense>(dense: &M) -> HashMap<String, (Vec<f64>, Vec<f64>)> {
     let mut weights = HashMap::new();
     dense.visit_dense("", &mut |path, w, b| {
         weights.insert(path.to_string(), (w, b));
@@ -185,7 +192,7 @@ fn dense_weights<M: VisitDense>(dense: &M) -> HashMap<String, (Vec<f64>, Vec<f64
     weights
 }
 
-fn missing_dense(path: &str) -> FactorizeError {
+pub(crate) fn missing_dense(path: &str) -> FactorizeError {
     FactorizeError::Calibration {
         layer: path.to_string(),
         reason: "no dense layer at this path in the original model".into(),
@@ -230,7 +237,7 @@ where
 }
 
 /// The inputs of the layer at `address` in a run of `model`, with `stand_ins` standing in.
-fn inputs_of<T, F: FnMut(&T)>(
+pub(crate) fn inputs_of<T, R, F: FnMut(&T) -> R>(
     model: &T,
     address: usize,
     stand_ins: &StandIns,
@@ -247,7 +254,7 @@ fn inputs_of<T, F: FnMut(&T)>(
 }
 
 /// Dense layers standing in for every factorized layer of `model`: run so, it is the dense model.
-fn dense_stand_ins<T: VisitFactorized>(
+pub(crate) fn dense_stand_ins<T: VisitFactorized>(
     model: &mut T,
     weights: &HashMap<String, (Vec<f64>, Vec<f64>)>,
 ) -> Result<StandIns, FactorizeError> {

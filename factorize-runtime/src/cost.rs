@@ -155,6 +155,69 @@ pub const fn max_rank(in_dim: usize, out_dim: usize, k_h: usize, k_w: usize) -> 
     ceil.saturating_sub(1)
 }
 
+/// The dims of one layer, and what it costs dense and as a pair of each rank.
+///
+/// ```
+/// use factorize_runtime::cost::LayerShape;
+/// use factorize_runtime::LayerKind;
+/// let fc = LayerShape::new(LayerKind::Linear, 384, 1536, 1);
+/// assert_eq!((fc.dense_macs(), fc.factorized_macs(64), fc.max_rank()), (589_824, 122_880, 307));
+/// assert_eq!((fc.dense_params(), fc.factorized_params(64)), (591_360, 124_416));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LayerShape {
+    /// Linear or convolution.
+    pub kind: LayerKind,
+    /// Input features or channels.
+    pub in_dim: usize,
+    /// Output features or channels.
+    pub out_dim: usize,
+    /// Kernel size (1 for a linear).
+    pub kernel: usize,
+}
+
+impl LayerShape {
+    /// A layer of `kind` with these dims.
+    pub const fn new(kind: LayerKind, in_dim: usize, out_dim: usize, kernel: usize) -> Self {
+        Self {
+            kind,
+            in_dim,
+            out_dim,
+            kernel,
+        }
+    }
+
+    /// Columns of the weight seen as a matrix: `in · kernel²`.
+    pub const fn fan_in(&self) -> usize {
+        self.in_dim * self.kernel * self.kernel
+    }
+
+    /// Multiply-adds per output position, dense ([`dense_macs`]).
+    pub const fn dense_macs(&self) -> usize {
+        dense_macs(self.in_dim, self.out_dim, self.kernel, self.kernel)
+    }
+
+    /// Multiply-adds per output position of the pair of rank `latent` ([`factorized_macs`]).
+    pub const fn factorized_macs(&self, latent: usize) -> usize {
+        factorized_macs(self.in_dim, latent, self.out_dim, self.kernel, self.kernel)
+    }
+
+    /// Parameters (weights and bias), dense.
+    pub const fn dense_params(&self) -> usize {
+        self.dense_macs() + self.out_dim
+    }
+
+    /// Parameters of the pair of rank `latent`.
+    pub const fn factorized_params(&self, latent: usize) -> usize {
+        self.factorized_macs(latent) + self.out_dim
+    }
+
+    /// The largest rank that saves multiply-adds ([`max_rank`]).
+    pub const fn max_rank(&self) -> usize {
+        max_rank(self.in_dim, self.out_dim, self.kernel, self.kernel)
+    }
+}
+
 /// The six parameters of the cost rule, with Composer's names and defaults: which layers are
 /// replaced and at what rank. For derived models they are the `#[factorize(..)]` attributes,
 /// evaluated at compile time; the run-time options (how, where) are

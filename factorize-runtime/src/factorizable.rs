@@ -20,6 +20,7 @@ use crate::factorized_conv::FactorizedConv2D;
 use crate::linear::FactorizedLinear;
 use crate::pair::DenseLayer;
 use crate::report::FactorizeReport;
+use crate::sensitivity::{RankGrid, Sensitivity, Truncation};
 
 /// A model that can build its factorized variant from its own weights.
 ///
@@ -95,6 +96,30 @@ pub trait Factorizable {
         F: FnMut(&Self::Factorized),
     {
         evaluate_heldout(self, factorized, report, run)
+    }
+
+    /// Measures, for every layer the variant replaces, the damage to the model's output when
+    /// that layer alone is truncated to each rank of `grid` (see [`crate::sensitivity`]).
+    ///
+    /// `run` runs the forward on calibration data and returns what `damage` compares: `damage(
+    /// reference, output)` gets the dense model's output first. Both run on the calling thread,
+    /// `1 + Σ (1 + ranks)` times. `self` is only read; a progress line per layer shows on a
+    /// terminal when `cfg.progress`. The result is deterministic for a deterministic forward.
+    fn sensitivity<O, F, G>(
+        &self,
+        grid: &RankGrid,
+        truncation: Truncation,
+        cfg: &FactorizeConfig,
+        run: F,
+        damage: G,
+    ) -> Result<Sensitivity, FactorizeError>
+    where
+        Self: VisitDense + Sized,
+        Self::Factorized: VisitFactorized,
+        F: FnMut(&Self::Factorized) -> O,
+        G: FnMut(&O, &O) -> f64,
+    {
+        crate::sensitivity::measure(self, grid, truncation, cfg, run, damage)
     }
 }
 

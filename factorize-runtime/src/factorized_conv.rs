@@ -155,7 +155,12 @@ impl<
         self.weight.device().clone()
     }
 
-    fn from_host(dev: &D, weight: &[f64], bias: &[f64], path: &str) -> Result<Self, FactorizeError> {
+    fn from_host(
+        dev: &D,
+        weight: &[f64],
+        bias: &[f64],
+        path: &str,
+    ) -> Result<Self, FactorizeError> {
         let (i, o, k) = (Const::<I>, Const::<O>, Const::<K>);
         Ok(Conv2D {
             weight: to_device(dev, weight, (o, i, k, k), path)?,

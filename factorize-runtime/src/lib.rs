@@ -152,6 +152,7 @@ pub mod pair;
 mod pool;
 mod progress;
 pub mod report;
+pub mod sensitivity;
 mod stand_in;
 pub mod synthetic;
 pub mod weights;

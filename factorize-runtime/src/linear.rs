@@ -81,7 +81,8 @@ where
     T: RecordInput,
     UnbiasedLinear<I, L, E, D>: Module<T, Output = U, Error = D::Err>,
     Linear<L, O, E, D>: Module<U, Error = D::Err>,
-    Linear<I, O, E, D>: Module<T, Output = <Linear<L, O, E, D> as Module<U>>::Output, Error = D::Err>,
+    Linear<I, O, E, D>:
+        Module<T, Output = <Linear<L, O, E, D> as Module<U>>::Output, Error = D::Err>,
 {
     type Output = <Linear<L, O, E, D> as Module<U>>::Output;
     type Error = D::Err;
@@ -115,7 +116,12 @@ impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> DenseLayer for Line
         self.weight.device().clone()
     }
 
-    fn from_host(dev: &D, weight: &[f64], bias: &[f64], path: &str) -> Result<Self, FactorizeError> {
+    fn from_host(
+        dev: &D,
+        weight: &[f64],
+        bias: &[f64],
+        path: &str,
+    ) -> Result<Self, FactorizeError> {
         Ok(Linear {
             weight: to_device(dev, weight, (Const::<O>, Const::<I>), path)?,
             bias: to_device(dev, bias, (Const::<O>,), path)?,

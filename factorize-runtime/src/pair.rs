@@ -18,7 +18,7 @@ use dfdx::prelude::{Device, Dtype};
 
 use crate::calibrate::{RecordedInput, Refit, StandIn};
 use crate::config::{Backend, FactorizeConfig, Fit, Method};
-use crate::cost::LayerKind;
+use crate::cost::{LayerKind, LayerShape};
 use crate::engine::calibrated::{self, nmse, CalibratedFit, Calibration};
 use crate::engine::{self, check_finite, LowRank, WeightMatrix};
 use crate::error::FactorizeError;
@@ -266,6 +266,11 @@ pub(crate) fn reduce<P: LowRankPair, Q: LowRankPair<Dense = P::Dense>>(
     Q::from_host(&pair.device(), &f.first, &f.second, &bias, "reduce")
 }
 
+/// The dims of a dense layer kind.
+const fn shape<M: DenseLayer>() -> LayerShape {
+    LayerShape::new(M::KIND, M::IN, M::OUT, M::KERNEL)
+}
+
 /// `(OUT, FAN_IN)` of a dense layer kind.
 const fn dims<M: DenseLayer>() -> (usize, usize) {
     (M::OUT, M::FAN_IN)
@@ -320,8 +325,20 @@ impl<P: LowRankPair> Refit for P {
         Ok(row)
     }
 
-    fn stand_in(&self, path: &str, (weight, bias): (&[f64], &[f64])) -> Result<StandIn, FactorizeError> {
+    fn stand_in(
+        &self,
+        path: &str,
+        (weight, bias): (&[f64], &[f64]),
+    ) -> Result<StandIn, FactorizeError> {
         P::Dense::from_host(&self.device(), weight, bias, path).map(StandIn::new)
+    }
+
+    fn shape(&self) -> LayerShape {
+        shape::<P::Dense>()
+    }
+
+    fn rows(&self, path: &str, inputs: &[RecordedInput]) -> Result<Vec<f64>, FactorizeError> {
+        P::Dense::calibration_rows(path, inputs)
     }
 
     fn nmse_on(

@@ -13,6 +13,11 @@ pub(crate) struct Layer {
 
 impl Layer {
     pub(crate) fn start(cfg: &FactorizeConfig, path: &str, what: &str) -> Self {
+        Self::doing(cfg, "factorizing", path, what)
+    }
+
+    /// As [`Self::start`], saying `verb` instead of "factorizing".
+    pub(crate) fn doing(cfg: &FactorizeConfig, verb: &str, path: &str, what: &str) -> Self {
         if !cfg.progress {
             return Self { bar: None };
         }
@@ -21,7 +26,7 @@ impl Layer {
         if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
             bar.set_style(style);
         }
-        bar.set_message(format!("factorizing `{path}` ({what})"));
+        bar.set_message(format!("{verb} `{path}` ({what})"));
         bar.enable_steady_tick(Duration::from_millis(100));
         Self { bar: Some(bar) }
     }

@@ -1,12 +1,12 @@
 //! The correcting fit (`Fit::Correcting`): the exact optimum of the error against the dense
 //! model's outputs, from the inputs the layer sees, checked against an independent solution.
 
-use faer::linalg::solvers::SolveLstsq;
-use faer::{Mat, MatRef};
 use factorize_runtime::engine::calibrated::{fit_linear, CalibratedFit, Calibration};
 use factorize_runtime::engine::WeightMatrix;
 use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
 use factorize_runtime::{FactorizeError, Fit};
+use faer::linalg::solvers::SolveLstsq;
+use faer::{Mat, MatRef};
 
 const OUT: usize = 24;
 const IN: usize = 32;
@@ -98,7 +98,13 @@ fn the_correcting_fit_is_the_reduced_rank_regression_optimum() {
         let rho = ridge * scale;
         assert!((fit.ridge - rho).abs() <= 1e-9 * rho.max(1.0));
         let ours = objective(w_ref, product(&fit).as_ref(), &f, &d, rho);
-        let best = objective(w_ref, optimum(w_ref, &f, &d, rho, rank).as_ref(), &f, &d, rho);
+        let best = objective(
+            w_ref,
+            optimum(w_ref, &f, &d, rho, rank).as_ref(),
+            &f,
+            &d,
+            rho,
+        );
         assert!(
             (ours / best - 1.0).abs() <= 1e-8,
             "ridge {ridge} rank {rank}: objective {ours} vs optimum {best}"
@@ -132,7 +138,10 @@ fn the_correcting_fit_is_the_reduced_rank_regression_optimum() {
             .map(|(i, o)| (target[(i, o)] + bias[o] - mean).powi(2))
             .sum::<f64>()
             / cells;
-        assert!(mean_residual.iter().all(|r| r.abs() < 1e-9), "{mean_residual:?}");
+        assert!(
+            mean_residual.iter().all(|r| r.abs() < 1e-9),
+            "{mean_residual:?}"
+        );
         let measured = err / cells / var;
         assert!(
             (fit.nmse / measured - 1.0).abs() <= 1e-8,
@@ -154,7 +163,11 @@ fn without_upstream_error_it_is_the_exact_fit() {
         let gap = (product(&ours) - product(&exact)).norm_l2() / product(&exact).norm_l2();
         assert!(gap < 1e-9, "{gap}");
         assert!((ours.nmse / exact.nmse - 1.0).abs() < 1e-8);
-        assert!(ours.bias.iter().zip(&exact.bias).all(|(a, b)| (a - b).abs() < 1e-9));
+        assert!(ours
+            .bias
+            .iter()
+            .zip(&exact.bias)
+            .all(|(a, b)| (a - b).abs() < 1e-9));
     }
 }
 
@@ -183,6 +196,9 @@ fn a_bad_reference_is_an_error_naming_the_layer() {
     let w = matrix_with_spectrum(OUT, IN, &power_law(OUT, 0.5), 1);
     let wm = WeightMatrix::new("enc.fc", &w, OUT, IN).unwrap();
     let err = fit_linear(&wm, &[0.0; OUT], &few, 4, Fit::Correcting { ridge: 0.0 }).unwrap_err();
-    assert!(err.to_string().contains("enc.fc") && err.to_string().contains("ridge"), "{err}");
+    assert!(
+        err.to_string().contains("enc.fc") && err.to_string().contains("ridge"),
+        "{err}"
+    );
     assert!(fit_linear(&wm, &[0.0; OUT], &few, 4, Fit::correcting()).is_ok());
 }

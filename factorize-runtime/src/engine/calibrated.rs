@@ -338,6 +338,98 @@ fn correcting(
     })
 }
 
+/// A layer's leading output directions, from which the best pair of every rank up to the
+/// number found is a prefix: `W_r = Q_r·Q_rᵀ·W` with `Q_r` the first `r` columns (see
+/// [`directions`]). Sensitivity measurements truncate one layer to many ranks from one
+/// decomposition.
+#[derive(Debug, Clone)]
+pub struct Directions {
+    q: Mat<f64>,
+    weight: Vec<f64>,
+    bias: Vec<f64>,
+    /// The calibration rows' mean, when the directions are data-aware.
+    mean: Option<Vec<f64>>,
+}
+
+/// The leading `max_rank` output directions of the layer `(w, bias)`: the left singular vectors
+/// of `W` (weight SVD, `x` = `None`), or of `W·(C + ρI)^{1/2}` on calibration rows `x` (the
+/// exact fit, [`Fit::Exact`] with relative `ridge`), leading first.
+///
+/// ```
+/// use factorize_runtime::engine::calibrated::directions;
+/// use factorize_runtime::engine::WeightMatrix;
+/// let w = [3.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 1.0]; // diag(3, 2, 1)
+/// let m = WeightMatrix::new("fc", &w, 3, 3).unwrap();
+/// let d = directions(&m, &[0.0; 3], None, 0.0, 2).unwrap();
+/// let (w1, _) = d.truncated(1);
+/// assert!((w1[0] - 3.0).abs() < 1e-12 && w1[4].abs() < 1e-12); // keeps the largest
+/// ```
+///
+/// Errors: as [`fit_linear`].
+pub fn directions(
+    w: &WeightMatrix<'_>,
+    bias: &[f64],
+    x: Option<&Calibration<'_>>,
+    ridge: f64,
+    max_rank: usize,
+) -> Result<Directions, FactorizeError> {
+    crate::pool::run(|| {
+        let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
+        let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
+        let (c, mean) = match x {
+            Some(x) => {
+                check_inputs(w, bias, x, max_rank)?;
+                let (mut c, mean) = moments(x);
+                let rho = ridge * trace(&c) / in_dim as f64;
+                (0..in_dim).for_each(|i| c[(i, i)] += rho);
+                (c, Some(mean))
+            }
+            None => {
+                w.check_rank(max_rank)?;
+                check_finite(w.name(), "bias", bias)?;
+                (Mat::<f64>::identity(in_dim, in_dim), None)
+            }
+        };
+        let (leading, _) = output_subspace(wm, &c, max_rank, w.name())?;
+        Ok(Directions {
+            q: leading.vectors,
+            weight: w.data().to_vec(),
+            bias: bias.to_vec(),
+            mean,
+        })
+    })
+}
+
+impl Directions {
+    /// The ranks available: `1..=max_rank()`.
+    pub fn max_rank(&self) -> usize {
+        self.q.ncols()
+    }
+
+    /// The best rank-`rank` weight `Q_r·Q_rᵀ·W` (row-major `[out, in]`) and its bias (refitted
+    /// to the mean residual when data-aware). `rank` is clamped to `1..=max_rank()`.
+    pub fn truncated(&self, rank: usize) -> (Vec<f64>, Vec<f64>) {
+        let (out_dim, rank) = (self.q.nrows(), rank.clamp(1, self.max_rank()));
+        let in_dim = self.weight.len() / out_dim.max(1);
+        let wm = MatRef::from_row_major_slice(&self.weight, out_dim, in_dim);
+        let q = self.q.as_ref().subcols(0, rank);
+        let wr = q * (q.transpose() * wm);
+        let weight = (0..out_dim)
+            .flat_map(|o| (0..in_dim).map(move |i| (o, i)))
+            .map(|(o, i)| wr[(o, i)])
+            .collect();
+        let bias = match &self.mean {
+            Some(mean) => {
+                let mu = MatRef::from_column_major_slice(mean, in_dim, 1);
+                let shift = (wm - &wr) * mu;
+                (0..out_dim).map(|o| self.bias[o] + shift[(o, 0)]).collect()
+            }
+            None => self.bias.clone(),
+        };
+        (weight, bias)
+    }
+}
+
 /// Below this fraction of the energy it is taken from, a difference of energies has lost too
 /// many digits to cancellation: the error is then computed from the residual itself.
 const CANCELLATION: f64 = 1e-6;
