@@ -5,7 +5,7 @@ mod model_level {
     use dfdx::prelude::*;
     use factorize_runtime::engine::calibrated::{fit_linear, Calibration};
     use factorize_runtime::engine::WeightMatrix;
-    use factorize_runtime::sensitivity::{damage, RankGrid, Truncation};
+    use factorize_runtime::sensitivity::{damage, Cost, RankGrid, Truncation};
     use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
     use factorize_runtime::Fit;
     use factorize_runtime::{mirror, Factorizable, FactorizeConfig, FactorizeError, Status};
@@ -191,7 +191,7 @@ mod model_level {
     #[test]
     fn sensitivity_is_the_output_damage_of_each_layer_truncated_alone() {
         let (_dev, model, x) = setup();
-        let grid = RankGrid {
+        let grid = RankGrid::Fractions {
             fractions: vec![0.25, 0.5],
             multiple: 8,
         };
@@ -262,6 +262,67 @@ mod model_level {
             );
         }
         assert_eq!(data, measure(Truncation::default()));
+    }
+
+    #[test]
+    fn a_simulated_plan_computes_what_the_compiled_variant_does() {
+        let (_dev, model, x) = setup();
+        let cfg = FactorizeConfig {
+            progress: false,
+            ..Default::default()
+        };
+        let sensitivity = model
+            .sensitivity(
+                &RankGrid::Multiples { multiple: 8 },
+                Truncation::Weight,
+                &cfg,
+                |m| m.forward(x.clone()).as_vec(),
+                |a: &Vec<f32>, b: &Vec<f32>| damage::mse(a, b),
+            )
+            .unwrap();
+        // The variant's rank, 24, on every layer.
+        let plan = sensitivity.uniform(24, Cost::Macs).unwrap();
+        assert_eq!(
+            plan.layers,
+            [("a".into(), Some(24)), ("b.0".into(), Some(24))]
+        );
+        let run = |m: &<Two<f32, Dev> as Factorizable>::Factorized| {
+            m.forward(x.clone());
+        };
+        let close = |a: Vec<f32>, b: Vec<f32>| {
+            let scale = a.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+            let gap = a
+                .iter()
+                .zip(&b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            gap <= 1e-3 * scale
+        };
+        let compiled = model.factorize(&cfg).unwrap();
+        let simulated = model.simulate(&plan, None, &cfg, run).unwrap();
+        assert!(close(
+            compiled.forward(x.clone()).as_vec(),
+            simulated.run(|m| m.forward(x.clone()).as_vec())
+        ));
+        for fit in [Fit::Exact { ridge: 0.0 }, Fit::correcting()] {
+            let (compiled, _) = model.factorize_calibrated(&cfg, fit, run).unwrap();
+            let simulated = model.simulate(&plan, Some(fit), &cfg, run).unwrap();
+            assert!(
+                close(
+                    compiled.forward(x.clone()).as_vec(),
+                    simulated.run(|m| m.forward(x.clone()).as_vec())
+                ),
+                "{fit:?}"
+            );
+        }
+        // A budget plan at the same cost loses no more, by the measured damages.
+        let budgeted = sensitivity.plan(Cost::Macs, plan.cost).unwrap();
+        assert!(budgeted.cost <= plan.cost && budgeted.damage <= plan.damage);
+        // A plan naming a layer the variant keeps is an error naming it.
+        let mut wrong = plan.clone();
+        wrong.layers[1].0 = "head".into();
+        let err = model.simulate(&wrong, None, &cfg, run).unwrap_err();
+        assert!(err.to_string().contains("head"), "{err}");
     }
 
     #[test]

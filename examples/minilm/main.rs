@@ -5,6 +5,7 @@
 //! cargo run --release --example minilm                 # the table: 5 ranks × 3 fits vs dense
 //! cargo run --release --example minilm -- embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- --rank 64 --fit data embed sentences.txt out.safetensors
+//! cargo run --release --example minilm -- frontier    # per-layer ranks to a budget vs one rank
 //! ```
 //!
 //! `embed` writes `embeddings` (`[n, 384]`, float32, normalised, in line order) for one sentence
@@ -17,6 +18,7 @@
 
 mod bert;
 mod checkpoint;
+mod frontier;
 mod metrics;
 mod pipeline;
 mod text;
@@ -259,7 +261,7 @@ fn embed_variant<const R: usize>(
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting] [embed <sentences.txt> <out.safetensors>]";
+    "usage: minilm [--rank R --fit svd|data|correcting] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N]";
 
 fn main() {
     if let Err(e) = run(std::env::args().skip(1).collect()) {
@@ -296,6 +298,13 @@ fn run(args: Vec<String>) -> Result<(), Error> {
     };
     match rest {
         [] if variant.is_none() => table(),
+        [cmd] if cmd == "frontier" && variant.is_none() => frontier::frontier(120),
+        [cmd, flag, n] if cmd == "frontier" && flag == "--sentences" && variant.is_none() => {
+            frontier::frontier(
+                n.parse()
+                    .map_err(|_| format!("--sentences takes an integer, not `{n}`"))?,
+            )
+        }
         [cmd, input, output] if cmd == "embed" => embed(variant, input, output),
         _ => Err(USAGE.into()),
     }

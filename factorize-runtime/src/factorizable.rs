@@ -20,7 +20,7 @@ use crate::factorized_conv::FactorizedConv2D;
 use crate::linear::FactorizedLinear;
 use crate::pair::DenseLayer;
 use crate::report::FactorizeReport;
-use crate::sensitivity::{RankGrid, Sensitivity, Truncation};
+use crate::sensitivity::{RankGrid, RankPlan, Sensitivity, Simulated, Truncation};
 
 /// A model that can build its factorized variant from its own weights.
 ///
@@ -120,6 +120,28 @@ pub trait Factorizable {
         G: FnMut(&O, &O) -> f64,
     {
         crate::sensitivity::measure(self, grid, truncation, cfg, run, damage)
+    }
+
+    /// Runs `plan` without compiling it: the variant with every planned layer stood in for by
+    /// the dense product of its pair at the planned rank (the same function the compiled pair
+    /// computes), fitted in forward order as `fit` says on the calibration forward `run`, or by
+    /// weight SVD (`None`). For measuring a plan's fidelity before its ranks go into types; it
+    /// is not faster than the dense model.
+    ///
+    /// Errors: a plan path the variant does not factorize, and the fits' errors.
+    fn simulate<F>(
+        &self,
+        plan: &RankPlan,
+        fit: Option<Fit>,
+        cfg: &FactorizeConfig,
+        run: F,
+    ) -> Result<Simulated<Self::Factorized>, FactorizeError>
+    where
+        Self: VisitDense + Sized,
+        Self::Factorized: VisitFactorized,
+        F: FnMut(&Self::Factorized),
+    {
+        crate::sensitivity::simulate(self, plan, fit, cfg, run)
     }
 }
 

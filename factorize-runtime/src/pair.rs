@@ -237,16 +237,8 @@ fn current<P: LowRankPair>(pair: &P) -> (LowRank, Vec<f64>) {
 /// `second · first`, row-major `[OUT, FAN_IN]`, and the bias: the dense layer the pair
 /// computes, the start of a rank reduction.
 pub(crate) fn product<P: LowRankPair>(pair: &P) -> (Vec<f64>, Vec<f64>) {
-    let (out, fan_in) = dims::<P::Dense>();
-    let (first, second, bias) = pair.host_factors();
-    let a = faer::MatRef::from_row_major_slice(&first, P::RANK, fan_in);
-    let b = faer::MatRef::from_row_major_slice(&second, out, P::RANK);
-    let p = b * a;
-    let weight = (0..out)
-        .flat_map(|o| (0..fan_in).map(move |i| (o, i)))
-        .map(|(o, i)| p[(o, i)])
-        .collect();
-    (weight, bias)
+    let (factors, bias) = current(pair);
+    (factors.product(), bias)
 }
 
 /// The best rank-`Q::RANK` pair for the dense layer that `pair` computes (truncated SVD of its

@@ -16,34 +16,46 @@
 //! ```
 //! use factorize_runtime::sensitivity::RankGrid;
 //! use factorize_runtime::{cost::LayerShape, LayerKind};
-//! let grid = RankGrid { fractions: vec![0.25, 0.5, 0.75], multiple: 32 };
+//! let grid = RankGrid::Fractions { fractions: vec![0.25, 0.5, 0.75], multiple: 32 };
 //! // 384 → 384 breaks even at rank 192: a quarter, a half and three quarters of its cost.
 //! let ranks = grid.ranks(&LayerShape::new(LayerKind::Linear, 384, 384, 1));
 //! assert_eq!(ranks, [64, 96, 160]);
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
 
 use crate::budget::{allocate, Choice};
 use crate::calibrate::{
     dense_stand_ins, dense_weights, inputs_of, missing_dense, VisitDense, VisitFactorized,
 };
+use crate::calibrate::{Capture, Recording};
 use crate::config::{FactorizeConfig, Fit, Method};
 use crate::cost::LayerShape;
-use crate::engine::calibrated::{directions, Calibration};
-use crate::engine::WeightMatrix;
+use crate::engine::calibrated::{self, directions, Calibration};
+use crate::engine::{self, WeightMatrix};
 use crate::error::FactorizeError;
 use crate::factorizable::Factorizable;
-use crate::stand_in::Standing;
+use crate::stand_in::{StandIns, Standing};
 
-/// The ranks each layer is measured at: fractions of the layer's dense multiply-adds, rounded to
-/// a multiple (GEMM kernels run whole tiles: a rank of 100 costs about what 112 or 128 does).
+/// The ranks each layer is measured at, rounded to a multiple: GEMM kernels run whole tiles, so
+/// a rank of 100 costs about what 112 does.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RankGrid {
-    /// Fractions of the dense layer's multiply-adds, each in `(0, 1)`.
-    pub fractions: Vec<f64>,
-    /// Ranks are rounded to the nearest multiple of this (at least 1).
-    pub multiple: usize,
+pub enum RankGrid {
+    /// For each fraction `f` in `(0, 1)` of the layer's dense multiply-adds, the rank whose pair
+    /// costs `f` of it, rounded to the nearest `multiple` (at least one).
+    Fractions {
+        /// Fractions of the dense layer's multiply-adds.
+        fractions: Vec<f64>,
+        /// The multiple ranks are rounded to (at least 1).
+        multiple: usize,
+    },
+    /// Every multiple of `multiple` that saves multiply-adds: the finest grid for that multiple,
+    /// and one that holds the same ranks for every layer (so one-rank baselines are on it).
+    Multiples {
+        /// The step (at least 1).
+        multiple: usize,
+    },
 }
 
 impl RankGrid {
@@ -53,22 +65,32 @@ impl RankGrid {
     /// The default multiple: 16, a SIMD width and a GEMM tile edge on the CPU and the GPU.
     pub const MULTIPLE: usize = 16;
 
-    /// The ranks for a layer of `shape`: for each fraction `f`, the rank whose pair costs `f` of
-    /// the dense layer, rounded to the nearest multiple (at least one multiple), kept when it
-    /// saves multiply-adds; sorted, without repeats.
+    /// The ranks for a layer of `shape` that save multiply-adds, rising, without repeats.
     pub fn ranks(&self, shape: &LayerShape) -> Vec<usize> {
-        let multiple = self.multiple.max(1);
-        let per_rank = (shape.fan_in() + shape.out_dim) as f64;
-        let mut ranks: Vec<usize> = self
-            .fractions
-            .iter()
-            .filter(|f| f.is_finite() && **f > 0.0)
-            .map(|f| {
-                let exact = f * shape.dense_macs() as f64 / per_rank;
-                ((exact / multiple as f64).round() as usize).max(1) * multiple
-            })
-            .filter(|&r| r <= shape.max_rank())
-            .collect();
+        let mut ranks: Vec<usize> = match self {
+            RankGrid::Fractions {
+                fractions,
+                multiple,
+            } => {
+                let multiple = (*multiple).max(1);
+                let per_rank = (shape.fan_in() + shape.out_dim) as f64;
+                fractions
+                    .iter()
+                    .filter(|f| f.is_finite() && **f > 0.0)
+                    .map(|f| {
+                        let exact = f * shape.dense_macs() as f64 / per_rank;
+                        ((exact / multiple as f64).round() as usize).max(1) * multiple
+                    })
+                    .collect()
+            }
+            RankGrid::Multiples { multiple } => {
+                let multiple = (*multiple).max(1);
+                (1..=shape.max_rank() / multiple)
+                    .map(|k| k * multiple)
+                    .collect()
+            }
+        };
+        ranks.retain(|&r| r <= shape.max_rank());
         ranks.sort_unstable();
         ranks.dedup();
         ranks
@@ -77,7 +99,7 @@ impl RankGrid {
 
 impl Default for RankGrid {
     fn default() -> Self {
-        Self {
+        RankGrid::Fractions {
             fractions: Self::FRACTIONS.to_vec(),
             multiple: Self::MULTIPLE,
         }
@@ -391,6 +413,128 @@ where
     Ok(measured)
 }
 
+/// A [`RankPlan`] run without compiling it (see [`crate::Factorizable::simulate`]): the
+/// variant with every planned layer stood in for by the dense product of its fitted pair.
+pub struct Simulated<T> {
+    /// Boxed: stand-ins are keyed by layer address, so the layers must not move.
+    model: Box<T>,
+    stand_ins: StandIns,
+}
+
+impl<T> Simulated<T> {
+    /// `f` on the variant as the plan makes it, on the calling thread.
+    pub fn run<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        let _standing = Standing::start(&self.stand_ins);
+        f(&self.model)
+    }
+}
+
+impl<T> fmt::Debug for Simulated<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Simulated({} layers)", self.stand_ins.len())
+    }
+}
+
+/// The body of [`crate::Factorizable::simulate`].
+pub(crate) fn simulate<M, F>(
+    dense: &M,
+    plan: &RankPlan,
+    fit: Option<Fit>,
+    cfg: &FactorizeConfig,
+    mut run: F,
+) -> Result<Simulated<M::Factorized>, FactorizeError>
+where
+    M: VisitDense + Factorizable,
+    M::Factorized: VisitFactorized,
+    F: FnMut(&M::Factorized),
+{
+    let fresh = FactorizeConfig {
+        method: Method::Fresh,
+        progress: false,
+        ..*cfg
+    };
+    let mut model = Box::new(dense.factorize(&fresh)?);
+    let weights = dense_weights(dense);
+    let all_dense = dense_stand_ins(&mut *model, &weights)?;
+    let mut paths = HashMap::new();
+    model.visit_factorized("", &mut |path, layer| {
+        paths.insert(layer.address(), path.to_string());
+        Ok(())
+    })?;
+    for (path, _) in &plan.layers {
+        if !paths.values().any(|p| p == path) {
+            return Err(FactorizeError::Calibration {
+                layer: path.clone(),
+                reason: "the plan names a layer that the variant does not factorize".into(),
+            });
+        }
+    }
+    // Forward order, as calibration fits: each layer sees what the layers before it, as
+    // already fitted, hand it.
+    let order: Vec<usize> = {
+        let _standing = Standing::start(&all_dense);
+        let recording = Recording::start(Capture::Order);
+        run(&model);
+        let mut seen = Vec::new();
+        for (address, _) in recording.take() {
+            if !seen.contains(&address) {
+                seen.push(address);
+            }
+        }
+        seen
+    };
+    let mut current = all_dense.clone();
+    for address in order {
+        let Some(path) = paths.get(&address) else {
+            continue;
+        };
+        let Some(Some(rank)) = plan.rank(path) else {
+            continue;
+        };
+        let needs_rows = fit.is_some();
+        let inputs = if needs_rows {
+            inputs_of(&*model, address, &current, &mut run)
+        } else {
+            Vec::new()
+        };
+        let reference = match fit {
+            Some(Fit::Correcting { .. }) => Some(inputs_of(&*model, address, &all_dense, &mut run)),
+            _ => None,
+        };
+        let (w, b) = weights.get(path).ok_or_else(|| missing_dense(path))?;
+        model.visit_factorized("", &mut |p, layer| {
+            if layer.address() != address {
+                return Ok(());
+            }
+            let shape = layer.shape();
+            let wm = WeightMatrix::new(p, w, shape.out_dim, shape.fan_in())?;
+            let (weight, bias) = match fit {
+                None => (engine::solve(&wm, rank, cfg)?.value.product(), b.clone()),
+                Some(kind) => {
+                    let rows = layer.rows(p, &inputs)?;
+                    let reference = match &reference {
+                        Some(r) => Some(layer.rows(p, r)?),
+                        None => None,
+                    };
+                    let mut x =
+                        Calibration::new(p, &rows, rows.len() / shape.fan_in(), shape.fan_in())?;
+                    if let Some(r) = &reference {
+                        x = x.with_reference(p, r)?;
+                    }
+                    let fitted = calibrated::solve(&wm, b, &x, rank, kind, cfg.backend)?.value;
+                    (fitted.factors.product(), fitted.bias)
+                }
+            };
+            current.insert(address, layer.stand_in(p, (&weight, &bias))?);
+            Ok(())
+        })?;
+    }
+    Ok(Simulated {
+        model,
+        stand_ins: current,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,11 +559,13 @@ mod tests {
         // Rounding never leaves the saving side, and tiny layers get at least one multiple.
         let tiny = LayerShape::new(LayerKind::Linear, 8, 8, 1);
         assert_eq!(RankGrid::default().ranks(&tiny), Vec::<usize>::new());
-        let odd = RankGrid {
+        let odd = RankGrid::Fractions {
             fractions: vec![0.99, f64::NAN, -1.0],
             multiple: 0,
         };
         assert_eq!(odd.ranks(&shape), [304]);
+        let every = RankGrid::Multiples { multiple: 100 }.ranks(&shape);
+        assert_eq!(every, [100, 200, 300]);
     }
 
     #[test]

@@ -182,6 +182,19 @@ pub struct LowRank {
     pub iterations: usize,
 }
 
+impl LowRank {
+    /// `second · first`, row-major `[out, in]`: the dense weight the pair computes.
+    pub fn product(&self) -> Vec<f64> {
+        let a = faer::MatRef::from_row_major_slice(&self.first, self.rank, self.in_dim);
+        let b = faer::MatRef::from_row_major_slice(&self.second, self.out_dim, self.rank);
+        let p = b * a;
+        (0..self.out_dim)
+            .flat_map(|o| (0..self.in_dim).map(move |i| (o, i)))
+            .map(|(o, i)| p[(o, i)])
+            .collect()
+    }
+}
+
 /// The outcome of [`solve`] (a [`LowRank`]) or of [`calibrated::solve`] (a
 /// [`calibrated::CalibratedFit`]): the result, where it was computed, and how long it took.
 #[derive(Debug, Clone)]
