@@ -2,7 +2,7 @@
 //! rank at the same multiply-adds, each filled three ways (weight SVD, exact data-aware fit,
 //! correcting fit), measured on the held-out sentences.
 //!
-//! The sensitivity runs on the calibration sentences: each of the 36 `Linear`s truncated alone to
+//! The sensitivity runs on calibration sentences (the first 40 unless `--sentences N`): each of the 36 `Linear`s truncated alone to
 //! every multiple of 16 that saves multiply-adds, the damage being the mean `1 − cos` of the
 //! sentence embeddings to the dense model's. Plans are then run with
 //! [`Factorizable::simulate`] (the same functions as compiled variants, without their speed).
@@ -21,8 +21,9 @@ use crate::Setup;
 /// The variant the measurements run on: every `Linear` a pair (rank 128 saves on all 36).
 type Probe = Bert<128, f32, Cpu>;
 
-/// The one-rank baselines the budgets are matched to.
-const UNIFORM: [usize; 5] = [32, 64, 96, 128, 160];
+/// The one-rank baselines the budgets are matched to: a quarter and a half of the dense
+/// model's linear multiply-adds.
+const UNIFORM: [usize; 2] = [64, 128];
 
 /// The fits each plan is filled with: `None` is weight SVD.
 const FITS: [(Option<Fit>, &str); 3] = [
@@ -32,7 +33,12 @@ const FITS: [(Option<Fit>, &str); 3] = [
 ];
 
 /// The held-out fidelity of `plan` filled by `fit`.
-fn fidelity(setup: &Setup, probe: &Probe, plan: &RankPlan, fit: Option<Fit>) -> Result<Fidelity, Error> {
+fn fidelity(
+    setup: &Setup,
+    probe: &Probe,
+    plan: &RankPlan,
+    fit: Option<Fit>,
+) -> Result<Fidelity, Error> {
     let quiet = FactorizeConfig {
         progress: false,
         ..Default::default()
@@ -53,7 +59,10 @@ fn fidelity(setup: &Setup, probe: &Probe, plan: &RankPlan, fit: Option<Fit>) -> 
 pub fn frontier(sentences: usize) -> Result<(), Error> {
     let setup = Setup::new()?;
     let probe = Probe::load(setup.dir.checkpoint(), &setup.dev)?;
-    let sensing = by_length(&setup.dev, &setup.ids[..sentences.min(pipeline::CALIBRATION.end)]);
+    let sensing = by_length(
+        &setup.dev,
+        &setup.ids[..sentences.min(pipeline::CALIBRATION.end)],
+    );
     let start = Instant::now();
     let sensitivity = probe.sensitivity(
         &RankGrid::Multiples { multiple: 16 },
@@ -87,7 +96,10 @@ pub fn frontier(sentences: usize) -> Result<(), Error> {
         let budget = sensitivity
             .plan(Cost::Macs, uniform.cost)
             .ok_or("no plan within the budget")?;
-        for (name, plan) in [(format!("rank {rank}"), &uniform), ("budget".into(), &budget)] {
+        for (name, plan) in [
+            (format!("rank {rank}"), &uniform),
+            ("budget".into(), &budget),
+        ] {
             let mut cells = Vec::new();
             for (fit, label) in FITS {
                 eprintln!("{name}, {label} …");

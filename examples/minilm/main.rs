@@ -298,7 +298,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
     };
     match rest {
         [] if variant.is_none() => table(),
-        [cmd] if cmd == "frontier" && variant.is_none() => frontier::frontier(120),
+        [cmd] if cmd == "frontier" && variant.is_none() => frontier::frontier(40),
         [cmd, flag, n] if cmd == "frontier" && flag == "--sentences" && variant.is_none() => {
             frontier::frontier(
                 n.parse()

@@ -20,7 +20,7 @@ use crate::convert::host_f64;
 use crate::cost::LayerShape;
 use crate::error::FactorizeError;
 use crate::report::{FactorizeReport, LayerReport};
-pub use crate::stand_in::StandIn;
+pub use crate::stand_in::{DenseRoute, StandIn};
 use crate::stand_in::{StandIns, Standing};
 
 /// One recorded forward call of a layer: its input's shape and values (row-major).

@@ -30,7 +30,7 @@ use crate::cost::LayerKind;
 use crate::error::FactorizeError;
 use crate::pair::{self, DenseLayer, LowRankPair, Seal};
 use crate::report::LayerReport;
-use crate::stand_in::stand_in;
+use crate::stand_in::{stand_in, DenseRoute};
 
 /// A factorized convolution: `K × K`, `I → L`, no bias; then `1 × 1`, `L → O`, with bias.
 #[derive(Debug, Clone)]
@@ -109,8 +109,12 @@ where
     X: RecordInput,
     UnbiasedConv2D<I, L, K, S, P, DIL, E, D>: Module<X, Output = Y, Error = D::Err>,
     Conv2D<L, O, 1, 1, 0, 1, E, D>: Module<Y, Error = D::Err>,
-    Conv2D<I, O, K, S, P, DIL, E, D>:
-        Module<X, Output = <Conv2D<L, O, 1, 1, 0, 1, E, D> as Module<Y>>::Output, Error = D::Err>,
+    Y: DenseRoute<
+        Conv2D<I, O, K, S, P, DIL, E, D>,
+        X,
+        <Conv2D<L, O, 1, 1, 0, 1, E, D> as Module<Y>>::Output,
+        D::Err,
+    >,
 {
     type Output = <Conv2D<L, O, 1, 1, 0, 1, E, D> as Module<Y>>::Output;
     type Error = D::Err;
@@ -120,7 +124,7 @@ where
         // No-ops unless a calibration pass is recording, or a dense layer stands in.
         x.record(address);
         if let Some(dense) = stand_in::<Conv2D<I, O, K, S, P, DIL, E, D>>(address) {
-            return dense.try_forward(x);
+            return Y::dense_forward(&dense, x);
         }
         self.second.try_forward(self.first.try_forward(x)?)
     }

@@ -267,14 +267,12 @@ where
     T: RecordInput + 'static,
     Self: Module<T>,
     <Self as Module<T>>::Output: 'static,
-    Linear<I, O, E, D>:
-        Module<T, Output = <Self as Module<T>>::Output, Error = <Self as Module<T>>::Error>,
 {
     fn try_forward_fast(&self, x: T) -> Result<Self::Output, Self::Error> {
-        let address = self as *const Self as usize;
-        if let Some(dense) = crate::stand_in::stand_in::<Linear<I, O, E, D>>(address) {
-            x.record(address);
-            return dense.try_forward_fast(x);
+        if crate::stand_in::standing(self as *const Self as usize) {
+            // The `Module` forward runs the stand-in (dfdx's route: no bound on the dense
+            // layer here, so a wrong input stays one error).
+            return self.try_forward(x);
         }
         let routed = {
             let (first, second) = (

@@ -35,7 +35,7 @@ use crate::cost::LayerKind;
 use crate::error::FactorizeError;
 use crate::pair::{self, DenseLayer, LowRankPair, Seal};
 use crate::report::LayerReport;
-use crate::stand_in::stand_in;
+use crate::stand_in::{stand_in, DenseRoute};
 
 /// A factorized linear layer: `I → L` without bias, then `L → O` with bias.
 #[derive(Debug, Clone)]
@@ -81,8 +81,7 @@ where
     T: RecordInput,
     UnbiasedLinear<I, L, E, D>: Module<T, Output = U, Error = D::Err>,
     Linear<L, O, E, D>: Module<U, Error = D::Err>,
-    Linear<I, O, E, D>:
-        Module<T, Output = <Linear<L, O, E, D> as Module<U>>::Output, Error = D::Err>,
+    U: DenseRoute<Linear<I, O, E, D>, T, <Linear<L, O, E, D> as Module<U>>::Output, D::Err>,
 {
     type Output = <Linear<L, O, E, D> as Module<U>>::Output;
     type Error = D::Err;
@@ -92,7 +91,7 @@ where
         // No-ops unless a calibration pass is recording, or a dense layer stands in.
         x.record(address);
         if let Some(dense) = stand_in::<Linear<I, O, E, D>>(address) {
-            return dense.try_forward(x);
+            return U::dense_forward(&dense, x);
         }
         self.second.try_forward(self.first.try_forward(x)?)
     }

@@ -27,6 +27,24 @@ impl StandIn {
     }
 }
 
+/// The forward of a pair's dense stand-in `M` on the pair's input `T`, giving the pair's output.
+///
+/// Stated as a bound on the pair's *latent* type (implemented for every type) rather than as
+/// `M: Module<T>` on the pair's `Module` impl: a bound on the latent is not reported when the
+/// input already fails the pair's first map, so a wrong input is one compile error, not two.
+pub trait DenseRoute<M, T, Out, Err> {
+    /// `dense.try_forward(x)`.
+    fn dense_forward(dense: &M, x: T) -> Result<Out, Err>;
+}
+
+impl<U, M: dfdx::nn::Module<T, Output = Out, Error = Err>, T, Out, Err> DenseRoute<M, T, Out, Err>
+    for U
+{
+    fn dense_forward(dense: &M, x: T) -> Result<Out, Err> {
+        dense.try_forward(x)
+    }
+}
+
 /// Stand-ins by layer address.
 pub(crate) type StandIns = HashMap<usize, StandIn>;
 
@@ -62,6 +80,14 @@ pub(crate) fn stand_in<M: Clone + 'static>(address: usize) -> Option<M> {
     })
 }
 
+/// Whether a layer stands in for the one at `address`.
+pub(crate) fn standing(address: usize) -> bool {
+    ACTIVE.with(|a| {
+        let active = a.borrow();
+        !active.is_empty() && active.contains_key(&address)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +99,7 @@ mod tests {
         {
             let _standing = Standing::start(&layers);
             assert_eq!(stand_in::<f64>(7), Some(3.5));
+            assert!(standing(7) && !standing(8));
             assert_eq!(stand_in::<f32>(7), None);
             assert_eq!(stand_in::<f64>(8), None);
         }
