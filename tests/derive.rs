@@ -384,6 +384,51 @@ width_cases! {
     W13: 450 x 64 latent 57;
 }
 
+mod ranks_file {
+    use super::*;
+
+    /// Ranks from `tests/ranks/flat.ranks`, under `head`: `a` at 96, `b` dense, `c` by the rule.
+    #[derive(Factorizable)]
+    #[factorize(ranks = "tests/ranks/flat.ranks", ranks_prefix = "head")]
+    pub struct Planned<E: Dtype, D: Device<E>> {
+        pub a: Linear<512, 512, E, D>,
+        pub b: Linear<512, 256, E, D>,
+        pub c: Linear<512, 512, E, D>,
+        pub act: ReLU,
+    }
+
+    #[test]
+    fn entries_set_each_fields_rank_or_keep_it_dense() {
+        let dev: Dev = Default::default();
+        let model = Planned::<f32, Dev> {
+            a: BuildModule::build(&dev),
+            b: BuildModule::build(&dev),
+            c: BuildModule::build(&dev),
+            act: ReLU,
+        };
+        let (f, report) = model
+            .factorize_with_report(&FactorizeConfig::default())
+            .unwrap();
+        // The types say it: the file's rank, the dense layer, the rule's default rank.
+        let _: &FactorizedLinear<512, 96, 512, f32, Dev> = &f.a;
+        let _: &Linear<512, 256, f32, Dev> = &f.b;
+        let _: &FactorizedLinear<512, 128, 512, f32, Dev> = &f.c;
+        let rows: Vec<(&str, Status, usize)> = report
+            .layers
+            .iter()
+            .map(|r| (r.path.as_str(), r.status, r.latent))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("a", Status::Replaced, 96),
+                ("b", Status::Skipped, 0),
+                ("c", Status::Replaced, 128)
+            ]
+        );
+    }
+}
+
 mod convolutions {
     use super::Dev;
     use dfdx::nn::modules::ReLU;

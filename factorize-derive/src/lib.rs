@@ -10,7 +10,7 @@ use proc_macro::TokenStream;
 use syn::{parse_macro_input, DeriveInput};
 
 use internals::ast::{Container, Derive};
-use internals::{check, ctxt::Ctxt};
+use internals::{check, ctxt::Ctxt, ranks};
 
 /// Derives `Factorizable` and generates `{Name}Factorized`; see `factorize_runtime`.
 #[proc_macro_derive(Factorizable, attributes(factorize))]
@@ -28,8 +28,9 @@ pub fn derive_factorizable(input: TokenStream) -> TokenStream {
 /// Parsing, checks, then code generation: nothing is generated when any check failed.
 fn expand_derive(input: &DeriveInput, derive: Derive) -> syn::Result<proc_macro2::TokenStream> {
     let mut cx = Ctxt::default();
-    let cont = Container::from_ast(&mut cx, input, derive);
-    if let (Some(cont), Derive::Factorizable) = (&cont, derive) {
+    let mut cont = Container::from_ast(&mut cx, input, derive);
+    if let (Some(cont), Derive::Factorizable) = (&mut cont, derive) {
+        ranks::apply(&mut cx, cont);
         check::check(&mut cx, cont);
     }
     cx.check()?;

@@ -118,7 +118,8 @@
 //! - On the struct: `factorize_convs`, `factorize_linears` (bool), `min_channels`,
 //!   `min_features` (integer), `latent_channels` (rank, fraction in `[0, 1)`, or a const
 //!   generic of the struct), `latent_features` (rank, fraction in `[0, 0.5)`, or a const
-//!   generic).
+//!   generic), `ranks = "file"` and `ranks_prefix = "path"` (per-field ranks read from a file
+//!   at compile time; see [`sensitivity::RankPlan::ranks_file`]).
 //! - On a field: `skip` (copy as is), `latent = N | f | R`, `min_features`, `min_channels`.
 //!
 //! Fields may be dfdx `Linear`s, tuples of modules written out (dfdx's sequential models),

@@ -206,6 +206,25 @@ impl RankPlan {
     pub fn rank(&self, path: &str) -> Option<Option<usize>> {
         self.layers.iter().find(|(p, _)| p == path).map(|(_, r)| *r)
     }
+
+    /// The plan as a ranks file, `path = rank` or `path = dense` per line: what
+    /// `#[factorize(ranks = "file")]` reads at compile time to freeze it into the types.
+    pub fn ranks_file(&self) -> String {
+        let mut out = format!(
+            "# {} of {} ({:.1}%), measured damage {:.4e}\n",
+            self.cost,
+            self.dense_cost,
+            100.0 * self.cost as f64 / self.dense_cost.max(1) as f64,
+            self.damage
+        );
+        for (path, rank) in &self.layers {
+            match rank {
+                Some(r) => out.push_str(&format!("{path} = {r}\n")),
+                None => out.push_str(&format!("{path} = dense\n")),
+            }
+        }
+        out
+    }
 }
 
 impl fmt::Display for RankPlan {
@@ -590,6 +609,12 @@ mod tests {
         );
         assert_eq!((plan.cost, plan.damage), (budget, 0.11));
         assert_eq!(plan.rank("fc2"), Some(Some(32)));
+        let file = plan.ranks_file();
+        assert!(file.starts_with("# 491520 of 1310720 (37.5%)"), "{file}");
+        assert!(file.ends_with("\nfc = 64\nfc2 = 32\n"), "{file}");
+        let mut kept = plan.clone();
+        kept.layers[1].1 = None;
+        assert!(kept.ranks_file().ends_with("fc2 = dense\n"));
         let uniform = s.uniform(32, Cost::Macs).unwrap();
         assert_eq!((uniform.cost, uniform.damage), (64 * 512 * 10, 0.51));
         assert!(s.uniform(48, Cost::Macs).is_none());

@@ -53,7 +53,9 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
     let factorize = factorize::expand(cont);
     let visits = visits::expand(cont);
     let checks = types::literal_rank_checks(cont);
+    let tracked = crate::internals::ranks::track(cont);
     quote! {
+        #tracked
         #checks
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]

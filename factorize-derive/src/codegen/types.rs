@@ -65,7 +65,9 @@ pub struct ForcedRanks {
 pub fn forced_ranks(cont: &Container<'_>, field: &Field<'_>) -> ForcedRanks {
     let written = |l: &LatentValue, key: &str| {
         let tokens = l.rank_tokens().unwrap_or_else(|| quote!(0usize));
-        (tokens, format!("#[factorize({key} = {})]", l.describe()))
+        let text = (field.attrs.origin.clone())
+            .unwrap_or_else(|| format!("#[factorize({key} = {})]", l.describe()));
+        (tokens, text)
     };
     let param = |struct_level: &Option<LatentValue>, key: &str| match &field.attrs.latent {
         Some(l) if l.param().is_some() => Some(written(l, "latent")),
@@ -402,7 +404,8 @@ pub fn literal_rank_checks(cont: &Container<'_>) -> TokenStream {
     let mut out = Vec::new();
     for f in &cont.fields {
         if let (Some(LatentValue::Count(n, span)), None) = (&f.attrs.latent, f.attrs.skip) {
-            let written = format!("#[factorize(latent = {n})]");
+            let written =
+                (f.attrs.origin.clone()).unwrap_or_else(|| format!("#[factorize(latent = {n})]"));
             let params = field_params(cont, f);
             let field = f.ident.to_string();
             walk(&f.node, &params, (&written, &field, *span), &mut out);

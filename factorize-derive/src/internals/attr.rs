@@ -129,6 +129,10 @@ pub struct ContainerAttrs {
     pub latent_channels: Option<LatentValue>,
     pub min_features: Option<usize>,
     pub latent_features: Option<LatentValue>,
+    /// `ranks = "file"`: the path as written and the literal's span.
+    pub ranks: Option<(String, Span)>,
+    /// `ranks_prefix = "layers.0"`: the path of this struct's fields in the ranks file.
+    pub ranks_prefix: Option<(String, Span)>,
 }
 
 impl ContainerAttrs {
@@ -139,11 +143,21 @@ impl ContainerAttrs {
         let mut lat_ch = Slot::default();
         let mut min_f = Slot::default();
         let mut lat_f = Slot::default();
+        let mut ranks = Slot::default();
+        let mut prefix = Slot::default();
         for attr in attrs.iter().filter(|a| a.path().is_ident(FACTORIZE)) {
             let result = attr.parse_nested_meta(|meta| {
                 let key = key_of(&meta);
                 let span = meta.path.span();
                 match key.as_str() {
+                    RANKS => {
+                        let v = parse_str(cx, &meta, &key)?;
+                        ranks.set(cx, RANKS, span, v)
+                    }
+                    RANKS_PREFIX => {
+                        let v = parse_str(cx, &meta, &key)?;
+                        prefix.set(cx, RANKS_PREFIX, span, v)
+                    }
                     FACTORIZE_CONVS => {
                         let v = parse_bool(cx, &meta, &key)?;
                         convs.set(cx, FACTORIZE_CONVS, span, v)
@@ -194,6 +208,8 @@ impl ContainerAttrs {
             latent_channels: lat_ch.get(),
             min_features: min_f.get(),
             latent_features: lat_f.get(),
+            ranks: ranks.get(),
+            ranks_prefix: prefix.get(),
         }
     }
 
@@ -245,6 +261,8 @@ pub struct FieldAttrs {
     pub latent: Option<LatentValue>,
     pub min_features: Option<usize>,
     pub min_channels: Option<usize>,
+    /// Where `latent` or `skip` came from when a ranks file set it, for messages.
+    pub origin: Option<String>,
 }
 
 impl FieldAttrs {
@@ -294,6 +312,7 @@ impl FieldAttrs {
             latent: latent.get(),
             min_features: min_f.get(),
             min_channels: min_ch.get(),
+            origin: None,
         };
         if let (Some(span), true) = (
             attrs.skip,
@@ -362,6 +381,24 @@ fn lit_of(cx: &mut Ctxt, expr: syn::Expr, key: &str, expected: &str) -> syn::Res
             Ok(None)
         }
     }
+}
+
+fn parse_str(
+    cx: &mut Ctxt,
+    meta: &ParseNestedMeta<'_>,
+    key: &str,
+) -> syn::Result<Option<(String, Span)>> {
+    Ok(match value_lit(cx, meta, key, "a string")? {
+        Some(Lit::Str(s)) => Some((s.value(), s.span())),
+        Some(other) => {
+            cx.error_spanned_by(
+                other,
+                format!("`{key}` expects a string, e.g. `{key} = \"ranks/model.ranks\"`"),
+            );
+            None
+        }
+        None => None,
+    })
 }
 
 fn parse_bool(cx: &mut Ctxt, meta: &ParseNestedMeta<'_>, key: &str) -> syn::Result<Option<bool>> {

@@ -9,6 +9,9 @@ pub const LATENT_CHANNELS: &str = "latent_channels";
 pub const MIN_FEATURES: &str = "min_features";
 pub const LATENT_FEATURES: &str = "latent_features";
 
+pub const RANKS: &str = "ranks";
+pub const RANKS_PREFIX: &str = "ranks_prefix";
+
 pub const SKIP: &str = "skip";
 pub const LATENT: &str = "latent";
 
@@ -20,6 +23,8 @@ pub const CONTAINER_KEYS: &[&str] = &[
     LATENT_CHANNELS,
     MIN_FEATURES,
     LATENT_FEATURES,
+    RANKS,
+    RANKS_PREFIX,
 ];
 
 /// Keys accepted on a field.
