@@ -25,7 +25,8 @@ use bert::{Batch, Bert, BertFactorized, HIDDEN};
 use checkpoint::CheckpointError;
 use dfdx::nn::modules::Linear;
 use dfdx::prelude::*;
-use factorize_runtime::{FactorizeConfig, FactorizedLinear};
+use factorize_runtime::sensitivity::{damage, Cost, RankGrid, RankPlan, Truncation};
+use factorize_runtime::{Factorizable, FactorizeConfig, FactorizedLinear};
 use pipeline::{by_length, embed_all, factorize, FitKind};
 
 type Dense = Bert<0, f32, Cpu>;
@@ -265,6 +266,58 @@ fn data_aware_fits_beat_weight_svd_on_held_out_sentences_at_every_rank() {
         assert!(
             data > svd,
             "rank {rank}: data-aware mean cosine {data} does not beat weight SVD {svd}"
+        );
+    }
+}
+
+#[test]
+fn per_layer_ranks_to_a_budget_beat_one_rank_at_equal_multiply_adds() {
+    let Some(dir) = data("minilm budget vs uniform") else {
+        return;
+    };
+    let dev: Cpu = Default::default();
+    let ids = token_ids(&dir);
+    // Every Linear a pair; sentences 0–15 of the calibration set, in equal-length batches;
+    // weight-SVD truncations, so that the plans are simulated without calibration passes (the
+    // data-aware frontier is `cargo run --release --example minilm -- frontier`).
+    let probe = Bert::<128, f32, Cpu>::load(dir.checkpoint(), &dev).unwrap();
+    let batches = by_length(&dev, &ids[..16]);
+    let embed = |m: &BertFactorized<128, f32, Cpu>| -> Vec<f32> {
+        batches
+            .iter()
+            .flat_map(|(_, b)| m.try_embed(b).unwrap().as_vec())
+            .collect()
+    };
+    let cfg = FactorizeConfig {
+        progress: false,
+        ..Default::default()
+    };
+    let sensitivity = probe
+        .sensitivity(
+            &RankGrid::Multiples { multiple: 64 },
+            Truncation::Weight,
+            &cfg,
+            embed,
+            |a, b| damage::cosine(a, b, HIDDEN),
+        )
+        .unwrap();
+    assert_eq!(sensitivity.layers.len(), 36);
+    let dense: Vec<f32> = batches
+        .iter()
+        .flat_map(|(_, b)| probe.try_embed(b).unwrap().as_vec())
+        .collect();
+    let fidelity = |plan: &RankPlan| {
+        let simulated = probe.simulate(plan, None, &cfg, |_| {}).unwrap();
+        1.0 - damage::cosine(&dense, &simulated.run(embed), HIDDEN)
+    };
+    for rank in [64, 128] {
+        let uniform = sensitivity.uniform(rank, Cost::Macs).unwrap();
+        let budget = sensitivity.plan(Cost::Macs, uniform.cost).unwrap();
+        assert!(budget.cost <= uniform.cost && budget.damage <= uniform.damage);
+        let (ours, one) = (fidelity(&budget), fidelity(&uniform));
+        assert!(
+            ours >= one,
+            "rank {rank}'s cost: budget mean cosine {ours} below one rank's {one}"
         );
     }
 }

@@ -80,14 +80,6 @@ pub(crate) fn stand_in<M: Clone + 'static>(address: usize) -> Option<M> {
     })
 }
 
-/// Whether a layer stands in for the one at `address`.
-pub(crate) fn standing(address: usize) -> bool {
-    ACTIVE.with(|a| {
-        let active = a.borrow();
-        !active.is_empty() && active.contains_key(&address)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,7 +91,6 @@ mod tests {
         {
             let _standing = Standing::start(&layers);
             assert_eq!(stand_in::<f64>(7), Some(3.5));
-            assert!(standing(7) && !standing(8));
             assert_eq!(stand_in::<f32>(7), None);
             assert_eq!(stand_in::<f64>(8), None);
         }
