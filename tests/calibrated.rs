@@ -109,12 +109,7 @@ mod model_level {
         // And the model's output on the calibration batch is closer than weight-space SVD's.
         let plain = model.factorize(&FactorizeConfig::default()).unwrap();
         let y = model.forward(x.clone()).as_vec();
-        let err = |z: Vec<f32>| {
-            y.iter()
-                .zip(&z)
-                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-                .sum::<f64>()
-        };
+        let err = |z: Vec<f32>| damage::mse(&y, &z);
         let (e_cal, e_svd) = (
             err(f.forward(x.clone()).as_vec()),
             err(plain.forward(x.clone()).as_vec()),
@@ -163,12 +158,7 @@ mod model_level {
             .unwrap()
             .0;
         let y = model.forward(x.clone()).as_vec();
-        let err = |z: Vec<f32>| {
-            y.iter()
-                .zip(&z)
-                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-                .sum::<f64>()
-        };
+        let err = |z: Vec<f32>| damage::mse(&y, &z);
         let (e_cor, e_exact) = (
             err(f.forward(x.clone()).as_vec()),
             err(exact.forward(x.clone()).as_vec()),

@@ -253,6 +253,25 @@ pub(crate) fn inputs_of<T, R, F: FnMut(&T) -> R>(
         .collect()
 }
 
+/// The addresses of the factorized layers in the order a run of `model` first reaches them,
+/// with `stand_ins` standing in.
+pub(crate) fn forward_order<T, R, F: FnMut(&T) -> R>(
+    model: &T,
+    stand_ins: &StandIns,
+    run: &mut F,
+) -> Vec<usize> {
+    let _standing = Standing::start(stand_ins);
+    let recording = Recording::start(Capture::Order);
+    run(model);
+    let mut seen = Vec::new();
+    for (address, _) in recording.take() {
+        if !seen.contains(&address) {
+            seen.push(address);
+        }
+    }
+    seen
+}
+
 /// Dense layers standing in for every factorized layer of `model`: run so, it is the dense model.
 pub(crate) fn dense_stand_ins<T: VisitFactorized>(
     model: &mut T,
@@ -282,18 +301,7 @@ where
     F: FnMut(&M::Factorized),
 {
     let weights = dense_weights(dense);
-    // The order in which the forward reaches the factorized layers.
-    let order: Vec<usize> = {
-        let recording = Recording::start(Capture::Order);
-        run(&model);
-        let mut seen = Vec::new();
-        for (address, _) in recording.take() {
-            if !seen.contains(&address) {
-                seen.push(address);
-            }
-        }
-        seen
-    };
+    let order = forward_order(&model, &StandIns::new(), &mut run);
     // A correcting fit also needs each layer's inputs in the dense model.
     let dense_model = match fit {
         Fit::Correcting { .. } => Some(dense_stand_ins(&mut model, &weights)?),

@@ -27,9 +27,9 @@ use std::fmt;
 
 use crate::budget::{allocate, Choice};
 use crate::calibrate::{
-    dense_stand_ins, dense_weights, inputs_of, missing_dense, VisitDense, VisitFactorized,
+    dense_stand_ins, dense_weights, forward_order, inputs_of, missing_dense, VisitDense,
+    VisitFactorized,
 };
-use crate::calibrate::{Capture, Recording};
 use crate::config::{FactorizeConfig, Fit, Method};
 use crate::cost::LayerShape;
 use crate::engine::calibrated::{self, directions, Calibration};
@@ -490,18 +490,7 @@ where
     }
     // Forward order, as calibration fits: each layer sees what the layers before it, as
     // already fitted, hand it.
-    let order: Vec<usize> = {
-        let _standing = Standing::start(&all_dense);
-        let recording = Recording::start(Capture::Order);
-        run(&model);
-        let mut seen = Vec::new();
-        for (address, _) in recording.take() {
-            if !seen.contains(&address) {
-                seen.push(address);
-            }
-        }
-        seen
-    };
+    let order = forward_order(&*model, &all_dense, &mut run);
     let mut current = all_dense.clone();
     for address in order {
         let Some(path) = paths.get(&address) else {
