@@ -27,8 +27,8 @@ use std::fmt;
 
 use crate::budget::{allocate, Choice};
 use crate::calibrate::{
-    dense_stand_ins, dense_weights, forward_order, inputs_of, missing_dense, VisitDense,
-    VisitFactorized,
+    dense_stand_ins, dense_weights, forward_order, inputs_of, missing_dense, RecordedInput, Refit,
+    StandIn, VisitDense, VisitFactorized,
 };
 use crate::config::{FactorizeConfig, Fit, Method};
 use crate::cost::LayerShape;
@@ -338,6 +338,40 @@ pub mod damage {
     }
 }
 
+/// `layer` (dense weights `(w, b)`) truncated to each of `ranks` from one decomposition, as
+/// stand-ins, and the positions its recorded `inputs` hold.
+fn truncations(
+    path: &str,
+    layer: &mut dyn Refit,
+    (w, b): (&[f64], &[f64]),
+    inputs: &[RecordedInput],
+    ranks: &[usize],
+    truncation: Truncation,
+) -> Result<(Vec<StandIn>, usize), FactorizeError> {
+    let shape = layer.shape();
+    let rows = layer.rows(path, inputs)?;
+    let positions = rows.len() / shape.fan_in().max(1);
+    let Some(&max) = ranks.last() else {
+        return Ok((Vec::new(), positions));
+    };
+    let wm = WeightMatrix::new(path, w, shape.out_dim, shape.fan_in())?;
+    let family = match truncation {
+        Truncation::Weight => directions(&wm, b, None, 0.0, max)?,
+        Truncation::Data { ridge } => {
+            let x = Calibration::new(path, &rows, positions, shape.fan_in())?;
+            directions(&wm, b, Some(&x), ridge, max)?
+        }
+    };
+    let stand_ins = ranks
+        .iter()
+        .map(|&r| {
+            let (wr, br) = family.truncated(r);
+            layer.stand_in(path, (&wr, &br))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((stand_ins, positions))
+}
+
 /// The body of [`crate::Factorizable::sensitivity`].
 pub(crate) fn measure<M, O, F, G>(
     dense: &M,
@@ -389,25 +423,9 @@ where
         let (w, b) = weights.get(path).ok_or_else(|| missing_dense(path))?;
         let (mut stand_ins, mut positions) = (Vec::new(), 0);
         model.visit_factorized("", &mut |p, layer| {
-            if layer.address() != *address {
-                return Ok(());
-            }
-            let rows = layer.rows(p, &inputs)?;
-            positions = rows.len() / shape.fan_in().max(1);
-            let Some(&max) = ranks.last() else {
-                return Ok(());
-            };
-            let wm = WeightMatrix::new(p, w, shape.out_dim, shape.fan_in())?;
-            let family = match truncation {
-                Truncation::Weight => directions(&wm, b, None, 0.0, max)?,
-                Truncation::Data { ridge } => {
-                    let x = Calibration::new(p, &rows, positions, shape.fan_in())?;
-                    directions(&wm, b, Some(&x), ridge, max)?
-                }
-            };
-            for &r in &ranks {
-                let (wr, br) = family.truncated(r);
-                stand_ins.push(layer.stand_in(p, (&wr, &br))?);
+            if layer.address() == *address {
+                (stand_ins, positions) =
+                    truncations(p, layer, (w, b), &inputs, &ranks, truncation)?;
             }
             Ok(())
         })?;
@@ -452,6 +470,32 @@ impl<T> fmt::Debug for Simulated<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Simulated({} layers)", self.stand_ins.len())
     }
+}
+
+/// `layer` (dense weights `(w, b)`) as the dense product of its rank-`rank` pair, fitted on
+/// its recorded `inputs` (and the dense model's, for a correcting fit) or by weight SVD.
+fn fitted(
+    path: &str,
+    layer: &mut dyn Refit,
+    (w, b): (&[f64], &[f64]),
+    (inputs, reference): (&[RecordedInput], Option<&[RecordedInput]>),
+    rank: usize,
+    fit: Option<Fit>,
+    cfg: &FactorizeConfig,
+) -> Result<StandIn, FactorizeError> {
+    let shape = layer.shape();
+    let wm = WeightMatrix::new(path, w, shape.out_dim, shape.fan_in())?;
+    let Some(kind) = fit else {
+        return layer.stand_in(path, (&engine::solve(&wm, rank, cfg)?.value.product(), b));
+    };
+    let rows = layer.rows(path, inputs)?;
+    let reference = reference.map(|r| layer.rows(path, r)).transpose()?;
+    let mut x = Calibration::new(path, &rows, rows.len() / shape.fan_in(), shape.fan_in())?;
+    if let Some(r) = &reference {
+        x = x.with_reference(path, r)?;
+    }
+    let solved = calibrated::solve(&wm, b, &x, rank, kind, cfg.backend)?.value;
+    layer.stand_in(path, (&solved.factors.product(), &solved.bias))
 }
 
 /// The body of [`crate::Factorizable::simulate`].
@@ -511,29 +555,11 @@ where
         };
         let (w, b) = weights.get(path).ok_or_else(|| missing_dense(path))?;
         model.visit_factorized("", &mut |p, layer| {
-            if layer.address() != address {
-                return Ok(());
+            if layer.address() == address {
+                let inputs = (inputs.as_slice(), reference.as_deref());
+                let fitted = fitted(p, layer, (w, b), inputs, rank, fit, cfg)?;
+                current.insert(address, fitted);
             }
-            let shape = layer.shape();
-            let wm = WeightMatrix::new(p, w, shape.out_dim, shape.fan_in())?;
-            let (weight, bias) = match fit {
-                None => (engine::solve(&wm, rank, cfg)?.value.product(), b.clone()),
-                Some(kind) => {
-                    let rows = layer.rows(p, &inputs)?;
-                    let reference = match &reference {
-                        Some(r) => Some(layer.rows(p, r)?),
-                        None => None,
-                    };
-                    let mut x =
-                        Calibration::new(p, &rows, rows.len() / shape.fan_in(), shape.fan_in())?;
-                    if let Some(r) = &reference {
-                        x = x.with_reference(p, r)?;
-                    }
-                    let fitted = calibrated::solve(&wm, b, &x, rank, kind, cfg.backend)?.value;
-                    (fitted.factors.product(), fitted.bias)
-                }
-            };
-            current.insert(address, layer.stand_in(p, (&weight, &bias))?);
             Ok(())
         })?;
     }
