@@ -106,7 +106,7 @@ impl<E: Dtype, D: Device<E>> Batch<E, D> {
 }
 
 /// Word, position and token-type embeddings, summed and normalised.
-#[derive(Factorizable)]
+#[derive(Factorizable, Clone)]
 pub struct Embeddings<E: Dtype, D: Device<E>> {
     /// `embeddings.word_embeddings`.
     pub word: Embedding<VOCAB, HIDDEN, E, D>,
@@ -163,22 +163,71 @@ impl<const R: usize, E: Dtype, D: Device<E>> SelfAttention<R, E, D> {
         x: Hidden<E, D>,
         batch: &Batch<E, D>,
     ) -> Result<Hidden<E, D>, D::Err> {
-        let q = self.query.try_forward_fast(x.clone())?;
-        let k = self.key.try_forward_fast(x.clone())?;
-        let v = self.value.try_forward_fast(x.clone())?;
-        let context = match fast::attention::<HEADS, HEAD_DIM, HIDDEN, E, D>(
-            &q,
-            &k,
-            &v,
-            &batch.lengths,
-            batch.positions,
-        ) {
-            Some(context) => context,
-            None => composed_attention(q, k, v, batch)?,
-        };
-        let out = self.output.try_forward_fast(context)?;
-        self.norm.try_forward_fast(out.try_add(x)?)
+        let projections = (&self.query, &self.key, &self.value, &self.output);
+        attention_block(projections, &self.norm, x, batch)
     }
+}
+
+/// A `Linear` of hidden states, dense or factorized: what the blocks' forwards need of one.
+pub trait HiddenMap<const I: usize, const O: usize, E: Dtype, D: Device<E>>:
+    FastForward<
+    Tensor<(usize, Const<I>), E, D>,
+    Output = Tensor<(usize, Const<O>), E, D>,
+    Error = D::Err,
+>
+{
+}
+
+impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, M> HiddenMap<I, O, E, D> for M where
+    M: FastForward<
+        Tensor<(usize, Const<I>), E, D>,
+        Output = Tensor<(usize, Const<O>), E, D>,
+        Error = D::Err,
+    >
+{
+}
+
+/// `LayerNorm(x + Wo·softmax(Q·Kᵀ/√d + mask)·V)` from the block's four projections (query, key,
+/// value, output): one forward for every attention struct, dense or factorized, uniform or
+/// planned ranks.
+pub fn attention_block<E: Dtype, D: Device<E>>(
+    (query, key, value, output): (
+        &impl HiddenMap<HIDDEN, HIDDEN, E, D>,
+        &impl HiddenMap<HIDDEN, HIDDEN, E, D>,
+        &impl HiddenMap<HIDDEN, HIDDEN, E, D>,
+        &impl HiddenMap<HIDDEN, HIDDEN, E, D>,
+    ),
+    norm: &LayerNorm1D<HIDDEN, E, D>,
+    x: Hidden<E, D>,
+    batch: &Batch<E, D>,
+) -> Result<Hidden<E, D>, D::Err> {
+    let q = query.try_forward_fast(x.clone())?;
+    let k = key.try_forward_fast(x.clone())?;
+    let v = value.try_forward_fast(x.clone())?;
+    let context = match fast::attention::<HEADS, HEAD_DIM, HIDDEN, E, D>(
+        &q,
+        &k,
+        &v,
+        &batch.lengths,
+        batch.positions,
+    ) {
+        Some(context) => context,
+        None => composed_attention(q, k, v, batch)?,
+    };
+    let out = output.try_forward_fast(context)?;
+    norm.try_forward_fast(out.try_add(x)?)
+}
+
+/// `LayerNorm(x + W2·gelu(W1·x))`: one forward for every feed-forward struct.
+pub fn feed_forward_block<E: Dtype, D: Device<E>>(
+    up: &impl HiddenMap<HIDDEN, FFN, E, D>,
+    down: &impl HiddenMap<FFN, HIDDEN, E, D>,
+    norm: &LayerNorm1D<HIDDEN, E, D>,
+    x: Hidden<E, D>,
+) -> Result<Hidden<E, D>, D::Err> {
+    let h = AccurateGeLU.try_forward_fast(up.try_forward_fast(x.clone())?)?;
+    let out = down.try_forward_fast(h)?;
+    norm.try_forward_fast(out.try_add(x)?)
 }
 
 /// Attention composed of dfdx's ops, for any device and dtype and under a training tape (the
@@ -231,11 +280,7 @@ pub struct FeedForward<const R: usize, E: Dtype, D: Device<E>> {
 impl<const R: usize, E: Dtype, D: Device<E>> FeedForward<R, E, D> {
     /// `LayerNorm(x + W2·gelu(W1·x))`.
     pub fn try_forward(&self, x: Hidden<E, D>) -> Result<Hidden<E, D>, D::Err> {
-        let h = self
-            .act
-            .try_forward_fast(self.up.try_forward_fast(x.clone())?)?;
-        let out = self.down.try_forward_fast(h)?;
-        self.norm.try_forward_fast(out.try_add(x)?)
+        feed_forward_block(&self.up, &self.down, &self.norm, x)
     }
 }
 
@@ -287,23 +332,30 @@ impl<const R: usize, E: Dtype, D: Device<E>> Bert<R, E, D> {
         &self,
         batch: &Batch<E, D>,
     ) -> Result<Tensor<(usize, Const<HIDDEN>), E, D>, D::Err> {
-        let (b, s) = (batch.sentences, batch.positions);
-        let hidden = self
-            .try_hidden_states(batch)?
-            .try_reshape_like(&(b, s, Const::<HIDDEN>))?;
-        let mask = batch.mask.clone();
-        let counts = mask.clone().try_sum::<(usize,), Axis<1>>()?;
-        let summed = hidden
-            .try_mul(mask.try_broadcast_like::<_, Axis<2>>(&(b, s, Const::<HIDDEN>))?)?
-            .try_sum::<(usize, Const<HIDDEN>), Axis<1>>()?;
-        let mean = summed.try_div(counts.try_broadcast_like(&(b, Const::<HIDDEN>))?)?;
-        // As torch's F.normalize: divide by max(‖x‖, 1e-12).
-        let norms = mean
-            .clone()
-            .try_square()?
-            .try_sum::<(usize,), Axis<1>>()?
-            .try_sqrt()?
-            .try_clamp(1e-12, f64::INFINITY)?;
-        mean.try_div(norms.try_broadcast_like(&(b, Const::<HIDDEN>))?)
+        pool(self.try_hidden_states(batch)?, batch)
     }
+}
+
+/// Normalised sentence embeddings `(b, HIDDEN)` from the last hidden states: the mean over each
+/// sentence's real tokens, divided by its L2 norm.
+pub fn pool<E: Dtype, D: Device<E>>(
+    hidden: Hidden<E, D>,
+    batch: &Batch<E, D>,
+) -> Result<Tensor<(usize, Const<HIDDEN>), E, D>, D::Err> {
+    let (b, s) = (batch.sentences, batch.positions);
+    let hidden = hidden.try_reshape_like(&(b, s, Const::<HIDDEN>))?;
+    let mask = batch.mask.clone();
+    let counts = mask.clone().try_sum::<(usize,), Axis<1>>()?;
+    let summed = hidden
+        .try_mul(mask.try_broadcast_like::<_, Axis<2>>(&(b, s, Const::<HIDDEN>))?)?
+        .try_sum::<(usize, Const<HIDDEN>), Axis<1>>()?;
+    let mean = summed.try_div(counts.try_broadcast_like(&(b, Const::<HIDDEN>))?)?;
+    // As torch's F.normalize: divide by max(‖x‖, 1e-12).
+    let norms = mean
+        .clone()
+        .try_square()?
+        .try_sum::<(usize,), Axis<1>>()?
+        .try_sqrt()?
+        .try_clamp(1e-12, f64::INFINITY)?;
+    mean.try_div(norms.try_broadcast_like(&(b, Const::<HIDDEN>))?)
 }

@@ -117,8 +117,13 @@ pub fn frontier(sentences: usize) -> Result<(), Error> {
                 cells.join(" | ")
             );
         }
-        if rank == 128 {
-            eprintln!("budget plan at rank 128's cost:\n{budget}");
+        // The plans as ranks files, for `#[factorize(ranks = ..)]` (see `planned.rs`).
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/minilm-ranks");
+        std::fs::create_dir_all(&dir)?;
+        for (name, plan) in [("budget", &budget), ("uniform", &uniform)] {
+            let file = dir.join(format!("{name}-{rank}.ranks"));
+            std::fs::write(&file, plan.ranks_file())?;
+            eprintln!("wrote {}", file.display());
         }
     }
     Ok(())

@@ -21,6 +21,7 @@ mod checkpoint;
 mod frontier;
 mod metrics;
 mod pipeline;
+mod planned;
 mod text;
 
 use dfdx::prelude::*;
@@ -201,8 +202,43 @@ fn table() -> Result<(), Error> {
     Ok(())
 }
 
+/// A variant to embed with.
+enum Variant {
+    /// All 36 Linears at one rank, filled by a fit.
+    Rank(usize, FitKind),
+    /// The planned ranks (`planned.rs`) at this share of the linear multiply-adds.
+    Planned(usize),
+}
+
+/// The planned variants against the dense model: held-out fidelity and speed.
+fn planned_table() -> Result<(), Error> {
+    let setup = Setup::new()?;
+    let heldout = &setup.ids[pipeline::HELD_OUT];
+    println!(
+        "| plan | linear MACs/token | mean cos | NN agree | speed-up (median of {TIMED_RUNS}, interleaved) |"
+    );
+    println!("|---|---|---|---|---|");
+    for macs in [25, 50] {
+        let (f, (dense_macs, ours), speed) = planned::measure(
+            macs,
+            &setup.dense,
+            &setup.calibration,
+            (heldout, &setup.dense_heldout),
+            (&setup.timed, TIMED_RUNS),
+        )?;
+        println!(
+            "| {macs}% | {:.2} M ({:.0}%) | {:.4} | {:.0}% | {speed:.2}x |",
+            ours as f64 / 1e6,
+            100.0 * ours as f64 / dense_macs as f64,
+            f.mean_cosine,
+            100.0 * f.neighbour_agreement
+        );
+    }
+    Ok(())
+}
+
 /// `embed <sentences.txt> <out.safetensors>` with the dense model or a variant.
-fn embed(variant: Option<(usize, FitKind)>, input: &str, output: &str) -> Result<(), Error> {
+fn embed(variant: Option<Variant>, input: &str, output: &str) -> Result<(), Error> {
     let dev: Cpu = Default::default();
     let dir = text::ModelDir::locate();
     let tokenizer = dir.tokenizer()?;
@@ -220,7 +256,17 @@ fn embed(variant: Option<(usize, FitKind)>, input: &str, output: &str) -> Result
             let dense = Dense::load(dir.checkpoint(), &dev)?;
             embed_all(&dev, &ids, |b| dense.try_embed(b))?
         }
-        Some((rank, fit)) => match rank {
+        Some(Variant::Planned(macs)) => {
+            let dense = Dense::load(dir.checkpoint(), &dev)?;
+            let (sentences, _) = dir.sentences()?;
+            let calibration_ids = sentences[pipeline::CALIBRATION]
+                .iter()
+                .map(|s| tokenizer.encode(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let calibration = by_length(&dev, &calibration_ids);
+            planned::embed_planned(macs, &dense, &calibration, &ids)?
+        }
+        Some(Variant::Rank(rank, fit)) => match rank {
             32 => embed_variant::<32>(&dev, &dir, &tokenizer, fit, &ids)?,
             64 => embed_variant::<64>(&dev, &dir, &tokenizer, fit, &ids)?,
             96 => embed_variant::<96>(&dev, &dir, &tokenizer, fit, &ids)?,
@@ -273,6 +319,7 @@ fn main() {
 fn run(args: Vec<String>) -> Result<(), Error> {
     let mut rank = None;
     let mut fit = None;
+    let mut macs = None;
     let mut rest = args.as_slice();
     loop {
         match rest {
@@ -288,16 +335,28 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                 fit = Some(value.parse::<FitKind>()?);
                 rest = tail;
             }
+            [flag, value, tail @ ..] if flag == "--macs" => {
+                macs = Some(
+                    value
+                        .parse::<usize>()
+                        .map_err(|_| format!("--macs takes 25 or 50, not `{value}`"))?,
+                );
+                rest = tail;
+            }
             _ => break,
         }
     }
-    let variant = match (rank, fit) {
-        (None, None) => None,
-        (Some(r), Some(f)) => Some((r, f)),
-        _ => return Err(format!("--rank and --fit go together\n{USAGE}").into()),
+    let variant = match (rank, fit, macs) {
+        (None, None, None) => None,
+        (Some(r), Some(f), None) => Some(Variant::Rank(r, f)),
+        (None, None, Some(m)) => Some(Variant::Planned(m)),
+        _ => {
+            return Err(format!("--rank and --fit go together, --macs goes alone\n{USAGE}").into())
+        }
     };
     match rest {
         [] if variant.is_none() => table(),
+        [cmd] if cmd == "planned" && variant.is_none() => planned_table(),
         [cmd] if cmd == "frontier" && variant.is_none() => frontier::frontier(40),
         [cmd, flag, n] if cmd == "frontier" && flag == "--sentences" && variant.is_none() => {
             frontier::frontier(

@@ -13,6 +13,13 @@ use quote::{format_ident, quote};
 
 use crate::internals::ast::Container;
 
+/// `span`'s location with the derive's own hygiene: generated code names `self` and its own
+/// locals, which a span from a `macro_rules!` expansion would hide (errors still point at
+/// `span`).
+pub fn at(span: proc_macro2::Span) -> proc_macro2::Span {
+    proc_macro2::Span::call_site().located_at(span)
+}
+
 /// The name of the factorized variant: `Mlp` → `MlpFactorized`.
 pub fn variant_ident(ident: &Ident) -> Ident {
     format_ident!("{}Factorized", ident)

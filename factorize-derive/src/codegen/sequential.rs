@@ -164,7 +164,7 @@ fn built_type(cx: &mut Ctxt, ty: &Type, e: &Ident, d: &Ident) -> TokenStream {
             };
             match (last.ident.to_string().as_str(), args.as_slice()) {
                 ("Linear", [i, o]) => {
-                    quote_spanned!(ty.span()=> #pv::Linear<#i, #o, #e, #d>)
+                    quote_spanned!(super::at(ty.span())=> #pv::Linear<#i, #o, #e, #d>)
                 }
                 ("Linear", _) => {
                     cx.error_spanned_by(
@@ -180,7 +180,7 @@ fn built_type(cx: &mut Ctxt, ty: &Type, e: &Ident, d: &Ident) -> TokenStream {
                         GenericArgument::Type(t) => built_type(cx, t, e, d),
                         other => quote!(#other),
                     });
-                    quote_spanned!(ty.span()=> #pv::#name<#(#args),*>)
+                    quote_spanned!(super::at(ty.span())=> #pv::#name<#(#args),*>)
                 }
                 ("Conv2D", _) => {
                     cx.error_spanned_by(
@@ -189,9 +189,11 @@ fn built_type(cx: &mut Ctxt, ty: &Type, e: &Ident, d: &Ident) -> TokenStream {
                     );
                     quote!(())
                 }
-                _ => quote_spanned!(ty.span()=> <#ty as #pv::BuildOnDevice<#d, #e>>::Built),
+                _ => {
+                    quote_spanned!(super::at(ty.span())=> <#ty as #pv::BuildOnDevice<#d, #e>>::Built)
+                }
             }
         }
-        _ => quote_spanned!(ty.span()=> <#ty as #pv::BuildOnDevice<#d, #e>>::Built),
+        _ => quote_spanned!(super::at(ty.span())=> <#ty as #pv::BuildOnDevice<#d, #e>>::Built),
     }
 }

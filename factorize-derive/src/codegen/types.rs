@@ -162,7 +162,7 @@ pub fn node_type(
         }
         Node::Other(ty) if skip => quote!(#ty),
         Node::Other(ty) => {
-            quote_spanned!(ty.span()=> <#ty as #pv::Factorizable>::Factorized)
+            quote_spanned!(super::at(ty.span())=> <#ty as #pv::Factorizable>::Factorized)
         }
     }
 }
@@ -223,7 +223,7 @@ pub fn node_value(
         }
         Node::Wrapper(w) => wrapper_value(w, params, skip, forced, access, path),
         Node::Other(_) if skip => quote!(::core::clone::Clone::clone(#access)),
-        Node::Other(ty) => quote_spanned! {ty.span()=>
+        Node::Other(ty) => quote_spanned! {super::at(ty.span())=>
             #pv::Factorizable::factorize_into(#access, #path, __cfg, __report)?
         },
     }
@@ -327,7 +327,7 @@ impl<'a> Layer<'a> {
                     dims: [vi, vo, quote!(1usize)],
                     conv: false,
                     generic_dim: d.generic_dim.is_some(),
-                    span: d.ty.span(),
+                    span: super::at(d.ty.span()),
                 }
             }
             Node::Conv(d) => {
@@ -341,7 +341,7 @@ impl<'a> Layer<'a> {
                     dims: [vi, vo, vk],
                     conv: true,
                     generic_dim: d.generic_dim.is_some(),
-                    span: d.ty.span(),
+                    span: super::at(d.ty.span()),
                 }
             }
             _ => return None,

@@ -22,13 +22,13 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
     let dense = walked.iter().map(|f| {
         let name = f.ident;
         let s = name.to_string();
-        quote_spanned!(f.original.ty.span()=>
+        quote_spanned!(super::at(f.original.ty.span())=>
             #pv::VisitDense::visit_dense(&self.#name, &#pv::join(__path, #s), __f);)
     });
     let factorized = walked.iter().map(|f| {
         let name = f.ident;
         let s = name.to_string();
-        quote_spanned!(f.original.ty.span()=>
+        quote_spanned!(super::at(f.original.ty.span())=>
             #pv::VisitFactorized::visit_factorized(&mut self.#name, &#pv::join(__path, #s), __f)?;)
     });
     quote! {
