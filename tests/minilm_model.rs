@@ -277,11 +277,11 @@ fn per_layer_ranks_to_a_budget_beat_one_rank_at_equal_multiply_adds() {
     };
     let dev: Cpu = Default::default();
     let ids = token_ids(&dir);
-    // Every Linear a pair; sentences 0–15 of the calibration set, in equal-length batches;
+    // Every Linear a pair; sentences 0–7 of the calibration set, in equal-length batches;
     // weight-SVD truncations, so that the plans are simulated without calibration passes (the
     // data-aware frontier is `cargo run --release --example minilm -- frontier`).
     let probe = Bert::<128, f32, Cpu>::load(dir.checkpoint(), &dev).unwrap();
-    let batches = by_length(&dev, &ids[..16]);
+    let batches = by_length(&dev, &ids[..8]);
     let embed = |m: &BertFactorized<128, f32, Cpu>| -> Vec<f32> {
         batches
             .iter()

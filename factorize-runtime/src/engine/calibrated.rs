@@ -208,38 +208,46 @@ pub fn fit_linear(
     rank: usize,
     fit: Fit,
 ) -> Result<CalibratedFit, FactorizeError> {
-    crate::pool::run(|| fit_linear_here(w, bias, x, rank, fit))
+    crate::pool::run(|| {
+        check_inputs(w, bias, x, rank)?;
+        match fit {
+            Fit::Exact { ridge } => fit_on_moments(w, bias, x, rank, OnMoments::Exact { ridge }),
+            Fit::Als { iterations } => {
+                fit_on_moments(w, bias, x, rank, OnMoments::Als { iterations })
+            }
+            // It takes the moments of seen and reference rows together, on its own.
+            Fit::Correcting { ridge } => correcting(w, bias, x, rank, ridge),
+        }
+    })
 }
 
-/// [`fit_linear`] on the calling thread's pool.
-fn fit_linear_here(
+/// The fits computed from the second moment of the rows the layer sees.
+enum OnMoments {
+    Exact { ridge: f64 },
+    Als { iterations: usize },
+}
+
+/// The exact fit or ALS, on checked inputs, on the calling thread's pool.
+fn fit_on_moments(
     w: &WeightMatrix<'_>,
     bias: &[f64],
     x: &Calibration<'_>,
     rank: usize,
-    fit: Fit,
+    fit: OnMoments,
 ) -> Result<CalibratedFit, FactorizeError> {
     let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
-    check_inputs(w, bias, x, rank)?;
-    let iterations = match fit {
-        Fit::Correcting { ridge } => return correcting(w, bias, x, rank, ridge),
-        Fit::Exact { .. } => 0,
-        Fit::Als { iterations } => iterations,
-    };
     let wm = MatRef::from_row_major_slice(w.data(), out_dim, in_dim);
     let (mut c, mean) = moments(x);
-    let rank_deficient = x.rows <= in_dim;
     let scale = trace(&c) / in_dim as f64;
-
     let (factors, energies, ridge) = match fit {
-        Fit::Exact { ridge } | Fit::Correcting { ridge } => {
+        OnMoments::Exact { ridge } => {
             // No inverse of C is formed, so even a singular C (N <= in) needs no ridge to be
             // solvable; the ridge is about generalising off the calibration rows.
             let rho = ridge * scale;
             let (factors, energies) = exact(w, &mut c, rho, rank)?;
             (factors, energies, rho)
         }
-        Fit::Als { .. } => {
+        OnMoments::Als { iterations } => {
             let mut factors = als(w, &c, rank, iterations, scale)?;
             factors.relative_error =
                 super::relative_error(w, &factors.second, &factors.first, rank);
@@ -256,7 +264,7 @@ fn fit_linear_here(
         nmse: energies.nmse(&w_mu, bias, x.rows),
         factors,
         ridge,
-        rank_deficient,
+        rank_deficient: x.rows <= in_dim,
     })
 }
 
