@@ -387,7 +387,8 @@ width_cases! {
 mod ranks_file {
     use super::*;
 
-    /// Ranks from `tests/ranks/flat.ranks`, under `head`: `a` at 96, `b` dense, `c` by the rule.
+    /// Ranks from `tests/ranks/flat.ranks`, under `head`: `a` at 96, `b` dense, `c` by the rule,
+    /// and `inner.fc` read by `Inner` itself.
     #[derive(Factorizable)]
     #[factorize(ranks = "tests/ranks/flat.ranks", ranks_prefix = "head")]
     pub struct Planned<E: Dtype, D: Device<E>> {
@@ -395,6 +396,14 @@ mod ranks_file {
         pub b: Linear<512, 256, E, D>,
         pub c: Linear<512, 512, E, D>,
         pub act: ReLU,
+        pub inner: Inner<E, D>,
+    }
+
+    /// A nested struct reading its own entries from the same file.
+    #[derive(Factorizable)]
+    #[factorize(ranks = "tests/ranks/flat.ranks", ranks_prefix = "head.inner")]
+    pub struct Inner<E: Dtype, D: Device<E>> {
+        pub fc: Linear<256, 256, E, D>,
     }
 
     #[test]
@@ -405,6 +414,9 @@ mod ranks_file {
             b: BuildModule::build(&dev),
             c: BuildModule::build(&dev),
             act: ReLU,
+            inner: Inner {
+                fc: BuildModule::build(&dev),
+            },
         };
         let (f, report) = model
             .factorize_with_report(&FactorizeConfig::default())
@@ -413,6 +425,8 @@ mod ranks_file {
         let _: &FactorizedLinear<512, 96, 512, f32, Dev> = &f.a;
         let _: &Linear<512, 256, f32, Dev> = &f.b;
         let _: &FactorizedLinear<512, 128, 512, f32, Dev> = &f.c;
+        // 256 → 256 at 32: forced by the nested struct's entry (the rule's 128 saves nothing).
+        let _: &FactorizedLinear<256, 32, 256, f32, Dev> = &f.inner.fc;
         let rows: Vec<(&str, Status, usize)> = report
             .layers
             .iter()
@@ -423,7 +437,8 @@ mod ranks_file {
             [
                 ("a", Status::Replaced, 96),
                 ("b", Status::Skipped, 0),
-                ("c", Status::Replaced, 128)
+                ("c", Status::Replaced, 128),
+                ("inner.fc", Status::Replaced, 32)
             ]
         );
     }

@@ -5,7 +5,8 @@
 //! with `ranks_prefix = "layers.0"` the struct takes the entries under that prefix. Each
 //! entry for a field acts as the attribute it stands for: a rank as `#[factorize(latent = N)]`
 //! (forced: a rank that breaks the cost rule fails the build, naming the entry), `dense` as
-//! `#[factorize(skip)]`. The path is relative to the crate's `Cargo.toml`; the generated code
+//! `#[factorize(skip)]`; entries under a nested struct's field are that struct's to read (with
+//! its own `ranks_prefix`). The path is relative to the crate's `Cargo.toml`; the generated code
 //! includes the file's bytes, so that Cargo rebuilds when it changes.
 
 use std::collections::HashSet;
@@ -98,6 +99,13 @@ pub fn apply(cx: &mut Ctxt, cont: &mut Container<'_>) {
             continue;
         };
         let struct_name = cont.input.ident.to_string();
+        // An entry under a field's own path belongs to that nested struct (its `ranks_prefix`).
+        let nested = name
+            .split_once('.')
+            .is_some_and(|(head, _)| cont.fields.iter().any(|f| *f.ident == head));
+        if nested {
+            continue;
+        }
         let Some(field) = cont.fields.iter_mut().find(|f| *f.ident == name) else {
             fail(cx, format!(
                 "line {line_no}: `{path}` names no field of `{struct_name}`{}; a nested struct reads its own entries with `ranks_prefix`",
