@@ -6,12 +6,15 @@
 //! cargo run --release --example minilm -- embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- --rank 64 --fit data embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- frontier    # per-layer ranks to a budget vs one rank
+//! cargo run --release --example minilm -- planned     # the committed plans, compiled
+//! cargo run --release --example minilm -- --macs 25 embed sentences.txt out.safetensors
 //! ```
 //!
 //! `embed` writes `embeddings` (`[n, 384]`, float32, normalised, in line order) for one sentence
 //! per line, with the dense model or, after `--rank R --fit svd|data|correcting`, with that
-//! variant (`data` and `correcting` are calibrated on sentences 0–119). The data comes from `../shared/data/minilm-model`
-//! or `$FACTORIZE_MINILM_MODEL_DIR`.
+//! variant (`data` and `correcting` are calibrated on sentences 0–119), or after `--macs 25|50`
+//! with the planned variant of `planned.rs` (correcting fit). The data comes from
+//! `../shared/data/minilm-model` or `$FACTORIZE_MINILM_MODEL_DIR`.
 //!
 //! The model (`bert.rs`), its loader (`checkpoint.rs`) and the tokenizer (`text.rs`) are meant
 //! to be copied as a template.
@@ -307,7 +310,7 @@ fn embed_variant<const R: usize>(
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N]\n       minilm planned";
 
 fn main() {
     if let Err(e) = run(std::env::args().skip(1).collect()) {
