@@ -183,8 +183,11 @@ pub trait VisitDense {
     fn visit_dense(&self, path: &str, f: &mut DenseVisitor<'_>);
 }
 
-/// The dense layers of `dense` by path: weight (`[out, in]`, unfolded for convolutions) and bias.
-pub(crate) fn dense_weights<M: VisitDense>(dense: &M) -> HashMap<String, (Vec<f64>, Vec<f64>)> {
+/// Dense layers by path: weight (`[out, in]`, unfolded for convolutions) and bias.
+pub(crate) type DenseWeights = HashMap<String, (Vec<f64>, Vec<f64>)>;
+
+/// The dense layers of `dense` by path.
+pub(crate) fn dense_weights<M: VisitDense>(dense: &M) -> DenseWeights {
     let mut weights = HashMap::new();
     dense.visit_dense("", &mut |path, w, b| {
         weights.insert(path.to_string(), (w, b));
@@ -275,7 +278,7 @@ pub(crate) fn forward_order<T, R, F: FnMut(&T) -> R>(
 /// Dense layers standing in for every factorized layer of `model`: run so, it is the dense model.
 pub(crate) fn dense_stand_ins<T: VisitFactorized>(
     model: &mut T,
-    weights: &HashMap<String, (Vec<f64>, Vec<f64>)>,
+    weights: &DenseWeights,
 ) -> Result<StandIns, FactorizeError> {
     let mut stand_ins = StandIns::new();
     model.visit_factorized("", &mut |path, layer| {

@@ -146,10 +146,7 @@ pub(crate) fn fit<P: LowRankPair>(
     dev: &<P::Dense as DenseLayer>::Dev,
 ) -> Result<(P, LayerReport), FactorizeError> {
     let start = Instant::now();
-    let (w, mut calib) = operands::<P::Dense>(path, weight, rows)?;
-    if let Some(reference) = reference {
-        calib = calib.with_reference(path, reference)?;
-    }
+    let (w, calib) = operands::<P::Dense>(path, weight, (rows, reference))?;
     let solved = calibrated::solve(&w, bias, &calib, P::RANK, fit, backend)?;
     let f = &solved.value;
     let pair = P::from_host(dev, &f.factors.first, &f.factors.second, &f.bias, path)?;
@@ -165,15 +162,16 @@ pub(crate) fn fit<P: LowRankPair>(
     Ok((pair, row))
 }
 
-/// The dense weight `[OUT, FAN_IN]` and the calibration rows of a layer of kind `M`, checked.
+/// The dense weight `[OUT, FAN_IN]` and the calibration rows (with their reference rows, if
+/// any) of a layer of kind `M`, checked.
 fn operands<'a, M: DenseLayer>(
     path: &'a str,
     weight: &'a [f64],
-    rows: &'a [f64],
+    (rows, reference): (&'a [f64], Option<&'a [f64]>),
 ) -> Result<(WeightMatrix<'a>, Calibration<'a>), FactorizeError> {
     let (out, fan_in) = dims::<M>();
     let w = WeightMatrix::new(path, weight, out, fan_in)?;
-    let calib = Calibration::new(path, rows, rows.len() / fan_in.max(1), fan_in)?;
+    let calib = Calibration::of_rows(path, rows, fan_in, reference)?;
     Ok((w, calib))
 }
 
@@ -340,7 +338,7 @@ impl<P: LowRankPair> Refit for P {
         inputs: &[RecordedInput],
     ) -> Result<f64, FactorizeError> {
         let rows = P::Dense::calibration_rows(path, inputs)?;
-        let (w, calib) = operands::<P::Dense>(path, weight, &rows)?;
+        let (w, calib) = operands::<P::Dense>(path, weight, (&rows, None))?;
         let (factors, pair_bias) = current(self);
         nmse(&w, bias, &factors, &pair_bias, &calib)
     }

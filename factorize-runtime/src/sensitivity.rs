@@ -27,8 +27,8 @@ use std::fmt;
 
 use crate::budget::{allocate, Choice};
 use crate::calibrate::{
-    dense_stand_ins, dense_weights, forward_order, inputs_of, missing_dense, RecordedInput, Refit,
-    StandIn, VisitDense, VisitFactorized,
+    dense_stand_ins, dense_weights, forward_order, inputs_of, missing_dense, DenseWeights,
+    RecordedInput, Refit, StandIn, VisitDense, VisitFactorized,
 };
 use crate::config::{FactorizeConfig, Fit, Method};
 use crate::cost::LayerShape;
@@ -358,7 +358,7 @@ fn truncations(
     let family = match truncation {
         Truncation::Weight => directions(&wm, b, None, 0.0, max)?,
         Truncation::Data { ridge } => {
-            let x = Calibration::new(path, &rows, positions, shape.fan_in())?;
+            let x = Calibration::of_rows(path, &rows, shape.fan_in(), None)?;
             directions(&wm, b, Some(&x), ridge, max)?
         }
     };
@@ -370,6 +370,30 @@ fn truncations(
         })
         .collect::<Result<_, _>>()?;
     Ok((stand_ins, positions))
+}
+
+/// The dense weights by path and a variant that runs as `dense` under the returned stand-ins.
+///
+/// The variant's own weights are never used (every measured run stands its layers in), so a
+/// fresh init, which costs no decomposition, builds it. Boxed: stand-ins are keyed by layer
+/// address, so the layers must not move.
+fn as_dense<M>(
+    dense: &M,
+    cfg: &FactorizeConfig,
+) -> Result<(Box<M::Factorized>, DenseWeights, StandIns), FactorizeError>
+where
+    M: VisitDense + Factorizable,
+    M::Factorized: VisitFactorized,
+{
+    let fresh = FactorizeConfig {
+        method: Method::Fresh,
+        progress: false,
+        ..*cfg
+    };
+    let mut model = Box::new(dense.factorize(&fresh)?);
+    let weights = dense_weights(dense);
+    let all_dense = dense_stand_ins(&mut *model, &weights)?;
+    Ok((model, weights, all_dense))
 }
 
 /// The body of [`crate::Factorizable::sensitivity`].
@@ -387,16 +411,7 @@ where
     F: FnMut(&M::Factorized) -> O,
     G: FnMut(&O, &O) -> f64,
 {
-    // The variant's own weights are never used (every measured run stands layers in), so a
-    // fresh init, which costs no decomposition, builds it.
-    let fresh = FactorizeConfig {
-        method: Method::Fresh,
-        progress: false,
-        ..*cfg
-    };
-    let mut model = dense.factorize(&fresh)?;
-    let weights = dense_weights(dense);
-    let all_dense = dense_stand_ins(&mut model, &weights)?;
+    let (mut model, weights, all_dense) = as_dense(dense, cfg)?;
     let reference = {
         let _standing = Standing::start(&all_dense);
         run(&model)
@@ -415,7 +430,7 @@ where
             path,
             &format!("{} ranks, layer {} of {}", ranks.len(), k + 1, layers.len()),
         );
-        let inputs = inputs_of(&model, *address, &all_dense, &mut run);
+        let inputs = inputs_of(&*model, *address, &all_dense, &mut run);
         if inputs.is_empty() {
             // Not reached by the forward: nothing to measure, nothing to save.
             continue;
@@ -490,10 +505,7 @@ fn fitted(
     };
     let rows = layer.rows(path, inputs)?;
     let reference = reference.map(|r| layer.rows(path, r)).transpose()?;
-    let mut x = Calibration::new(path, &rows, rows.len() / shape.fan_in(), shape.fan_in())?;
-    if let Some(r) = &reference {
-        x = x.with_reference(path, r)?;
-    }
+    let x = Calibration::of_rows(path, &rows, shape.fan_in(), reference.as_deref())?;
     let solved = calibrated::solve(&wm, b, &x, rank, kind, cfg.backend)?.value;
     layer.stand_in(path, (&solved.factors.product(), &solved.bias))
 }
@@ -511,14 +523,7 @@ where
     M::Factorized: VisitFactorized,
     F: FnMut(&M::Factorized),
 {
-    let fresh = FactorizeConfig {
-        method: Method::Fresh,
-        progress: false,
-        ..*cfg
-    };
-    let mut model = Box::new(dense.factorize(&fresh)?);
-    let weights = dense_weights(dense);
-    let all_dense = dense_stand_ins(&mut *model, &weights)?;
+    let (mut model, weights, all_dense) = as_dense(dense, cfg)?;
     let mut paths = HashMap::new();
     model.visit_factorized("", &mut |path, layer| {
         paths.insert(layer.address(), path.to_string());

@@ -83,6 +83,21 @@ impl<'a> Calibration<'a> {
         })
     }
 
+    /// Rows of `cols` values (`data.len() / cols` of them), with the dense model's `reference`
+    /// rows when given (see [`Self::with_reference`]).
+    pub fn of_rows(
+        layer: &str,
+        data: &'a [f64],
+        cols: usize,
+        reference: Option<&'a [f64]>,
+    ) -> Result<Self, FactorizeError> {
+        let x = Self::new(layer, data, data.len() / cols.max(1), cols)?;
+        match reference {
+            Some(reference) => x.with_reference(layer, reference),
+            None => Ok(x),
+        }
+    }
+
     /// Adds the reference inputs: row `i` of `reference` is what the dense model fed the layer
     /// where the model being fitted fed it row `i` of these inputs. [`Fit::Correcting`] fits
     /// the layer's output on them; the other fits ignore them.
