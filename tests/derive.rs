@@ -1,7 +1,7 @@
 //! `#[derive(Factorizable)]` end to end: which fields are replaced, the variant's forward,
 //! reports, exactness, save/load.
 
-#[path = "../factorize-runtime/tests/common/mod.rs"]
+#[path = "../factorize-runtime/tests/runtime/common/mod.rs"]
 mod common;
 
 use dfdx::nn::modules::{LayerNorm1D, Linear, ReLU};

@@ -226,6 +226,11 @@ fn the_factorized_variant_at_full_rank_reproduces_the_dense_embeddings() {
     assert!(worst <= 1e-5, "full-rank variant differs by {worst}");
 }
 
+/// The calibration sentences the data-aware fits use here: the first third of the example's
+/// (`pipeline::CALIBRATION`), so that the five ranks fit in the suite's time; the property holds
+/// with less data as it does with more.
+const CALIBRATION_IN_TESTS: std::ops::Range<usize> = 0..40;
+
 /// Held-out mean cosine of the rank-`R` variant by each fit.
 fn both_fits<const R: usize>(
     dir: &text::ModelDir,
@@ -234,7 +239,7 @@ fn both_fits<const R: usize>(
 ) -> (f64, f64) {
     let dev: Cpu = Default::default();
     let dense = Bert::<R, f32, Cpu>::load(dir.checkpoint(), &dev).unwrap();
-    let calibration = by_length(&dev, &ids[pipeline::CALIBRATION]);
+    let calibration = by_length(&dev, &ids[CALIBRATION_IN_TESTS]);
     let heldout = &ids[pipeline::HELD_OUT];
     let mut cos = [0.0; 2];
     for (k, fit) in [FitKind::Svd, FitKind::Data].into_iter().enumerate() {

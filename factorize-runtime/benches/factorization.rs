@@ -1,8 +1,8 @@
 //! Factorization time: our truncated engine vs faer's full thin SVD, same matrix, same precision.
 //!
 //! Both sides get the same power-law (trained-like) and flat (Gaussian-like) spectra; the engine's
-//! error equals the Eckart–Young optimum to 1e-4 (tests/engine.rs), so this compares time at the
-//! same error. Report: `cargo bench -p factorize-runtime --bench factorization`.
+//! error equals the Eckart–Young optimum to 1e-4 (tests/runtime/engine.rs), so this compares time
+//! at the same error. Report: `cargo bench -p factorize-runtime --bench factorization`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use factorize_runtime::engine::{low_rank, WeightMatrix};

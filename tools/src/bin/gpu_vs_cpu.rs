@@ -112,7 +112,7 @@ fn weight_space(gpu: &FactorizeConfig, cpu: Option<(&FactorizeConfig, &Factorize
                 let t = Instant::now();
                 let c = solve(&m, rank, cpu64).unwrap();
                 t64 = t.elapsed().as_secs_f64() * 1e3;
-                // The CPU f64 path meets the Eckart–Young optimum to ~1e-12 (tests/engine.rs).
+                // The CPU f64 path meets the Eckart–Young optimum to ~1e-12 (tests/runtime/engine.rs).
                 excess = g.value.relative_error / c.value.relative_error - 1.0;
             }
             println!(

@@ -2,7 +2,7 @@
 //! inputs recorded from the model): weight-space factorizations at the Eckart–Young optimum,
 //! data-aware fits at their closed-form optimum.
 
-mod common;
+use crate::common;
 
 use dfdx::nn::modules::Linear;
 use dfdx::prelude::*;
