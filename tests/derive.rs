@@ -896,6 +896,119 @@ fn fine_tuning_the_factorized_variant_lowers_its_loss() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `distill`: the factorized variant trained towards the dense model's outputs.
+mod distillation {
+    use super::finetune::{Mlp, MlpFactorized, BATCH, TEACHER_GAIN, WIDTH};
+    use dfdx::prelude::*;
+    use factorize_runtime::distill::{distill, DistillConfig, DistillLog, Trained};
+    use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeError};
+
+    type Input = Tensor<Rank2<BATCH, WIDTH>, f32, Cpu>;
+    type Batches = Vec<(Input, Tensor<Rank2<BATCH, 16>, f32, Cpu>)>;
+
+    /// A dense model with a strong hidden branch, its SVD variant, and `n` batches of its
+    /// inputs and outputs.
+    fn setup(dev: &Cpu, n: usize) -> (Mlp<f32, Cpu>, MlpFactorized<f32, Cpu>, Batches) {
+        let mut dense = Mlp::<f32, Cpu>::build(dev);
+        dense.fc2.weight = dense.fc2.weight.clone() * TEACHER_GAIN;
+        let small = dense.factorize(&FactorizeConfig::default()).unwrap();
+        let batches = (0..n)
+            .map(|_| {
+                let x: Input = dev.sample_normal();
+                let y = dense.forward(x.clone());
+                (x, y)
+            })
+            .collect();
+        (dense, small, batches)
+    }
+
+    fn run(
+        small: &mut MlpFactorized<f32, Cpu>,
+        batches: &Batches,
+        cfg: &DistillConfig,
+    ) -> Result<DistillLog, FactorizeError> {
+        distill(
+            small,
+            batches,
+            cfg,
+            |m: &MlpFactorized<f32, Cpu>, x, grads| m.try_forward(x.clone().traced(grads)),
+        )
+    }
+
+    fn error(model: &MlpFactorized<f32, Cpu>, batches: &Batches) -> f32 {
+        let total: f32 = (batches.iter())
+            .map(|(x, y)| mse_loss(model.forward(x.clone()), y.clone()).array())
+            .sum();
+        total / batches.len() as f32
+    }
+
+    #[test]
+    fn training_the_factors_lowers_held_out_error_and_leaves_the_rest() {
+        let dev = Cpu::seed_from_u64(11);
+        let (_, mut small, batches) = setup(&dev, 12);
+        let (train, held_out) = batches.split_at(8);
+        let (train, held_out) = (train.to_vec(), held_out.to_vec());
+        let before = small.clone();
+        let cfg = DistillConfig {
+            steps: 60,
+            learning_rate: 1e-3,
+            progress: false,
+            ..Default::default()
+        };
+        let log = run(&mut small, &train, &cfg).unwrap();
+        assert_eq!(log.losses.len(), 60);
+        assert!(
+            log.last(8) < 0.5 * log.first(8),
+            "training loss {} → {}",
+            log.first(8),
+            log.last(8)
+        );
+        let (was, is) = (error(&before, &held_out), error(&small, &held_out));
+        assert!(is < 0.7 * was, "held-out error {was} → {is}");
+        // The factors moved; the dense head (too narrow to factorize) did not.
+        assert_ne!(
+            small.fc1.first.weight.as_vec(),
+            before.fc1.first.weight.as_vec()
+        );
+        assert_ne!(
+            small.fc2.second.bias.as_vec(),
+            before.fc2.second.bias.as_vec()
+        );
+        assert_eq!(small.head.weight.as_vec(), before.head.weight.as_vec());
+        assert_eq!(small.head.bias.as_vec(), before.head.bias.as_vec());
+
+        // Training everything moves the head too.
+        let mut all = before.clone();
+        let cfg = DistillConfig {
+            trained: Trained::All,
+            steps: 5,
+            ..cfg
+        };
+        run(&mut all, &train, &cfg).unwrap();
+        assert_ne!(all.head.weight.as_vec(), before.head.weight.as_vec());
+    }
+
+    #[test]
+    fn a_failed_distillation_leaves_the_model_as_it_was() {
+        let dev = Cpu::seed_from_u64(12);
+        let (_, mut small, batches) = setup(&dev, 2);
+        let x: Input = dev.sample_normal();
+        let output = small.forward(x.clone()).as_vec();
+        let diverging = DistillConfig {
+            steps: 40,
+            learning_rate: 1e12,
+            progress: false,
+            ..Default::default()
+        };
+        let err = run(&mut small, &batches, &diverging).unwrap_err();
+        assert!(err.to_string().contains("lower the learning rate"), "{err}");
+        assert_eq!(small.forward(x.clone()).as_vec(), output);
+        let err = run(&mut small, &Vec::new(), &DistillConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("no batch"), "{err}");
+        assert_eq!(small.forward(x).as_vec(), output);
+    }
+}
+
 mod seq {
     // As dfdx users write it: the prelude's builders.
     use dfdx::prelude::*;

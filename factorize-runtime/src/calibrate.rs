@@ -120,6 +120,8 @@ impl<S: Shape, E: Dtype, D: Device<E> + Storage<E>, T> RecordInput for Tensor<S,
 pub trait Refit {
     /// Identifies the layer in recordings.
     fn address(&self) -> usize;
+    /// Its tensors' ids (factors and bias), for training them alone ([`crate::distill`]).
+    fn parameter_ids(&self) -> Vec<dfdx::tensor::UniqueId>;
     /// Refits the layer to the dense layer `(weight, bias)` (the weight `[out, fan_in]`, a
     /// convolution's unfolded to `[O, I·K·K]`), on the inputs it received in the recorded
     /// forward calls, on `backend` (see [`crate::engine::calibrated::solve`]). `reference`:
@@ -159,7 +161,7 @@ pub trait Refit {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a module that `#[derive(Factorizable)]` can carry over or factorize",
     label = "not Factorizable",
-    note = "derive `Factorizable` for it, write `Linear<..>` or the tuple type out in the field \\
+    note = "derive `Factorizable` for it, write `Linear<..>` or the tuple type out in the field \
             (aliases hide it from the derive), or mark the field `#[factorize(skip)]` to copy it as is"
 )]
 pub trait VisitFactorized {
@@ -175,7 +177,7 @@ pub trait VisitFactorized {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a module that `#[derive(Factorizable)]` can carry over or factorize",
     label = "not Factorizable",
-    note = "derive `Factorizable` for it, write `Linear<..>` or the tuple type out in the field \\
+    note = "derive `Factorizable` for it, write `Linear<..>` or the tuple type out in the field \
             (aliases hide it from the derive), or mark the field `#[factorize(skip)]` to copy it as is"
 )]
 pub trait VisitDense {

@@ -142,6 +142,7 @@ pub mod config;
 pub mod conv;
 mod convert;
 pub mod cost;
+pub mod distill;
 pub mod engine;
 mod error;
 mod factorizable;

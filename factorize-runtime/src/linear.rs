@@ -172,6 +172,17 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Low
     fn device(&self) -> D {
         self.second.weight.device().clone()
     }
+
+    fn parameter_ids(&self) -> Vec<UniqueId> {
+        use crate::distill::tensor_ids;
+        let (first, second) = (&self.first.weight, &self.second);
+        [
+            tensor_ids(first),
+            tensor_ids(&second.weight),
+            tensor_ids(&second.bias),
+        ]
+        .concat()
+    }
 }
 
 impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>

@@ -15,6 +15,7 @@
 use std::time::Instant;
 
 use dfdx::prelude::{Device, Dtype};
+use dfdx::tensor::UniqueId;
 
 use crate::calibrate::{RecordedInput, Refit, StandIn};
 use crate::config::{Backend, FactorizeConfig, Fit, Method};
@@ -90,6 +91,8 @@ pub trait LowRankPair: Sized {
     fn host_factors(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>);
     /// The device the weights live on.
     fn device(&self) -> <Self::Dense as DenseLayer>::Dev;
+    /// Its tensors' ids (factors and bias), for training them alone.
+    fn parameter_ids(&self) -> Vec<UniqueId>;
 }
 
 /// A report row for `M` at `path`.
@@ -286,6 +289,10 @@ fn fresh_uniform(count: usize, fan_in: usize, seed: u64) -> Vec<f64> {
 impl<P: LowRankPair> Refit for P {
     fn address(&self) -> usize {
         self as *const Self as usize
+    }
+
+    fn parameter_ids(&self) -> Vec<UniqueId> {
+        LowRankPair::parameter_ids(self)
     }
 
     fn refit(

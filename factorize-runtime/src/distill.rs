@@ -1,0 +1,282 @@
+//! Recovery by training: distillation of a factorized variant to its dense model.
+//!
+//! Composer's `Factorize` factorizes, then trains; this crate factorizes well (data-aware and
+//! correcting fits, ranks by measured damage), and can then train a little. [`distill`] trains
+//! the variant with Adam to reproduce the dense model's outputs on calibration inputs: the
+//! factorized pairs alone ([`Trained::Factors`], the rest of the model stays the pretrained one)
+//! or every tensor ([`Trained::All`]). It returns the loss of every step.
+//!
+//! The model's forward must be generic over the tape (see `examples/finetune.rs`): `distill`
+//! calls it with traced inputs.
+//!
+//! ```
+//! use dfdx::nn::modules::{Linear, ReLU};
+//! use dfdx::prelude::*;
+//! use factorize_runtime::distill::{distill, DistillConfig};
+//! use factorize_runtime::{mirror, Factorizable, FactorizeConfig, TensorCollection};
+//!
+//! #[derive(Factorizable, TensorCollection)]
+//! #[factorize(latent_features = 16)]
+//! pub struct Mlp<E: Dtype, D: Device<E>> {
+//!     pub fc1: Linear<256, 256, E, D>,
+//!     pub act: ReLU,
+//!     pub fc2: Linear<256, 8, E, D>,
+//! }
+//!
+//! #[mirror]
+//! impl<E: Dtype, D: Device<E>, B: Dim, T: Tape<E, D>> Module<Tensor<(B, Const<256>), E, D, T>>
+//!     for Mlp<E, D>
+//! {
+//!     type Output = Tensor<(B, Const<8>), E, D, T>;
+//!     type Error = D::Err;
+//!     fn try_forward(&self, x: Tensor<(B, Const<256>), E, D, T>) -> Result<Self::Output, D::Err> {
+//!         self.fc2.try_forward(self.act.try_forward(self.fc1.try_forward(x)?)?)
+//!     }
+//! }
+//!
+//! let dev = Cpu::seed_from_u64(0);
+//! let dense = Mlp::<f32, Cpu>::build(&dev);
+//! let mut small = dense.factorize(&FactorizeConfig::default())?;
+//! // Calibration inputs, and what the dense model makes of them.
+//! let batches: Vec<_> = (0..4)
+//!     .map(|_| {
+//!         let x: Tensor<Rank2<32, 256>, f32, Cpu> = dev.sample_normal();
+//!         let y = dense.forward(x.clone());
+//!         (x, y)
+//!     })
+//!     .collect();
+//! let cfg = DistillConfig { steps: 20, learning_rate: 1e-3, progress: false, ..Default::default() };
+//! let log = distill(&mut small, &batches, &cfg, |m: &MlpFactorized<f32, Cpu>, x, grads| {
+//!     m.try_forward(x.clone().traced(grads))
+//! })?;
+//! assert!(log.last(4) < log.first(4));
+//! # Ok::<(), factorize_runtime::FactorizeError>(())
+//! ```
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use dfdx::optim::{Adam, AdamConfig, Optimizer, OptimizerUpdateError, Sgd, SgdConfig};
+use dfdx::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::calibrate::VisitFactorized;
+use crate::error::FactorizeError;
+
+/// Which of the variant's tensors [`distill`] trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Trained {
+    /// The factorized pairs' factors and biases; every other tensor keeps its pretrained value.
+    #[default]
+    Factors,
+    /// Every tensor of the variant.
+    All,
+}
+
+/// How [`distill`] trains: Adam (dfdx's, its default betas and epsilon) on the mean squared
+/// error against the dense model's outputs, one batch per step, the batches in turn.
+#[derive(Debug, Clone)]
+pub struct DistillConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Adam's learning rate.
+    pub learning_rate: f64,
+    /// What is trained.
+    pub trained: Trained,
+    /// A progress line with the step and the loss (on terminals only).
+    pub progress: bool,
+}
+
+impl Default for DistillConfig {
+    /// 100 steps at learning rate 1e-4, the factors only: a short recovery after a good fit.
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            learning_rate: 1e-4,
+            trained: Trained::Factors,
+            progress: true,
+        }
+    }
+}
+
+/// What [`distill`] did: the loss of every step, and the time it took.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct DistillLog {
+    /// The mean squared error of each step's batch, before that step's update.
+    pub losses: Vec<f64>,
+    /// Wall time of the training.
+    pub time: Duration,
+}
+
+impl DistillLog {
+    /// The mean loss of the first `steps` steps (fewer if there were fewer).
+    pub fn first(&self, steps: usize) -> f64 {
+        self.mean(0..steps.min(self.losses.len()))
+    }
+
+    /// The mean loss of the last `steps` steps (fewer if there were fewer).
+    pub fn last(&self, steps: usize) -> f64 {
+        let n = self.losses.len();
+        self.mean(n - steps.min(n)..n)
+    }
+
+    fn mean(&self, range: Range<usize>) -> f64 {
+        let len = range.len().max(1) as f64;
+        self.losses[range].iter().sum::<f64>() / len
+    }
+}
+
+/// Trains `model` (a factorized variant) to reproduce, on each batch's input, the dense model's
+/// output stored beside it: `forward(model, input, grads)` runs the model on the input traced
+/// into `grads`. `model` is only changed when training succeeds; on an error it is as it was.
+///
+/// Errors: no batch, no factorized layer when training [`Trained::Factors`], a non-finite
+/// loss (the learning rate is too high), or a device error.
+pub fn distill<M, B, S, E, D, F>(
+    model: &mut M,
+    batches: &[(B, Tensor<S, E, D>)],
+    cfg: &DistillConfig,
+    mut forward: F,
+) -> Result<DistillLog, FactorizeError>
+where
+    E: Dtype,
+    D: Device<E>,
+    S: Shape,
+    M: TensorCollection<E, D> + VisitFactorized + Clone,
+    F: FnMut(&M, &B, Gradients<E, D>) -> Result<Tensor<S, E, D, OwnedTape<E, D>>, D::Err>,
+{
+    let parameter = |parameter: &'static str, reason: String| FactorizeError::Parameter {
+        layer: String::new(),
+        parameter,
+        reason,
+    };
+    if batches.is_empty() {
+        return Err(parameter("batches", "no batch to train on".into()));
+    }
+    // Cloning shares the tensors' buffers; the optimizer's first write to each copies it, so
+    // `model` keeps its weights until the end.
+    let mut trained = model.clone();
+    let ids = match cfg.trained {
+        Trained::All => tensor_ids(&trained),
+        Trained::Factors => {
+            let mut ids = Vec::new();
+            trained.visit_factorized("", &mut |_, layer| {
+                ids.extend(layer.parameter_ids());
+                Ok(())
+            })?;
+            if ids.is_empty() {
+                return Err(parameter(
+                    "trained",
+                    "the model has no factorized layer to train".into(),
+                ));
+            }
+            ids
+        }
+    };
+    let device = |e: D::Err| FactorizeError::Device {
+        layer: String::new(),
+        reason: format!("{e:?}"),
+    };
+    let start = Instant::now();
+    let progress = Steps::new(cfg.progress, cfg.steps);
+    let mut opt = Adam::new(
+        &trained,
+        AdamConfig {
+            lr: cfg.learning_rate,
+            ..Default::default()
+        },
+    );
+    let mut losses = Vec::with_capacity(cfg.steps);
+    for step in 0..cfg.steps {
+        let (input, target) = &batches[step % batches.len()];
+        // Backward keeps the gradients of these tensors only; the optimizer leaves the others.
+        let mut grads = Gradients::leaky();
+        grads.retain_leafs(&ids);
+        let output = forward(&trained, input, grads).map_err(device)?;
+        let loss = output.try_sub(target.clone()).map_err(device)?;
+        let loss = loss
+            .try_square()
+            .map_err(device)?
+            .try_mean()
+            .map_err(device)?;
+        let value = (loss.retaped::<NoneTape>().as_vec().first())
+            .and_then(|v| v.to_f64())
+            .unwrap_or(f64::NAN);
+        if !value.is_finite() {
+            return Err(parameter(
+                "learning_rate",
+                format!(
+                    "the loss is {value} at step {step}: lower the learning rate (now {})",
+                    cfg.learning_rate
+                ),
+            ));
+        }
+        losses.push(value);
+        progress.step(step, value);
+        let grads = loss.try_backward().map_err(device)?;
+        match opt.update(&mut trained, &grads) {
+            // Tensors without a gradient (the ones not trained, or not on the output's path)
+            // are left as they are.
+            Ok(()) | Err(OptimizerUpdateError::UnusedParams(_)) => {}
+            Err(OptimizerUpdateError::DeviceError(e)) => return Err(device(e)),
+        }
+    }
+    *model = trained;
+    Ok(DistillLog {
+        losses,
+        time: start.elapsed(),
+    })
+}
+
+/// The ids of `module`'s tensors. dfdx keeps a tensor's id to itself, but its optimizers
+/// report the ids of the tensors they found no gradient for: an update with none reports all.
+pub(crate) fn tensor_ids<E, D, M>(module: &M) -> Vec<UniqueId>
+where
+    E: Dtype,
+    D: Device<E>,
+    M: TensorCollection<E, D> + Clone,
+{
+    // Clones share their tensors' ids; an update without gradients changes nothing.
+    let mut probe = module.clone();
+    let mut sgd = Sgd::new(&probe, SgdConfig::default());
+    match sgd.update(&mut probe, &Gradients::leaky()) {
+        Err(OptimizerUpdateError::UnusedParams(unused)) => unused.ids,
+        Ok(()) | Err(OptimizerUpdateError::DeviceError(_)) => Vec::new(),
+    }
+}
+
+/// "distilling: step k/n, loss x" with a bar, until dropped.
+struct Steps {
+    bar: Option<ProgressBar>,
+}
+
+impl Steps {
+    fn new(show: bool, total: usize) -> Self {
+        let bar = show.then(|| {
+            // Draws to stderr and hides itself when stderr is not a terminal.
+            let bar = ProgressBar::new(total as u64);
+            if let Ok(style) = ProgressStyle::with_template("distilling {bar:30} {pos}/{len} {msg}")
+            {
+                bar.set_style(style);
+            }
+            bar
+        });
+        Self { bar }
+    }
+
+    fn step(&self, step: usize, loss: f64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step as u64 + 1);
+            bar.set_message(format!("loss {loss:.4e}"));
+        }
+    }
+}
+
+impl Drop for Steps {
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
