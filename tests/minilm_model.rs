@@ -327,6 +327,52 @@ fn per_layer_ranks_to_a_budget_beat_one_rank_at_equal_multiply_adds() {
     }
 }
 
+#[test]
+fn distillation_trains_the_factors_through_the_traced_forward() {
+    let Some(dir) = data("minilm distillation") else {
+        return;
+    };
+    let dev: Cpu = Default::default();
+    let ids = token_ids(&dir);
+    let dense = Dense::load(dir.checkpoint(), &dev).unwrap();
+    let probe = Bert::<64, f32, Cpu>::load(dir.checkpoint(), &dev).unwrap();
+    let (mut small, _, _) = factorize(&probe, FitKind::Svd, &[]).unwrap();
+    let targets = pipeline::distillation_targets(&dense, &by_length(&dev, &ids[..24])).unwrap();
+    // The traced forward (dfdx's composed attention) computes what the inference one does.
+    let (batch, _) = &targets[0];
+    let plain = small.try_hidden_states(batch).unwrap().as_vec();
+    let x = small.embeddings.try_forward(batch).unwrap();
+    let traced = small
+        .try_encode(x.traced(small.alloc_grads()), batch)
+        .unwrap();
+    let worst = (traced.retaped::<NoneTape>().as_vec().iter())
+        .zip(&plain)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-3, "traced forward differs by {worst}");
+    let before = small.clone();
+    let steps = 3 * targets.len();
+    let log = pipeline::recover(&mut small, &targets, (steps, 1e-3), |m, b, grads| {
+        m.try_encode(m.embeddings.try_forward(b)?.traced(grads), b)
+    })
+    .unwrap();
+    // The same batches, first epoch against last.
+    let window = targets.len();
+    assert!(
+        log.last(window) < 0.9 * log.first(window),
+        "distillation loss {} → {}",
+        log.first(window),
+        log.last(window)
+    );
+    // Factors only: the LayerNorms and embeddings keep their pretrained values.
+    let (was, is) = (&before.layers.modules[0], &small.layers.modules[0]);
+    assert_eq!(is.ffn.norm.gamma.as_vec(), was.ffn.norm.gamma.as_vec());
+    assert_ne!(
+        is.ffn.up.first.weight.as_vec(),
+        was.ffn.up.first.weight.as_vec()
+    );
+}
+
 /// A safetensors file holding `tensors` (name, dtype, shape), zero-filled.
 fn checkpoint_with(tensors: &[(&str, ::safetensors::Dtype, Vec<usize>)]) -> std::path::PathBuf {
     let buffers: Vec<Vec<u8>> = tensors

@@ -37,8 +37,9 @@ pub const MAX_POSITIONS: usize = 512;
 /// LayerNorm epsilon of the checkpoint.
 pub const LAYER_NORM_EPS: f64 = 1e-12;
 
-/// Hidden states of a batch, one row per token position (`b·s` rows).
-pub type Hidden<E, D> = Tensor<(usize, Const<HIDDEN>), E, D>;
+/// Hidden states of a batch, one row per token position (`b·s` rows); `T` is the tape, traced
+/// when training ([`Bert::try_encode`]).
+pub type Hidden<E, D, T = NoneTape> = Tensor<(usize, Const<HIDDEN>), E, D, T>;
 
 /// A batch of tokenized sentences, padded to the longest one.
 #[derive(Clone, Debug)]
@@ -158,30 +159,31 @@ pub struct SelfAttention<const R: usize, E: Dtype, D: Device<E>> {
 #[mirror]
 impl<const R: usize, E: Dtype, D: Device<E>> SelfAttention<R, E, D> {
     /// `LayerNorm(x + Wo·softmax(Q·Kᵀ/√d + mask)·V)`, heads side by side.
-    pub fn try_forward(
+    pub fn try_forward<T: Tape<E, D> + 'static>(
         &self,
-        x: Hidden<E, D>,
+        x: Hidden<E, D, T>,
         batch: &Batch<E, D>,
-    ) -> Result<Hidden<E, D>, D::Err> {
+    ) -> Result<Hidden<E, D, T>, D::Err> {
         let projections = (&self.query, &self.key, &self.value, &self.output);
         attention_block(projections, &self.norm, x, batch)
     }
 }
 
-/// A `Linear` of hidden states, dense or factorized: what the blocks' forwards need of one.
-pub trait HiddenMap<const I: usize, const O: usize, E: Dtype, D: Device<E>>:
+/// A `Linear` of hidden states with tape `T`, dense or factorized: what the blocks' forwards
+/// need of one.
+pub trait HiddenMap<const I: usize, const O: usize, E: Dtype, D: Device<E>, T>:
     FastForward<
-    Tensor<(usize, Const<I>), E, D>,
-    Output = Tensor<(usize, Const<O>), E, D>,
+    Tensor<(usize, Const<I>), E, D, T>,
+    Output = Tensor<(usize, Const<O>), E, D, T>,
     Error = D::Err,
 >
 {
 }
 
-impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, M> HiddenMap<I, O, E, D> for M where
+impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T, M> HiddenMap<I, O, E, D, T> for M where
     M: FastForward<
-        Tensor<(usize, Const<I>), E, D>,
-        Output = Tensor<(usize, Const<O>), E, D>,
+        Tensor<(usize, Const<I>), E, D, T>,
+        Output = Tensor<(usize, Const<O>), E, D, T>,
         Error = D::Err,
     >
 {
@@ -189,55 +191,70 @@ impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, M> HiddenMap<I, O, 
 
 /// `LayerNorm(x + Wo·softmax(Q·Kᵀ/√d + mask)·V)` from the block's four projections (query, key,
 /// value, output): one forward for every attention struct, dense or factorized, uniform or
-/// planned ranks.
-pub fn attention_block<E: Dtype, D: Device<E>>(
+/// planned ranks, traced or not.
+///
+/// Under a tape, the tape is passed from branch to branch (`split_tape`/`put_tape`): each
+/// product records its backward on it, and gradients meet at the tensors' ids.
+pub fn attention_block<E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>(
     (query, key, value, output): (
-        &impl HiddenMap<HIDDEN, HIDDEN, E, D>,
-        &impl HiddenMap<HIDDEN, HIDDEN, E, D>,
-        &impl HiddenMap<HIDDEN, HIDDEN, E, D>,
-        &impl HiddenMap<HIDDEN, HIDDEN, E, D>,
+        &impl HiddenMap<HIDDEN, HIDDEN, E, D, T>,
+        &impl HiddenMap<HIDDEN, HIDDEN, E, D, T>,
+        &impl HiddenMap<HIDDEN, HIDDEN, E, D, T>,
+        &impl HiddenMap<HIDDEN, HIDDEN, E, D, T>,
     ),
     norm: &LayerNorm1D<HIDDEN, E, D>,
-    x: Hidden<E, D>,
+    x: Hidden<E, D, T>,
     batch: &Batch<E, D>,
-) -> Result<Hidden<E, D>, D::Err> {
-    let q = query.try_forward_fast(x.clone())?;
-    let k = key.try_forward_fast(x.clone())?;
-    let v = value.try_forward_fast(x.clone())?;
-    let context = match fast::attention::<HEADS, HEAD_DIM, HIDDEN, E, D>(
-        &q,
-        &k,
-        &v,
-        &batch.lengths,
-        batch.positions,
-    ) {
-        Some(context) => context,
-        None => composed_attention(q, k, v, batch)?,
+) -> Result<Hidden<E, D, T>, D::Err> {
+    let (x, tape) = x.split_tape();
+    let (q, tape) = query
+        .try_forward_fast(x.clone().put_tape(tape))?
+        .split_tape();
+    let (k, tape) = key.try_forward_fast(x.clone().put_tape(tape))?.split_tape();
+    let (v, tape) = value
+        .try_forward_fast(x.clone().put_tape(tape))?
+        .split_tape();
+    let fast = if std::any::TypeId::of::<T>() == std::any::TypeId::of::<NoneTape>() {
+        fast::attention::<HEADS, HEAD_DIM, HIDDEN, E, D>(
+            &q,
+            &k,
+            &v,
+            &batch.lengths,
+            batch.positions,
+        )
+    } else {
+        None
+    };
+    let context = match fast {
+        Some(context) => context.put_tape(tape),
+        None => composed_attention(q.put_tape(tape), k, v, batch)?,
     };
     let out = output.try_forward_fast(context)?;
     norm.try_forward_fast(out.try_add(x)?)
 }
 
-/// `LayerNorm(x + W2·gelu(W1·x))`: one forward for every feed-forward struct.
-pub fn feed_forward_block<E: Dtype, D: Device<E>>(
-    up: &impl HiddenMap<HIDDEN, FFN, E, D>,
-    down: &impl HiddenMap<FFN, HIDDEN, E, D>,
+/// `LayerNorm(x + W2·gelu(W1·x))`: one forward for every feed-forward struct, traced or not.
+pub fn feed_forward_block<E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>(
+    up: &impl HiddenMap<HIDDEN, FFN, E, D, T>,
+    down: &impl HiddenMap<FFN, HIDDEN, E, D, T>,
     norm: &LayerNorm1D<HIDDEN, E, D>,
-    x: Hidden<E, D>,
-) -> Result<Hidden<E, D>, D::Err> {
-    let h = AccurateGeLU.try_forward_fast(up.try_forward_fast(x.clone())?)?;
+    x: Hidden<E, D, T>,
+) -> Result<Hidden<E, D, T>, D::Err> {
+    let (x, tape) = x.split_tape();
+    let h = AccurateGeLU.try_forward_fast(up.try_forward_fast(x.clone().put_tape(tape))?)?;
     let out = down.try_forward_fast(h)?;
     norm.try_forward_fast(out.try_add(x)?)
 }
 
 /// Attention composed of dfdx's ops, for any device and dtype and under a training tape (the
-/// fast route of [`fast::attention`] covers tape-free `Cpu` tensors only).
-fn composed_attention<E: Dtype, D: Device<E>>(
-    q: Hidden<E, D>,
+/// fast route of [`fast::attention`] covers tape-free `Cpu` tensors only). `q` carries the
+/// tape; the gradients of `k` and `v` are recorded on it by id.
+fn composed_attention<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    q: Hidden<E, D, T>,
     k: Hidden<E, D>,
     v: Hidden<E, D>,
     batch: &Batch<E, D>,
-) -> Result<Hidden<E, D>, D::Err> {
+) -> Result<Hidden<E, D, T>, D::Err> {
     let (b, s) = (batch.sentences, batch.positions);
     let heads = (b, s, Const::<HEADS>, Const::<HEAD_DIM>);
     let q = q
@@ -279,7 +296,10 @@ pub struct FeedForward<const R: usize, E: Dtype, D: Device<E>> {
 #[mirror]
 impl<const R: usize, E: Dtype, D: Device<E>> FeedForward<R, E, D> {
     /// `LayerNorm(x + W2·gelu(W1·x))`.
-    pub fn try_forward(&self, x: Hidden<E, D>) -> Result<Hidden<E, D>, D::Err> {
+    pub fn try_forward<T: Tape<E, D> + 'static>(
+        &self,
+        x: Hidden<E, D, T>,
+    ) -> Result<Hidden<E, D, T>, D::Err> {
         feed_forward_block(&self.up, &self.down, &self.norm, x)
     }
 }
@@ -296,11 +316,11 @@ pub struct EncoderLayer<const R: usize, E: Dtype, D: Device<E>> {
 #[mirror]
 impl<const R: usize, E: Dtype, D: Device<E>> EncoderLayer<R, E, D> {
     /// Attention, then the feed-forward block.
-    pub fn try_forward(
+    pub fn try_forward<T: Tape<E, D> + 'static>(
         &self,
-        x: Hidden<E, D>,
+        x: Hidden<E, D, T>,
         batch: &Batch<E, D>,
-    ) -> Result<Hidden<E, D>, D::Err> {
+    ) -> Result<Hidden<E, D, T>, D::Err> {
         self.ffn.try_forward(self.attention.try_forward(x, batch)?)
     }
 }
@@ -319,7 +339,15 @@ pub struct Bert<const R: usize, E: Dtype, D: Device<E>> {
 impl<const R: usize, E: Dtype, D: Device<E>> Bert<R, E, D> {
     /// The last hidden states, one row per position (`b·s` rows, padding rows included).
     pub fn try_hidden_states(&self, batch: &Batch<E, D>) -> Result<Hidden<E, D>, D::Err> {
-        let mut x = self.embeddings.try_forward(batch)?;
+        self.try_encode(self.embeddings.try_forward(batch)?, batch)
+    }
+
+    /// The encoder layers on embedded inputs `x`: traced (`x.traced(grads)`) to train them.
+    pub fn try_encode<T: Tape<E, D> + 'static>(
+        &self,
+        mut x: Hidden<E, D, T>,
+        batch: &Batch<E, D>,
+    ) -> Result<Hidden<E, D, T>, D::Err> {
         for layer in &self.layers.modules {
             x = layer.try_forward(x, batch)?;
         }

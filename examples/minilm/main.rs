@@ -8,12 +8,15 @@
 //! cargo run --release --example minilm -- frontier    # per-layer ranks to a budget vs one rank
 //! cargo run --release --example minilm -- planned     # the committed plans, compiled
 //! cargo run --release --example minilm -- --macs 25 embed sentences.txt out.safetensors
+//! cargo run --release --example minilm -- --macs 50 --distill 100 embed in.txt out.safetensors
+//! cargo run --release --example minilm -- recovery    # train after factorizing: before/after
 //! ```
 //!
 //! `embed` writes `embeddings` (`[n, 384]`, float32, normalised, in line order) for one sentence
 //! per line, with the dense model or, after `--rank R --fit svd|data|correcting`, with that
 //! variant (`data` and `correcting` are calibrated on sentences 0–119), or after `--macs 25|50`
-//! with the planned variant of `planned.rs` (correcting fit). The data comes from
+//! with the planned variant of `planned.rs` (correcting fit); `--distill STEPS` then trains the
+//! variant's factors for that many Adam steps towards the dense model (`recovery.rs`). The data comes from
 //! `../shared/data/minilm-model` or `$FACTORIZE_MINILM_MODEL_DIR`.
 //!
 //! The model (`bert.rs`), its loader (`checkpoint.rs`) and the tokenizer (`text.rs`) are meant
@@ -25,12 +28,14 @@ mod frontier;
 mod metrics;
 mod pipeline;
 mod planned;
+mod recovery;
 mod text;
 
 use dfdx::prelude::*;
 
 use bert::{Batch, Bert, FFN, HIDDEN, LAYERS};
-use pipeline::{by_length, embed_all, factorize, median, seconds, Error, FitKind};
+use pipeline::{by_length, distillation_targets, embed_all, factorize, median, recover, seconds};
+use pipeline::{Error, FitKind};
 
 /// The ranks of the table, applied to all 36 `Linear`s.
 const RANKS: [usize; 5] = [32, 64, 96, 128, 160];
@@ -241,7 +246,12 @@ fn planned_table() -> Result<(), Error> {
 }
 
 /// `embed <sentences.txt> <out.safetensors>` with the dense model or a variant.
-fn embed(variant: Option<Variant>, input: &str, output: &str) -> Result<(), Error> {
+fn embed(
+    variant: Option<Variant>,
+    distill_steps: usize,
+    input: &str,
+    output: &str,
+) -> Result<(), Error> {
     let dev: Cpu = Default::default();
     let dir = text::ModelDir::locate();
     let tokenizer = dir.tokenizer()?;
@@ -267,14 +277,14 @@ fn embed(variant: Option<Variant>, input: &str, output: &str) -> Result<(), Erro
                 .map(|s| tokenizer.encode(s))
                 .collect::<Result<Vec<_>, _>>()?;
             let calibration = by_length(&dev, &calibration_ids);
-            planned::embed_planned(macs, &dense, &calibration, &ids)?
+            planned::embed_planned(macs, &dense, &calibration, &ids, distill_steps)?
         }
         Some(Variant::Rank(rank, fit)) => match rank {
-            32 => embed_variant::<32>(&dev, &dir, &tokenizer, fit, &ids)?,
-            64 => embed_variant::<64>(&dev, &dir, &tokenizer, fit, &ids)?,
-            96 => embed_variant::<96>(&dev, &dir, &tokenizer, fit, &ids)?,
-            128 => embed_variant::<128>(&dev, &dir, &tokenizer, fit, &ids)?,
-            160 => embed_variant::<160>(&dev, &dir, &tokenizer, fit, &ids)?,
+            32 => embed_variant::<32>(&dev, &dir, &tokenizer, (fit, distill_steps), &ids)?,
+            64 => embed_variant::<64>(&dev, &dir, &tokenizer, (fit, distill_steps), &ids)?,
+            96 => embed_variant::<96>(&dev, &dir, &tokenizer, (fit, distill_steps), &ids)?,
+            128 => embed_variant::<128>(&dev, &dir, &tokenizer, (fit, distill_steps), &ids)?,
+            160 => embed_variant::<160>(&dev, &dir, &tokenizer, (fit, distill_steps), &ids)?,
             other => return Err(format!("--rank takes one of {RANKS:?}, not {other}").into()),
         },
     };
@@ -295,7 +305,7 @@ fn embed_variant<const R: usize>(
     dev: &Cpu,
     dir: &text::ModelDir,
     tokenizer: &text::Tokenizer,
-    fit: FitKind,
+    (fit, distill_steps): (FitKind, usize),
     ids: &[Vec<u32>],
 ) -> Result<Vec<f32>, Error> {
     let dense = Bert::<R, f32, Cpu>::load(dir.checkpoint(), dev)?;
@@ -305,12 +315,22 @@ fn embed_variant<const R: usize>(
         .map(|s| tokenizer.encode(s))
         .collect::<Result<Vec<_>, _>>()?;
     let calibration = by_length(dev, &calibration_ids);
-    let (small, _, _) = factorize(&dense, fit, &calibration)?;
+    let (mut small, _, _) = factorize(&dense, fit, &calibration)?;
+    if distill_steps > 0 {
+        let dense = Dense::load(dir.checkpoint(), dev)?;
+        let targets = distillation_targets(&dense, &calibration)?;
+        recover(
+            &mut small,
+            &targets,
+            (distill_steps, pipeline::DISTILL_LEARNING_RATE),
+            |m, b, grads| m.try_encode(m.embeddings.try_forward(b)?.traced(grads), b),
+        )?;
+    }
     embed_all(dev, ids, |b| small.try_embed(b))
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N]\n       minilm planned";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--distill STEPS] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N]\n       minilm planned\n       minilm recovery [--steps N] [--lr X]";
 
 fn main() {
     if let Err(e) = run(std::env::args().skip(1).collect()) {
@@ -323,6 +343,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
     let mut rank = None;
     let mut fit = None;
     let mut macs = None;
+    let mut distill_steps = 0;
     let mut rest = args.as_slice();
     loop {
         match rest {
@@ -336,6 +357,12 @@ fn run(args: Vec<String>) -> Result<(), Error> {
             }
             [flag, value, tail @ ..] if flag == "--fit" => {
                 fit = Some(value.parse::<FitKind>()?);
+                rest = tail;
+            }
+            [flag, value, tail @ ..] if flag == "--distill" => {
+                distill_steps = value
+                    .parse::<usize>()
+                    .map_err(|_| format!("--distill takes a number of steps, not `{value}`"))?;
                 rest = tail;
             }
             [flag, value, tail @ ..] if flag == "--macs" => {
@@ -367,7 +394,34 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                     .map_err(|_| format!("--sentences takes an integer, not `{n}`"))?,
             )
         }
-        [cmd, input, output] if cmd == "embed" => embed(variant, input, output),
+        [cmd, options @ ..] if cmd == "recovery" && variant.is_none() => {
+            let (mut steps, mut learning_rate) = (100, pipeline::DISTILL_LEARNING_RATE);
+            for pair in options.chunks(2) {
+                match pair {
+                    [flag, n] if flag == "--steps" => {
+                        steps = n
+                            .parse()
+                            .map_err(|_| format!("--steps takes an integer, not `{n}`"))?;
+                    }
+                    [flag, x] if flag == "--lr" => {
+                        learning_rate = x
+                            .parse()
+                            .map_err(|_| format!("--lr takes a number, not `{x}`"))?;
+                    }
+                    _ => return Err(USAGE.into()),
+                }
+            }
+            recovery::recovery(steps, learning_rate)
+        }
+        [cmd, input, output] if cmd == "embed" => {
+            if distill_steps > 0 && variant.is_none() {
+                return Err(format!(
+                    "--distill trains a variant: add --rank and --fit, or --macs\n{USAGE}"
+                )
+                .into());
+            }
+            embed(variant, distill_steps, input, output)
+        }
         _ => Err(USAGE.into()),
     }
 }

@@ -1,13 +1,16 @@
 //! The route from a checkpoint to measured variants: batching without padding, embedding a
-//! list of sentences, and building a factorized variant by weight SVD or by data-aware fits.
+//! list of sentences, building a factorized variant by weight SVD or by data-aware fits, and
+//! recovering by distillation.
 
 use std::time::{Duration, Instant};
 
 use dfdx::prelude::*;
+use factorize_runtime::calibrate::VisitFactorized;
+use factorize_runtime::distill::{distill, DistillConfig, DistillLog};
 use factorize_runtime::Fit;
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeReport};
 
-use crate::bert::{Batch, Bert, BertFactorized, HIDDEN};
+use crate::bert::{Batch, Bert, BertFactorized, Hidden, HIDDEN};
 
 /// Sentences 0–119 calibrate data-aware fits; 120–159 are held out for every measurement.
 pub const CALIBRATION: std::ops::Range<usize> = 0..120;
@@ -110,6 +113,48 @@ pub fn factorize<const R: usize>(
         }
     };
     Ok((model, report, start.elapsed()))
+}
+
+/// Adam's learning rate for recovery by distillation (the factors only), unless `--lr` says.
+pub const DISTILL_LEARNING_RATE: f64 = 1e-4;
+
+/// A distillation batch: inputs and the dense model's last hidden states on them.
+pub type Target = (Batch<f32, Cpu>, Hidden<f32, Cpu>);
+
+/// Distillation data: each calibration batch with the dense model's last hidden states.
+pub fn distillation_targets(
+    dense: &Bert<0, f32, Cpu>,
+    calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
+) -> Result<Vec<Target>, Error> {
+    calibration
+        .iter()
+        .map(|(_, batch)| Ok((batch.clone(), dense.try_hidden_states(batch)?)))
+        .collect()
+}
+
+/// Trains the factorized pairs of `small` for `steps` Adam steps at `learning_rate` towards
+/// the dense model's last hidden states (`targets`); `encode` runs the variant's encoder layers
+/// on traced embeddings (`m.try_encode(m.embeddings.try_forward(b)?.traced(grads), b)`).
+pub fn recover<M, F>(
+    small: &mut M,
+    targets: &[Target],
+    (steps, learning_rate): (usize, f64),
+    encode: F,
+) -> Result<DistillLog, Error>
+where
+    M: TensorCollection<f32, Cpu> + VisitFactorized + Clone,
+    F: FnMut(
+        &M,
+        &Batch<f32, Cpu>,
+        Gradients<f32, Cpu>,
+    ) -> Result<Hidden<f32, Cpu, OwnedTape<f32, Cpu>>, CpuError>,
+{
+    let cfg = DistillConfig {
+        steps,
+        learning_rate,
+        ..Default::default()
+    };
+    Ok(distill(small, targets, &cfg, encode)?)
 }
 
 /// The seconds one call of `f` takes.

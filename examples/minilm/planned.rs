@@ -16,7 +16,10 @@ use dfdx::prelude::*;
 use factorize_runtime::{mirror, Factorizable, FactorizeConfig, Fit};
 
 use crate::metrics::{self, Fidelity};
-use crate::pipeline::{embed_all, median, seconds, Error};
+use factorize_runtime::distill::DistillLog;
+
+use crate::pipeline::{distillation_targets, embed_all, median, recover, seconds, Error};
+use crate::pipeline::{Target, DISTILL_LEARNING_RATE};
 
 use crate::bert::{attention_block, feed_forward_block, pool, Batch, Bert, Embeddings, Hidden};
 use crate::bert::{FFN, HIDDEN};
@@ -44,11 +47,11 @@ macro_rules! planned_model {
             #[mirror]
             impl<E: Dtype, D: Device<E>> $attention<E, D> {
                 /// As `SelfAttention::try_forward`.
-                pub fn try_forward(
+                pub fn try_forward<T: Tape<E, D> + 'static>(
                     &self,
-                    x: Hidden<E, D>,
+                    x: Hidden<E, D, T>,
                     batch: &Batch<E, D>,
-                ) -> Result<Hidden<E, D>, D::Err> {
+                ) -> Result<Hidden<E, D, T>, D::Err> {
                     let projections = (&self.query, &self.key, &self.value, &self.output);
                     attention_block(projections, &self.norm, x, batch)
                 }
@@ -69,7 +72,10 @@ macro_rules! planned_model {
             #[mirror]
             impl<E: Dtype, D: Device<E>> $ffn<E, D> {
                 /// As `FeedForward::try_forward`.
-                pub fn try_forward(&self, x: Hidden<E, D>) -> Result<Hidden<E, D>, D::Err> {
+                pub fn try_forward<T: Tape<E, D> + 'static>(
+                    &self,
+                    x: Hidden<E, D, T>,
+                ) -> Result<Hidden<E, D, T>, D::Err> {
                     feed_forward_block(&self.up, &self.down, &self.norm, x)
                 }
             }
@@ -86,11 +92,11 @@ macro_rules! planned_model {
             #[mirror]
             impl<E: Dtype, D: Device<E>> $layer<E, D> {
                 /// Attention, then the feed-forward block.
-                pub fn try_forward(
+                pub fn try_forward<T: Tape<E, D> + 'static>(
                     &self,
-                    x: Hidden<E, D>,
+                    x: Hidden<E, D, T>,
                     batch: &Batch<E, D>,
-                ) -> Result<Hidden<E, D>, D::Err> {
+                ) -> Result<Hidden<E, D, T>, D::Err> {
                     self.ffn.try_forward(self.attention.try_forward(x, batch)?)
                 }
             }
@@ -112,9 +118,17 @@ macro_rules! planned_model {
                 &self,
                 batch: &Batch<E, D>,
             ) -> Result<Tensor<(usize, Const<HIDDEN>), E, D>, D::Err> {
-                let x = self.embeddings.try_forward(batch)?;
+                pool(self.try_encode(self.embeddings.try_forward(batch)?, batch)?, batch)
+            }
+
+            /// As `Bert::try_encode`.
+            pub fn try_encode<T: Tape<E, D> + 'static>(
+                &self,
+                x: Hidden<E, D, T>,
+                batch: &Batch<E, D>,
+            ) -> Result<Hidden<E, D, T>, D::Err> {
                 $(let x = self.layers.$n.try_forward(x, batch)?;)*
-                pool(x, batch)
+                Ok(x)
             }
         }
 
@@ -235,10 +249,46 @@ pub fn embed_planned(
     dense: &Bert<0, f32, Cpu>,
     calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
     ids: &[Vec<u32>],
+    distill_steps: usize,
 ) -> Result<Vec<f32>, Error> {
     let dev = dense.embeddings.word.weight.device().clone();
     with_planned!(macs, dense, calibration, |small, _report| {
+        let mut small = small;
+        if distill_steps > 0 {
+            let targets = distillation_targets(dense, calibration)?;
+            recover(
+                &mut small,
+                &targets,
+                (distill_steps, DISTILL_LEARNING_RATE),
+                |m, b, grads| m.try_encode(m.embeddings.try_forward(b)?.traced(grads), b),
+            )?;
+        }
         embed_all(&dev, ids, |b| small.try_embed(b))
+    })
+}
+
+/// The held-out embeddings of the planned variant at `macs`% before and after `steps` steps of
+/// distillation at `learning_rate` towards `targets`, with the training log.
+pub fn distilled(
+    macs: usize,
+    dense: &Bert<0, f32, Cpu>,
+    calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
+    targets: &[Target],
+    (steps, learning_rate): (usize, f64),
+    heldout: &[Vec<u32>],
+) -> Result<(Vec<f32>, Vec<f32>, DistillLog), Error> {
+    let dev = dense.embeddings.word.weight.device().clone();
+    with_planned!(macs, dense, calibration, |small, _report| {
+        let mut small = small;
+        let before = embed_all(&dev, heldout, |b| small.try_embed(b))?;
+        let log = recover(
+            &mut small,
+            targets,
+            (steps, learning_rate),
+            |m, b, grads| m.try_encode(m.embeddings.try_forward(b)?.traced(grads), b),
+        )?;
+        let after = embed_all(&dev, heldout, |b| small.try_embed(b))?;
+        Ok((before, after, log))
     })
 }
 

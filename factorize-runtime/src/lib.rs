@@ -129,6 +129,12 @@
 //! implementors, carried over unchanged. Anything else is a compile error at the field, unless
 //! marked `skip`.
 //!
+//! # Fidelity and recovery
+//! Data-aware fits (`factorize_calibrated` with a [`Fit`]) reproduce each layer's outputs on
+//! calibration inputs; [`sensitivity`] measures what each layer's truncation does to the model's
+//! output and plans per-layer ranks to a budget ([`budget`]); [`distill`] trains the variant
+//! towards the dense model afterwards.
+//!
 //! # Layers and engines
 //! [`FactorizedLinear`] is the factorized layer; [`fast`] gives dfdx's `Linear`, `LayerNorm1D`,
 //! erf GELU and [`FactorizedLinear`] a faster inference forward on the CPU; [`engine`] computes truncated factorizations
