@@ -352,10 +352,7 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
     assert!(worst < 1e-3, "traced forward differs by {worst}");
     let before = small.clone();
     let steps = 3 * targets.len();
-    let log = pipeline::recover(&mut small, &targets, (steps, 1e-3), |m, b, grads| {
-        m.try_encode(m.embeddings.try_forward(b)?.traced(grads), b)
-    })
-    .unwrap();
+    let log = pipeline::recover(&mut small, &targets, (steps, 1e-3)).unwrap();
     // The same batches, first epoch against last.
     let window = targets.len();
     assert!(

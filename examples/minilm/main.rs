@@ -323,7 +323,6 @@ fn embed_variant<const R: usize>(
             &mut small,
             &targets,
             (distill_steps, pipeline::DISTILL_LEARNING_RATE),
-            |m, b, grads| m.try_encode(m.embeddings.try_forward(b)?.traced(grads), b),
         )?;
     }
     embed_all(dev, ids, |b| small.try_embed(b))

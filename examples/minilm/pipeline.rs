@@ -132,29 +132,66 @@ pub fn distillation_targets(
         .collect()
 }
 
+/// A variant that recovery trains and measures: its inference embedding, and its encoder on
+/// traced embeddings. Implemented for [`BertFactorized`] here and for the planned variants in
+/// `planned.rs`, each by calling its own (mirrored) forwards.
+pub trait Trainable: TensorCollection<f32, Cpu> + VisitFactorized + Clone {
+    /// `try_embed`.
+    fn embed(&self, batch: &Batch<f32, Cpu>) -> Result<Embedded, CpuError>;
+    /// `try_encode` on the embeddings traced into `grads`.
+    fn encode_traced(
+        &self,
+        batch: &Batch<f32, Cpu>,
+        grads: Gradients<f32, Cpu>,
+    ) -> Result<Hidden<f32, Cpu, OwnedTape<f32, Cpu>>, CpuError>;
+}
+
+/// Normalised sentence embeddings `(b, HIDDEN)`.
+pub type Embedded = Tensor<(usize, Const<HIDDEN>), f32, Cpu>;
+
+impl<const R: usize> Trainable for BertFactorized<R, f32, Cpu> {
+    fn embed(&self, batch: &Batch<f32, Cpu>) -> Result<Embedded, CpuError> {
+        self.try_embed(batch)
+    }
+
+    fn encode_traced(
+        &self,
+        batch: &Batch<f32, Cpu>,
+        grads: Gradients<f32, Cpu>,
+    ) -> Result<Hidden<f32, Cpu, OwnedTape<f32, Cpu>>, CpuError> {
+        self.try_encode(self.embeddings.try_forward(batch)?.traced(grads), batch)
+    }
+}
+
 /// Trains the factorized pairs of `small` for `steps` Adam steps at `learning_rate` towards
-/// the dense model's last hidden states (`targets`); `encode` runs the variant's encoder layers
-/// on traced embeddings (`m.try_encode(m.embeddings.try_forward(b)?.traced(grads), b)`).
-pub fn recover<M, F>(
+/// the dense model's last hidden states (`targets`).
+pub fn recover<M: Trainable>(
     small: &mut M,
     targets: &[Target],
     (steps, learning_rate): (usize, f64),
-    encode: F,
-) -> Result<DistillLog, Error>
-where
-    M: TensorCollection<f32, Cpu> + VisitFactorized + Clone,
-    F: FnMut(
-        &M,
-        &Batch<f32, Cpu>,
-        Gradients<f32, Cpu>,
-    ) -> Result<Hidden<f32, Cpu, OwnedTape<f32, Cpu>>, CpuError>,
-{
+) -> Result<DistillLog, Error> {
     let cfg = DistillConfig {
         steps,
         learning_rate,
         ..Default::default()
     };
-    Ok(distill(small, targets, &cfg, encode)?)
+    Ok(distill(small, targets, &cfg, |m: &M, b, grads| {
+        m.encode_traced(b, grads)
+    })?)
+}
+
+/// The embeddings of `heldout` by `small` before and after [`recover`], and its log.
+pub fn recovered<M: Trainable>(
+    small: &mut M,
+    heldout: &[Vec<u32>],
+    targets: &[Target],
+    training: (usize, f64),
+) -> Result<(Vec<f32>, Vec<f32>, DistillLog), Error> {
+    let dev: Cpu = Default::default();
+    let before = embed_all(&dev, heldout, |b| small.embed(b))?;
+    let log = recover(small, targets, training)?;
+    let after = embed_all(&dev, heldout, |b| small.embed(b))?;
+    Ok((before, after, log))
 }
 
 /// The seconds one call of `f` takes.

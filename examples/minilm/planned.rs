@@ -18,7 +18,8 @@ use factorize_runtime::{mirror, Factorizable, FactorizeConfig, Fit};
 use crate::metrics::{self, Fidelity};
 use factorize_runtime::distill::DistillLog;
 
-use crate::pipeline::{distillation_targets, embed_all, median, recover, seconds, Error};
+use crate::pipeline::{distillation_targets, embed_all, median, recover, recovered, seconds};
+use crate::pipeline::{Embedded, Error, Trainable};
 use crate::pipeline::{Target, DISTILL_LEARNING_RATE};
 
 use crate::bert::{attention_block, feed_forward_block, pool, Batch, Bert, Embeddings, Hidden};
@@ -129,6 +130,20 @@ macro_rules! planned_model {
             ) -> Result<Hidden<E, D, T>, D::Err> {
                 $(let x = self.layers.$n.try_forward(x, batch)?;)*
                 Ok(x)
+            }
+        }
+
+        impl Trainable for PlannedFactorized<f32, Cpu> {
+            fn embed(&self, batch: &Batch<f32, Cpu>) -> Result<Embedded, CpuError> {
+                self.try_embed(batch)
+            }
+
+            fn encode_traced(
+                &self,
+                batch: &Batch<f32, Cpu>,
+                grads: Gradients<f32, Cpu>,
+            ) -> Result<Hidden<f32, Cpu, OwnedTape<f32, Cpu>>, CpuError> {
+                self.try_encode(self.embeddings.try_forward(batch)?.traced(grads), batch)
             }
         }
 
@@ -256,39 +271,25 @@ pub fn embed_planned(
         let mut small = small;
         if distill_steps > 0 {
             let targets = distillation_targets(dense, calibration)?;
-            recover(
-                &mut small,
-                &targets,
-                (distill_steps, DISTILL_LEARNING_RATE),
-                |m, b, grads| m.try_encode(m.embeddings.try_forward(b)?.traced(grads), b),
-            )?;
+            recover(&mut small, &targets, (distill_steps, DISTILL_LEARNING_RATE))?;
         }
         embed_all(&dev, ids, |b| small.try_embed(b))
     })
 }
 
-/// The held-out embeddings of the planned variant at `macs`% before and after `steps` steps of
-/// distillation at `learning_rate` towards `targets`, with the training log.
+/// The held-out embeddings of the planned variant at `macs`% before and after distillation
+/// towards `targets` (`training`: steps and learning rate), with the training log.
 pub fn distilled(
     macs: usize,
     dense: &Bert<0, f32, Cpu>,
     calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
     targets: &[Target],
-    (steps, learning_rate): (usize, f64),
+    training: (usize, f64),
     heldout: &[Vec<u32>],
 ) -> Result<(Vec<f32>, Vec<f32>, DistillLog), Error> {
-    let dev = dense.embeddings.word.weight.device().clone();
     with_planned!(macs, dense, calibration, |small, _report| {
         let mut small = small;
-        let before = embed_all(&dev, heldout, |b| small.try_embed(b))?;
-        let log = recover(
-            &mut small,
-            targets,
-            (steps, learning_rate),
-            |m, b, grads| m.try_encode(m.embeddings.try_forward(b)?.traced(grads), b),
-        )?;
-        let after = embed_all(&dev, heldout, |b| small.try_embed(b))?;
-        Ok((before, after, log))
+        recovered(&mut small, heldout, targets, training)
     })
 }
 

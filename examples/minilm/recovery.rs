@@ -9,7 +9,7 @@ use dfdx::prelude::*;
 use crate::bert::Bert;
 use crate::metrics::{self, Fidelity};
 use crate::pipeline::Target;
-use crate::pipeline::{self, distillation_targets, embed_all, factorize, recover, Error, FitKind};
+use crate::pipeline::{self, distillation_targets, factorize, recovered, Error, FitKind};
 use crate::{planned, Setup};
 
 /// One variant before and after training.
@@ -25,19 +25,12 @@ fn uniform<const R: usize>(
     setup: &Setup,
     fit: FitKind,
     targets: &[Target],
-    (steps, learning_rate): (usize, f64),
+    training: (usize, f64),
 ) -> Result<Recovered, Error> {
     let dense = Bert::<R, f32, Cpu>::load(setup.dir.checkpoint(), &setup.dev)?;
     let (mut small, _, _) = factorize(&dense, fit, &setup.calibration)?;
     let heldout = &setup.ids[pipeline::HELD_OUT];
-    let before = embed_all(&setup.dev, heldout, |b| small.try_embed(b))?;
-    let log = recover(
-        &mut small,
-        targets,
-        (steps, learning_rate),
-        |m, b, grads| m.try_encode(m.embeddings.try_forward(b)?.traced(grads), b),
-    )?;
-    let after = embed_all(&setup.dev, heldout, |b| small.try_embed(b))?;
+    let (before, after, log) = recovered(&mut small, heldout, targets, training)?;
     Ok(Recovered {
         before: metrics::fidelity(&before, &setup.dense_heldout),
         after: metrics::fidelity(&after, &setup.dense_heldout),
