@@ -149,19 +149,41 @@ pub trait Trainable: TensorCollection<f32, Cpu> + VisitFactorized + Clone {
 /// Normalised sentence embeddings `(b, HIDDEN)`.
 pub type Embedded = Tensor<(usize, Const<HIDDEN>), f32, Cpu>;
 
-impl<const R: usize> Trainable for BertFactorized<R, f32, Cpu> {
-    fn embed(&self, batch: &Batch<f32, Cpu>) -> Result<Embedded, CpuError> {
-        self.try_embed(batch)
-    }
+/// Implements [`Trainable`] for a variant type through its own (mirrored) `try_embed`,
+/// `embeddings` and `try_encode`: `trainable!([generics] Type)`.
+macro_rules! trainable {
+    ([$($generics:tt)*] $ty:ty) => {
+        impl<$($generics)*> $crate::pipeline::Trainable for $ty {
+            fn embed(
+                &self,
+                batch: &$crate::bert::Batch<f32, ::dfdx::prelude::Cpu>,
+            ) -> Result<$crate::pipeline::Embedded, ::dfdx::prelude::CpuError> {
+                self.try_embed(batch)
+            }
 
-    fn encode_traced(
-        &self,
-        batch: &Batch<f32, Cpu>,
-        grads: Gradients<f32, Cpu>,
-    ) -> Result<Hidden<f32, Cpu, OwnedTape<f32, Cpu>>, CpuError> {
-        self.try_encode(self.embeddings.try_forward(batch)?.traced(grads), batch)
-    }
+            fn encode_traced(
+                &self,
+                batch: &$crate::bert::Batch<f32, ::dfdx::prelude::Cpu>,
+                grads: ::dfdx::prelude::Gradients<f32, ::dfdx::prelude::Cpu>,
+            ) -> Result<
+                $crate::bert::Hidden<
+                    f32,
+                    ::dfdx::prelude::Cpu,
+                    ::dfdx::prelude::OwnedTape<f32, ::dfdx::prelude::Cpu>,
+                >,
+                ::dfdx::prelude::CpuError,
+            > {
+                use ::dfdx::prelude::Trace;
+                self.try_encode(self.embeddings.try_forward(batch)?.traced(grads), batch)
+            }
+        }
+    };
 }
+// `planned.rs` names it; `tests/minilm_model.rs` includes this file without it.
+#[allow(unused_imports)]
+pub(crate) use trainable;
+
+trainable!([const R: usize] BertFactorized<R, f32, Cpu>);
 
 /// Trains the factorized pairs of `small` for `steps` Adam steps at `learning_rate` towards
 /// the dense model's last hidden states (`targets`).

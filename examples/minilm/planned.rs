@@ -18,8 +18,8 @@ use factorize_runtime::{mirror, Factorizable, FactorizeConfig, Fit};
 use crate::metrics::{self, Fidelity};
 use factorize_runtime::distill::DistillLog;
 
+use crate::pipeline::Error;
 use crate::pipeline::{distillation_targets, embed_all, median, recover, recovered, seconds};
-use crate::pipeline::{Embedded, Error, Trainable};
 use crate::pipeline::{Target, DISTILL_LEARNING_RATE};
 
 use crate::bert::{attention_block, feed_forward_block, pool, Batch, Bert, Embeddings, Hidden};
@@ -133,19 +133,7 @@ macro_rules! planned_model {
             }
         }
 
-        impl Trainable for PlannedFactorized<f32, Cpu> {
-            fn embed(&self, batch: &Batch<f32, Cpu>) -> Result<Embedded, CpuError> {
-                self.try_embed(batch)
-            }
-
-            fn encode_traced(
-                &self,
-                batch: &Batch<f32, Cpu>,
-                grads: Gradients<f32, Cpu>,
-            ) -> Result<Hidden<f32, Cpu, OwnedTape<f32, Cpu>>, CpuError> {
-                self.try_encode(self.embeddings.try_forward(batch)?.traced(grads), batch)
-            }
-        }
+        crate::pipeline::trainable!([] PlannedFactorized<f32, Cpu>);
 
         impl<E: Dtype, D: Device<E>> Planned<E, D> {
             /// The dense model's modules, in this plan's structure.
