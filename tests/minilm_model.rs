@@ -337,9 +337,11 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
     let dense = Dense::load(dir.checkpoint(), &dev).unwrap();
     let probe = Bert::<64, f32, Cpu>::load(dir.checkpoint(), &dev).unwrap();
     let (mut small, _, _) = factorize(&probe, FitKind::Svd, &[]).unwrap();
-    let targets = pipeline::distillation_targets(&dense, &by_length(&dev, &ids[..24])).unwrap();
+    let calibration = by_length(&dev, &ids[..24]);
+    let targets =
+        pipeline::distillation_targets(&dense, &calibration, pipeline::Objective::Hidden).unwrap();
     // The traced forward (dfdx's composed attention) computes what the inference one does.
-    let (batch, _) = &targets[0];
+    let (batch, _) = &targets.batches[0];
     let plain = small.try_hidden_states(batch).unwrap().as_vec();
     let x = small.embeddings.try_forward(batch).unwrap();
     let traced = small
@@ -351,10 +353,10 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
         .fold(0.0f32, f32::max);
     assert!(worst < 1e-3, "traced forward differs by {worst}");
     let before = small.clone();
-    let steps = 3 * targets.len();
+    let steps = 3 * targets.batches.len();
     let log = pipeline::recover(&mut small, &targets, (steps, 1e-3)).unwrap();
     // The same batches, first epoch against last.
-    let window = targets.len();
+    let window = targets.batches.len();
     assert!(
         log.last(window) < 0.9 * log.first(window),
         "distillation loss {} → {}",

@@ -41,6 +41,9 @@ pub const LAYER_NORM_EPS: f64 = 1e-12;
 /// when training ([`Bert::try_encode`]).
 pub type Hidden<E, D, T = NoneTape> = Tensor<(usize, Const<HIDDEN>), E, D, T>;
 
+/// Sentence embeddings of a batch, one row per sentence (`b` rows).
+pub type Pooled<E, D, T = NoneTape> = Tensor<(usize, Const<HIDDEN>), E, D, T>;
+
 /// A batch of tokenized sentences, padded to the longest one.
 #[derive(Clone, Debug)]
 pub struct Batch<E: Dtype, D: Device<E>> {
@@ -365,11 +368,11 @@ impl<const R: usize, E: Dtype, D: Device<E>> Bert<R, E, D> {
 }
 
 /// Normalised sentence embeddings `(b, HIDDEN)` from the last hidden states: the mean over each
-/// sentence's real tokens, divided by its L2 norm.
-pub fn pool<E: Dtype, D: Device<E>>(
-    hidden: Hidden<E, D>,
+/// sentence's real tokens, divided by its L2 norm. Traced or not.
+pub fn pool<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    hidden: Hidden<E, D, T>,
     batch: &Batch<E, D>,
-) -> Result<Tensor<(usize, Const<HIDDEN>), E, D>, D::Err> {
+) -> Result<Pooled<E, D, T>, D::Err> {
     let (b, s) = (batch.sentences, batch.positions);
     let hidden = hidden.try_reshape_like(&(b, s, Const::<HIDDEN>))?;
     let mask = batch.mask.clone();
@@ -378,12 +381,18 @@ pub fn pool<E: Dtype, D: Device<E>>(
         .try_mul(mask.try_broadcast_like::<_, Axis<2>>(&(b, s, Const::<HIDDEN>))?)?
         .try_sum::<(usize, Const<HIDDEN>), Axis<1>>()?;
     let mean = summed.try_div(counts.try_broadcast_like(&(b, Const::<HIDDEN>))?)?;
-    // As torch's F.normalize: divide by max(‖x‖, 1e-12).
+    // As torch's F.normalize: divide by max(‖x‖, 1e-12). The tape goes through the norm; the
+    // numerator's gradient meets it at `mean`'s id.
+    let (mean, tape) = mean.split_tape();
     let norms = mean
         .clone()
+        .put_tape(tape)
         .try_square()?
         .try_sum::<(usize,), Axis<1>>()?
         .try_sqrt()?
         .try_clamp(1e-12, f64::INFINITY)?;
-    mean.try_div(norms.try_broadcast_like(&(b, Const::<HIDDEN>))?)
+    let (norms, tape) = norms
+        .try_broadcast_like(&(b, Const::<HIDDEN>))?
+        .split_tape();
+    mean.put_tape(tape).try_div(norms)
 }

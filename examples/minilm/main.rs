@@ -318,7 +318,7 @@ fn embed_variant<const R: usize>(
     let (mut small, _, _) = factorize(&dense, fit, &calibration)?;
     if distill_steps > 0 {
         let dense = Dense::load(dir.checkpoint(), dev)?;
-        let targets = distillation_targets(&dense, &calibration)?;
+        let targets = distillation_targets(&dense, &calibration, pipeline::Objective::Hidden)?;
         recover(
             &mut small,
             &targets,
@@ -329,7 +329,7 @@ fn embed_variant<const R: usize>(
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--distill STEPS] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N]\n       minilm planned\n       minilm recovery [--steps N] [--lr X]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--distill STEPS] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--on hidden|embeddings]";
 
 fn main() {
     if let Err(e) = run(std::env::args().skip(1).collect()) {
@@ -395,6 +395,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
         }
         [cmd, options @ ..] if cmd == "recovery" && variant.is_none() => {
             let (mut steps, mut learning_rate) = (100, pipeline::DISTILL_LEARNING_RATE);
+            let mut objective = pipeline::Objective::Hidden;
             for pair in options.chunks(2) {
                 match pair {
                     [flag, n] if flag == "--steps" => {
@@ -402,6 +403,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                             .parse()
                             .map_err(|_| format!("--steps takes an integer, not `{n}`"))?;
                     }
+                    [flag, on] if flag == "--on" => objective = on.parse()?,
                     [flag, x] if flag == "--lr" => {
                         learning_rate = x
                             .parse()
@@ -410,7 +412,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                     _ => return Err(USAGE.into()),
                 }
             }
-            recovery::recovery(steps, learning_rate)
+            recovery::recovery(steps, learning_rate, objective)
         }
         [cmd, input, output] if cmd == "embed" => {
             if distill_steps > 0 && variant.is_none() {

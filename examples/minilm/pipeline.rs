@@ -10,7 +10,7 @@ use factorize_runtime::distill::{distill, DistillConfig, DistillLog};
 use factorize_runtime::Fit;
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeReport};
 
-use crate::bert::{Batch, Bert, BertFactorized, Hidden, HIDDEN};
+use crate::bert::{pool, Batch, Bert, BertFactorized, Hidden, HIDDEN};
 
 /// Sentences 0–119 calibrate data-aware fits; 120–159 are held out for every measurement.
 pub const CALIBRATION: std::ops::Range<usize> = 0..120;
@@ -118,18 +118,52 @@ pub fn factorize<const R: usize>(
 /// Adam's learning rate for recovery by distillation (the factors only), unless `--lr` says.
 pub const DISTILL_LEARNING_RATE: f64 = 1e-4;
 
-/// A distillation batch: inputs and the dense model's last hidden states on them.
+/// What distillation matches of the dense model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// Its last hidden states, every token (`b·s` rows).
+    Hidden,
+    /// Its normalised sentence embeddings (`b` rows): what the measurements compare.
+    Embeddings,
+}
+
+impl std::str::FromStr for Objective {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "hidden" => Ok(Self::Hidden),
+            "embeddings" => Ok(Self::Embeddings),
+            _ => Err(format!("--on takes `hidden` or `embeddings`, not `{s}`")),
+        }
+    }
+}
+
+/// A distillation batch: inputs and the dense model's rows on them (hidden states or
+/// embeddings, both `HIDDEN` wide).
 pub type Target = (Batch<f32, Cpu>, Hidden<f32, Cpu>);
 
-/// Distillation data: each calibration batch with the dense model's last hidden states.
+/// Distillation data: the objective, and each calibration batch with its target.
+pub struct Targets {
+    pub objective: Objective,
+    pub batches: Vec<Target>,
+}
+
+/// The dense model's targets for `objective` on each calibration batch.
 pub fn distillation_targets(
     dense: &Bert<0, f32, Cpu>,
     calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
-) -> Result<Vec<Target>, Error> {
-    calibration
-        .iter()
-        .map(|(_, batch)| Ok((batch.clone(), dense.try_hidden_states(batch)?)))
-        .collect()
+    objective: Objective,
+) -> Result<Targets, Error> {
+    let batches = (calibration.iter())
+        .map(|(_, batch)| {
+            let target = match objective {
+                Objective::Hidden => dense.try_hidden_states(batch)?,
+                Objective::Embeddings => dense.try_embed(batch)?,
+            };
+            Ok((batch.clone(), target))
+        })
+        .collect::<Result<_, Error>>()?;
+    Ok(Targets { objective, batches })
 }
 
 /// A variant that recovery trains and measures: its inference embedding, and its encoder on
@@ -186,10 +220,10 @@ pub(crate) use trainable;
 trainable!([const R: usize] BertFactorized<R, f32, Cpu>);
 
 /// Trains the factorized pairs of `small` for `steps` Adam steps at `learning_rate` towards
-/// the dense model's last hidden states (`targets`).
+/// the dense model's `targets`.
 pub fn recover<M: Trainable>(
     small: &mut M,
-    targets: &[Target],
+    targets: &Targets,
     (steps, learning_rate): (usize, f64),
 ) -> Result<DistillLog, Error> {
     let cfg = DistillConfig {
@@ -197,16 +231,26 @@ pub fn recover<M: Trainable>(
         learning_rate,
         ..Default::default()
     };
-    Ok(distill(small, targets, &cfg, |m: &M, b, grads| {
-        m.encode_traced(b, grads)
-    })?)
+    let objective = targets.objective;
+    Ok(distill(
+        small,
+        &targets.batches,
+        &cfg,
+        |m: &M, b, grads| {
+            let hidden = m.encode_traced(b, grads)?;
+            match objective {
+                Objective::Hidden => Ok(hidden),
+                Objective::Embeddings => pool(hidden, b),
+            }
+        },
+    )?)
 }
 
 /// The embeddings of `heldout` by `small` before and after [`recover`], and its log.
 pub fn recovered<M: Trainable>(
     small: &mut M,
     heldout: &[Vec<u32>],
-    targets: &[Target],
+    targets: &Targets,
     training: (usize, f64),
 ) -> Result<(Vec<f32>, Vec<f32>, DistillLog), Error> {
     let dev: Cpu = Default::default();

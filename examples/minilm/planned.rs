@@ -20,7 +20,7 @@ use factorize_runtime::distill::DistillLog;
 
 use crate::pipeline::Error;
 use crate::pipeline::{distillation_targets, embed_all, median, recover, recovered, seconds};
-use crate::pipeline::{Target, DISTILL_LEARNING_RATE};
+use crate::pipeline::{Objective, Targets, DISTILL_LEARNING_RATE};
 
 use crate::bert::{attention_block, feed_forward_block, pool, Batch, Bert, Embeddings, Hidden};
 use crate::bert::{FFN, HIDDEN};
@@ -258,7 +258,7 @@ pub fn embed_planned(
     with_planned!(macs, dense, calibration, |small, _report| {
         let mut small = small;
         if distill_steps > 0 {
-            let targets = distillation_targets(dense, calibration)?;
+            let targets = distillation_targets(dense, calibration, Objective::Hidden)?;
             recover(&mut small, &targets, (distill_steps, DISTILL_LEARNING_RATE))?;
         }
         embed_all(&dev, ids, |b| small.try_embed(b))
@@ -271,7 +271,7 @@ pub fn distilled(
     macs: usize,
     dense: &Bert<0, f32, Cpu>,
     calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
-    targets: &[Target],
+    targets: &Targets,
     training: (usize, f64),
     heldout: &[Vec<u32>],
 ) -> Result<(Vec<f32>, Vec<f32>, DistillLog), Error> {

@@ -8,8 +8,8 @@ use dfdx::prelude::*;
 
 use crate::bert::Bert;
 use crate::metrics::{self, Fidelity};
-use crate::pipeline::Target;
 use crate::pipeline::{self, distillation_targets, factorize, recovered, Error, FitKind};
+use crate::pipeline::{Objective, Targets};
 use crate::{planned, Setup};
 
 /// One variant before and after training.
@@ -24,7 +24,7 @@ struct Recovered {
 fn uniform<const R: usize>(
     setup: &Setup,
     fit: FitKind,
-    targets: &[Target],
+    targets: &Targets,
     training: (usize, f64),
 ) -> Result<Recovered, Error> {
     let dense = Bert::<R, f32, Cpu>::load(setup.dir.checkpoint(), &setup.dev)?;
@@ -43,7 +43,7 @@ fn uniform<const R: usize>(
 fn planned(
     setup: &Setup,
     macs: usize,
-    targets: &[Target],
+    targets: &Targets,
     training: (usize, f64),
 ) -> Result<Recovered, Error> {
     let heldout = &setup.ids[pipeline::HELD_OUT];
@@ -63,11 +63,11 @@ fn planned(
     })
 }
 
-/// `minilm recovery [--steps N] [--lr X]`: the table.
-pub fn recovery(steps: usize, learning_rate: f64) -> Result<(), Error> {
+/// `minilm recovery [--steps N] [--lr X] [--on hidden|embeddings]`: the table.
+pub fn recovery(steps: usize, learning_rate: f64, objective: Objective) -> Result<(), Error> {
     let training = (steps, learning_rate);
     let setup = Setup::new()?;
-    let targets = distillation_targets(&setup.dense, &setup.calibration)?;
+    let targets = distillation_targets(&setup.dense, &setup.calibration, objective)?;
     println!(
         "Recovery by distillation: {steps} Adam steps (learning rate {}, the factors only) towards the dense last hidden states of sentences {}–{}; held-out sentences {}–{}",
         learning_rate,
