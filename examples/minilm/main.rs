@@ -10,6 +10,7 @@
 //! cargo run --release --example minilm -- --macs 25 embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- --macs 50 --distill 100 embed in.txt out.safetensors
 //! cargo run --release --example minilm -- recovery    # train after factorizing: before/after
+//! cargo run --release --example minilm -- recovery --steps 500 --lr 1e-4 --on embeddings
 //! ```
 //!
 //! `embed` writes `embeddings` (`[n, 384]`, float32, normalised, in line order) for one sentence

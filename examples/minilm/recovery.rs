@@ -69,8 +69,12 @@ pub fn recovery(steps: usize, learning_rate: f64, objective: Objective) -> Resul
     let setup = Setup::new()?;
     let targets = distillation_targets(&setup.dense, &setup.calibration, objective)?;
     println!(
-        "Recovery by distillation: {steps} Adam steps (learning rate {}, the factors only) towards the dense last hidden states of sentences {}–{}; held-out sentences {}–{}",
+        "Recovery by distillation: {steps} Adam steps (learning rate {}, the factors only) towards the dense {} of sentences {}–{}; held-out sentences {}–{}",
         learning_rate,
+        match objective {
+            Objective::Hidden => "last hidden states",
+            Objective::Embeddings => "sentence embeddings",
+        },
         pipeline::CALIBRATION.start,
         pipeline::CALIBRATION.end - 1,
         pipeline::HELD_OUT.start,
