@@ -1005,6 +1005,12 @@ mod distillation {
         assert_eq!(small.forward(x.clone()).as_vec(), output);
         let err = run(&mut small, &Vec::new(), &DistillConfig::default()).unwrap_err();
         assert!(err.to_string().contains("no batch"), "{err}");
+        let backwards = DistillConfig {
+            learning_rate: -1e-3,
+            ..diverging
+        };
+        let err = run(&mut small, &batches, &backwards).unwrap_err();
+        assert!(err.to_string().contains("`learning_rate`"), "{err}");
         assert_eq!(small.forward(x).as_vec(), output);
     }
 }

@@ -131,8 +131,8 @@ impl DistillLog {
 /// output stored beside it: `forward(model, input, grads)` runs the model on the input traced
 /// into `grads`. `model` is only changed when training succeeds; on an error it is as it was.
 ///
-/// Errors: no batch, no factorized layer when training [`Trained::Factors`], a non-finite
-/// loss (the learning rate is too high), or a device error.
+/// Errors: no batch, a learning rate that is not positive, no factorized layer when training
+/// [`Trained::Factors`], a non-finite loss (the learning rate is too high), or a device error.
 pub fn distill<M, B, S, E, D, F>(
     model: &mut M,
     batches: &[(B, Tensor<S, E, D>)],
@@ -153,6 +153,10 @@ where
     };
     if batches.is_empty() {
         return Err(parameter("batches", "no batch to train on".into()));
+    }
+    if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
+        let reason = format!("must be positive and finite, not {}", cfg.learning_rate);
+        return Err(parameter("learning_rate", reason));
     }
     // Cloning shares the tensors' buffers; the optimizer's first write to each copies it, so
     // `model` keeps its weights until the end.
