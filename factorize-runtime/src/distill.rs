@@ -58,10 +58,10 @@ use std::time::{Duration, Instant};
 
 use dfdx::optim::{Adam, AdamConfig, Optimizer, OptimizerUpdateError, Sgd, SgdConfig};
 use dfdx::prelude::*;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::calibrate::VisitFactorized;
 use crate::error::FactorizeError;
+use crate::progress::Steps;
 
 /// Which of the variant's tensors [`distill`] trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -247,40 +247,5 @@ where
     match sgd.update(&mut probe, &Gradients::leaky()) {
         Err(OptimizerUpdateError::UnusedParams(unused)) => unused.ids,
         Ok(()) | Err(OptimizerUpdateError::DeviceError(_)) => Vec::new(),
-    }
-}
-
-/// "distilling: step k/n, loss x" with a bar, until dropped.
-struct Steps {
-    bar: Option<ProgressBar>,
-}
-
-impl Steps {
-    fn new(show: bool, total: usize) -> Self {
-        let bar = show.then(|| {
-            // Draws to stderr and hides itself when stderr is not a terminal.
-            let bar = ProgressBar::new(total as u64);
-            if let Ok(style) = ProgressStyle::with_template("distilling {bar:30} {pos}/{len} {msg}")
-            {
-                bar.set_style(style);
-            }
-            bar
-        });
-        Self { bar }
-    }
-
-    fn step(&self, step: usize, loss: f64) {
-        if let Some(bar) = &self.bar {
-            bar.set_position(step as u64 + 1);
-            bar.set_message(format!("loss {loss:.4e}"));
-        }
-    }
-}
-
-impl Drop for Steps {
-    fn drop(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
     }
 }

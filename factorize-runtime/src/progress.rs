@@ -1,4 +1,5 @@
-//! A progress line per layer while a model is factorized (indicatif), on terminals only.
+//! Progress lines (indicatif), on terminals only: one per layer while a model is factorized,
+//! a bar of steps while it is distilled.
 
 use std::time::Duration;
 
@@ -6,9 +7,20 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::FactorizeConfig;
 
-/// Shows "factorizing `path` (what)" with a spinner until dropped, then leaves a done line.
+/// A bar, if shown, cleared when dropped.
+struct Shown(Option<ProgressBar>);
+
+impl Drop for Shown {
+    fn drop(&mut self) {
+        if let Some(bar) = self.0.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Shows "factorizing `path` (what)" with a spinner until dropped.
 pub(crate) struct Layer {
-    bar: Option<ProgressBar>,
+    _bar: Shown,
 }
 
 impl Layer {
@@ -19,7 +31,7 @@ impl Layer {
     /// As [`Self::start`], saying `verb` instead of "factorizing".
     pub(crate) fn doing(cfg: &FactorizeConfig, verb: &str, path: &str, what: &str) -> Self {
         if !cfg.progress {
-            return Self { bar: None };
+            return Self { _bar: Shown(None) };
         }
         // `new_spinner` draws to stderr and hides itself when stderr is not a terminal.
         let bar = ProgressBar::new_spinner();
@@ -28,14 +40,37 @@ impl Layer {
         }
         bar.set_message(format!("{verb} `{path}` ({what})"));
         bar.enable_steady_tick(Duration::from_millis(100));
-        Self { bar: Some(bar) }
+        Self {
+            _bar: Shown(Some(bar)),
+        }
     }
 }
 
-impl Drop for Layer {
-    fn drop(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
+/// "distilling [bar] k/n loss x" while a model is distilled ([`crate::distill`]), until
+/// dropped; hidden when `show` is false or stderr is not a terminal.
+pub(crate) struct Steps {
+    bar: Shown,
+}
+
+impl Steps {
+    pub(crate) fn new(show: bool, total: usize) -> Self {
+        let bar = show.then(|| {
+            // Draws to stderr and hides itself when stderr is not a terminal.
+            let bar = ProgressBar::new(total as u64);
+            if let Ok(style) = ProgressStyle::with_template("distilling {bar:30} {pos}/{len} {msg}")
+            {
+                bar.set_style(style);
+            }
+            bar
+        });
+        Self { bar: Shown(bar) }
+    }
+
+    /// Step `step` (from 0) is done, with this loss.
+    pub(crate) fn step(&self, step: usize, loss: f64) {
+        if let Some(bar) = &self.bar.0 {
+            bar.set_position(step as u64 + 1);
+            bar.set_message(format!("loss {loss:.4e}"));
         }
     }
 }
