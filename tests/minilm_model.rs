@@ -27,7 +27,7 @@ use dfdx::nn::modules::Linear;
 use dfdx::prelude::*;
 use factorize_runtime::sensitivity::{damage, Cost, RankGrid, RankPlan, Truncation};
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizedLinear};
-use pipeline::{by_length, embed_all, factorize, FitKind};
+use pipeline::{by_length, embed_all, factorize, FitKind, Trainable};
 
 type Dense = Bert<0, f32, Cpu>;
 
@@ -334,19 +334,15 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
     };
     let dev: Cpu = Default::default();
     let ids = token_ids(&dir);
-    let dense = Dense::load(dir.checkpoint(), &dev).unwrap();
-    let probe = Bert::<64, f32, Cpu>::load(dir.checkpoint(), &dev).unwrap();
-    let (mut small, _, _) = factorize(&probe, FitKind::Svd, &[]).unwrap();
+    let dense = Bert::<64, f32, Cpu>::load(dir.checkpoint(), &dev).unwrap();
+    let (mut small, _, _) = factorize(&dense, FitKind::Svd, &[]).unwrap();
     let calibration = by_length(&dev, &ids[..24]);
     let targets =
         pipeline::distillation_targets(&dense, &calibration, pipeline::Objective::Hidden).unwrap();
     // The traced forward (dfdx's composed attention) computes what the inference one does.
     let (batch, _) = &targets.batches[0];
     let plain = small.try_hidden_states(batch).unwrap().as_vec();
-    let x = small.embeddings.try_forward(batch).unwrap();
-    let traced = small
-        .try_encode(x.traced(small.alloc_grads()), batch)
-        .unwrap();
+    let traced = small.encode_traced(batch, small.alloc_grads()).unwrap();
     let worst = (traced.retaped::<NoneTape>().as_vec().iter())
         .zip(&plain)
         .map(|(a, b)| (a - b).abs())

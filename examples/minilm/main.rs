@@ -17,8 +17,8 @@
 //! per line, with the dense model or, after `--rank R --fit svd|data|correcting`, with that
 //! variant (`data` and `correcting` are calibrated on sentences 0–119), or after `--macs 25|50`
 //! with the planned variant of `planned.rs` (correcting fit); `--distill STEPS` then trains the
-//! variant's factors for that many Adam steps towards the dense model (`recovery.rs`). The data comes from
-//! `../shared/data/minilm-model` or `$FACTORIZE_MINILM_MODEL_DIR`.
+//! variant's factors for that many Adam steps towards the dense model (`recovery.rs`). The
+//! data comes from `../shared/data/minilm-model` or `$FACTORIZE_MINILM_MODEL_DIR`.
 //!
 //! The model (`bert.rs`), its loader (`checkpoint.rs`) and the tokenizer (`text.rs`) are meant
 //! to be copied as a template.
@@ -318,7 +318,6 @@ fn embed_variant<const R: usize>(
     let calibration = by_length(dev, &calibration_ids);
     let (mut small, _, _) = factorize(&dense, fit, &calibration)?;
     if distill_steps > 0 {
-        let dense = Dense::load(dir.checkpoint(), dev)?;
         let targets = distillation_targets(&dense, &calibration, pipeline::Objective::Hidden)?;
         recover(
             &mut small,

@@ -10,7 +10,7 @@ use factorize_runtime::distill::{distill, DistillConfig, DistillLog};
 use factorize_runtime::Fit;
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeReport};
 
-use crate::bert::{pool, Batch, Bert, BertFactorized, Hidden, HIDDEN};
+use crate::bert::{pool, Batch, Bert, BertFactorized, Hidden, Pooled, HIDDEN};
 
 /// Sentences 0–119 calibrate data-aware fits; 120–159 are held out for every measurement.
 pub const CALIBRATION: std::ops::Range<usize> = 0..120;
@@ -67,7 +67,7 @@ pub fn by_length(dev: &Cpu, ids: &[Vec<u32>]) -> Vec<(Vec<usize>, Batch<f32, Cpu
 /// `embed` on batches of equal length.
 pub fn embed_all<F>(dev: &Cpu, ids: &[Vec<u32>], mut embed: F) -> Result<Vec<f32>, Error>
 where
-    F: FnMut(&Batch<f32, Cpu>) -> Result<Tensor<(usize, Const<HIDDEN>), f32, Cpu>, CpuError>,
+    F: FnMut(&Batch<f32, Cpu>) -> Result<Pooled<f32, Cpu>, CpuError>,
 {
     let mut out = vec![0.0; ids.len() * HIDDEN];
     for (members, batch) in by_length(dev, ids) {
@@ -148,9 +148,10 @@ pub struct Targets {
     pub batches: Vec<Target>,
 }
 
-/// The dense model's targets for `objective` on each calibration batch.
-pub fn distillation_targets(
-    dense: &Bert<0, f32, Cpu>,
+/// The dense model's targets for `objective` on each calibration batch (its rank parameter is
+/// unused: any loaded `Bert` serves).
+pub fn distillation_targets<const R: usize>(
+    dense: &Bert<R, f32, Cpu>,
     calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
     objective: Objective,
 ) -> Result<Targets, Error> {
@@ -171,7 +172,7 @@ pub fn distillation_targets(
 /// `planned.rs`, each by calling its own (mirrored) forwards.
 pub trait Trainable: TensorCollection<f32, Cpu> + VisitFactorized + Clone {
     /// `try_embed`.
-    fn embed(&self, batch: &Batch<f32, Cpu>) -> Result<Embedded, CpuError>;
+    fn embed(&self, batch: &Batch<f32, Cpu>) -> Result<Pooled<f32, Cpu>, CpuError>;
     /// `try_encode` on the embeddings traced into `grads`.
     fn encode_traced(
         &self,
@@ -179,9 +180,6 @@ pub trait Trainable: TensorCollection<f32, Cpu> + VisitFactorized + Clone {
         grads: Gradients<f32, Cpu>,
     ) -> Result<Hidden<f32, Cpu, OwnedTape<f32, Cpu>>, CpuError>;
 }
-
-/// Normalised sentence embeddings `(b, HIDDEN)`.
-pub type Embedded = Tensor<(usize, Const<HIDDEN>), f32, Cpu>;
 
 /// Implements [`Trainable`] for a variant type through its own (mirrored) `try_embed`,
 /// `embeddings` and `try_encode`: `trainable!([generics] Type)`.
@@ -191,7 +189,8 @@ macro_rules! trainable {
             fn embed(
                 &self,
                 batch: &$crate::bert::Batch<f32, ::dfdx::prelude::Cpu>,
-            ) -> Result<$crate::pipeline::Embedded, ::dfdx::prelude::CpuError> {
+            ) -> Result<$crate::bert::Pooled<f32, ::dfdx::prelude::Cpu>, ::dfdx::prelude::CpuError>
+            {
                 self.try_embed(batch)
             }
 

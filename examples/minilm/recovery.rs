@@ -1,8 +1,8 @@
 //! Recovery by training, measured: Composer's way (weight SVD, then train) against this crate's
 //! (a correcting fit, uniform or with ranks planned from measured damage, then train a little),
 //! at 25% and 50% of the dense model's linear multiply-adds. Each variant trains its factors
-//! with Adam towards the dense model's last hidden states on the calibration sentences; held-out
-//! fidelity is reported before and after.
+//! with Adam towards the dense model's last hidden states (or sentence embeddings) on the
+//! calibration sentences; held-out fidelity is reported before and after.
 
 use dfdx::prelude::*;
 
@@ -11,6 +11,7 @@ use crate::metrics::{self, Fidelity};
 use crate::pipeline::{self, distillation_targets, factorize, recovered, Error, FitKind};
 use crate::pipeline::{Objective, Targets};
 use crate::{planned, Setup};
+use factorize_runtime::distill::DistillLog;
 
 /// One variant before and after training.
 struct Recovered {
@@ -20,26 +21,46 @@ struct Recovered {
     seconds: f64,
 }
 
-/// All 36 Linears at rank `R`, filled by `fit`, then trained for `steps` steps.
-fn uniform<const R: usize>(
+impl Recovered {
+    /// From the held-out embeddings before and after, and the training log.
+    fn of(setup: &Setup, (before, after, log): (Vec<f32>, Vec<f32>, DistillLog)) -> Self {
+        Self {
+            before: metrics::fidelity(&before, &setup.dense_heldout),
+            after: metrics::fidelity(&after, &setup.dense_heldout),
+            loss: (log.first(10), log.last(10)),
+            seconds: log.time.as_secs_f64(),
+        }
+    }
+}
+
+/// All 36 Linears at `rank` (64 or 128), filled by `fit`, then trained.
+fn uniform(
     setup: &Setup,
-    fit: FitKind,
+    (rank, fit): (usize, FitKind),
     targets: &Targets,
     training: (usize, f64),
 ) -> Result<Recovered, Error> {
-    let dense = Bert::<R, f32, Cpu>::load(setup.dir.checkpoint(), &setup.dev)?;
-    let (mut small, _, _) = factorize(&dense, fit, &setup.calibration)?;
-    let heldout = &setup.ids[pipeline::HELD_OUT];
-    let (before, after, log) = recovered(&mut small, heldout, targets, training)?;
-    Ok(Recovered {
-        before: metrics::fidelity(&before, &setup.dense_heldout),
-        after: metrics::fidelity(&after, &setup.dense_heldout),
-        loss: (log.first(10), log.last(10)),
-        seconds: log.time.as_secs_f64(),
-    })
+    fn at<const R: usize>(
+        setup: &Setup,
+        fit: FitKind,
+        targets: &Targets,
+        training: (usize, f64),
+    ) -> Result<Recovered, Error> {
+        let dense = Bert::<R, f32, Cpu>::load(setup.dir.checkpoint(), &setup.dev)?;
+        let (mut small, _, _) = factorize(&dense, fit, &setup.calibration)?;
+        let heldout = &setup.ids[pipeline::HELD_OUT];
+        Ok(Recovered::of(
+            setup,
+            recovered(&mut small, heldout, targets, training)?,
+        ))
+    }
+    match rank {
+        64 => at::<64>(setup, fit, targets, training),
+        _ => at::<128>(setup, fit, targets, training),
+    }
 }
 
-/// The planned variant at `macs`% (correcting fit), then trained for `steps` steps.
+/// The planned variant at `macs`% (correcting fit), then trained.
 fn planned(
     setup: &Setup,
     macs: usize,
@@ -47,20 +68,9 @@ fn planned(
     training: (usize, f64),
 ) -> Result<Recovered, Error> {
     let heldout = &setup.ids[pipeline::HELD_OUT];
-    let (before, after, log) = planned::distilled(
-        macs,
-        &setup.dense,
-        &setup.calibration,
-        targets,
-        training,
-        heldout,
-    )?;
-    Ok(Recovered {
-        before: metrics::fidelity(&before, &setup.dense_heldout),
-        after: metrics::fidelity(&after, &setup.dense_heldout),
-        loss: (log.first(10), log.last(10)),
-        seconds: log.time.as_secs_f64(),
-    })
+    let (dense, calibration) = (&setup.dense, &setup.calibration);
+    let trained = planned::distilled(macs, dense, calibration, targets, training, heldout)?;
+    Ok(Recovered::of(setup, trained))
 }
 
 /// `minilm recovery [--steps N] [--lr X] [--on hidden|embeddings]`: the table.
@@ -85,34 +95,25 @@ pub fn recovery(steps: usize, learning_rate: f64, objective: Objective) -> Resul
     );
     println!("|---|---|---|---|---|---|");
     for (macs, rank) in [(25, 64), (50, 128)] {
-        let rows: [(&str, Recovered); 3] = [
-            (
-                "rank {rank}, weight SVD (Composer's way)",
-                match rank {
-                    64 => uniform::<64>(&setup, FitKind::Svd, &targets, training)?,
-                    _ => uniform::<128>(&setup, FitKind::Svd, &targets, training)?,
-                },
-            ),
-            (
-                "rank {rank}, correcting fit",
-                match rank {
-                    64 => uniform::<64>(&setup, FitKind::Correcting, &targets, training)?,
-                    _ => uniform::<128>(&setup, FitKind::Correcting, &targets, training)?,
-                },
-            ),
-            (
-                "planned ranks, correcting fit",
-                planned(&setup, macs, &targets, training)?,
-            ),
-        ];
-        for (what, r) in rows {
-            eprintln!(
-                "{macs}%: {} done",
-                what.replace("{rank}", &rank.to_string())
-            );
+        // Weight SVD, the correcting fit at one rank, then the plan (`None`).
+        for fit in [Some(FitKind::Svd), Some(FitKind::Correcting), None] {
+            let (what, r) = match fit {
+                Some(fit) => {
+                    let name = match fit {
+                        FitKind::Svd => "weight SVD (Composer's way)",
+                        FitKind::Data => "data-aware fit",
+                        FitKind::Correcting => "correcting fit",
+                    };
+                    let r = uniform(&setup, (rank, fit), &targets, training)?;
+                    (format!("rank {rank}, {name}"), r)
+                }
+                None => (
+                    "planned ranks, correcting fit".to_string(),
+                    planned(&setup, macs, &targets, training)?,
+                ),
+            };
             println!(
-                "| {macs}% | {} | {:.4} / {:.0}% | {:.4} / {:.0}% | {:.4} → {:.4} | {:.0} s |",
-                what.replace("{rank}", &rank.to_string()),
+                "| {macs}% | {what} | {:.4} / {:.0}% | {:.4} / {:.0}% | {:.4} → {:.4} | {:.0} s |",
                 r.before.mean_cosine,
                 100.0 * r.before.neighbour_agreement,
                 r.after.mean_cosine,
