@@ -35,6 +35,7 @@ use faer::{Accum, Mat, MatRef, Side};
 use super::cpu::{
     gram, lower_product, mirror_lower, split_factors, symmetric_product, top_eigenvectors, Leading,
 };
+use super::params::SUBSPACE;
 use super::{check_finite, low_rank, on_cpu, route, LowRank, Solved, WeightMatrix};
 #[cfg(feature = "cuda-engine")]
 use super::{settle, Route};
@@ -543,7 +544,7 @@ fn exact(
 /// smaller `Fᵀ·Wᵀ·W·F` (`in × in`, the same nonzero eigenvalues) for any `F` with `F·Fᵀ = C` —
 /// the Cholesky factor, or the square root when `C` is singular: `W·F` has the same left
 /// singular subspace as `W·C^{1/2}` — mapped back by `W·F` and a QR. The iteration settles
-/// the residual energy to 1e-9, well inside the 1e-6 the calibration nmse is tested to.
+/// to `SubspaceParams::calibrated_tolerance`.
 fn output_subspace(
     wm: MatRef<'_, f64>,
     c: &Mat<f64>,
@@ -558,7 +559,10 @@ fn output_subspace(
     if out_dim <= in_dim {
         let g = symmetric_product((wm * c).as_ref(), wm.transpose());
         let energy = trace(&g);
-        return Ok((top_eigenvectors(g, rank, layer, 1e-9)?, energy));
+        return Ok((
+            top_eigenvectors(g, rank, layer, SUBSPACE.calibrated_tolerance)?,
+            energy,
+        ));
     }
     let factor = match c.llt(Side::Lower) {
         Ok(llt) => llt.L().to_owned(),
@@ -575,7 +579,7 @@ fn output_subspace(
     let ws = wm * &factor;
     let h = gram(ws.transpose());
     let energy = trace(&h);
-    let leading = top_eigenvectors(h, rank, layer, 1e-9)?;
+    let leading = top_eigenvectors(h, rank, layer, SUBSPACE.calibrated_tolerance)?;
     let vectors = (&ws * &leading.vectors).qr().compute_thin_Q();
     Ok((Leading { vectors, ..leading }, energy))
 }

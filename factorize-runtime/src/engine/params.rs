@@ -19,6 +19,9 @@ pub(crate) struct SubspaceParams {
     /// the last gain; the engines' contract allows 2e-4 of the residual energy (1e-4 of its
     /// norm).
     pub tolerance: f64,
+    /// The same for the data-aware fits: their output subspace settles the residual energy to
+    /// this, well inside the 1e-6 the calibration nmse is tested to.
+    pub calibrated_tolerance: f64,
     /// Products with the Gram matrix allowed; beyond this the dense eigensolver is cheaper
     /// than waiting.
     pub max_iterations: usize,
@@ -41,6 +44,7 @@ pub(crate) struct SubspaceParams {
 /// The values the engines use.
 pub(crate) const SUBSPACE: SubspaceParams = SubspaceParams {
     tolerance: 2e-6,
+    calibrated_tolerance: 1e-9,
     max_iterations: 40,
     seed: 0x5EED_FAC7_0812_3456,
     min_oversampling: 16,

@@ -34,10 +34,114 @@ fn holds(what: &str, len: usize, (rows, cols, ld): (usize, usize, usize)) -> Res
     Ok(())
 }
 
+/// A column-major `rows × cols` matrix on the device, stored with leading dimension `rows`: the
+/// view products take, so that their sizes follow from their operands instead of being
+/// spelled out at every call.
+#[derive(Clone, Copy)]
+pub(super) struct Mat<'a> {
+    data: &'a CudaSlice<f64>,
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> Mat<'a> {
+    pub(super) fn new(data: &'a CudaSlice<f64>, (rows, cols): (usize, usize)) -> Self {
+        Self { data, rows, cols }
+    }
+
+    /// The matrix read transposed in a product.
+    pub(super) fn t(self) -> Operand<'a> {
+        Operand::from(self).t()
+    }
+}
+
+/// A factor of a product: a matrix read as it is (`N`) or transposed (`T`).
+#[derive(Clone, Copy)]
+pub(super) struct Operand<'a> {
+    mat: Mat<'a>,
+    op: Op,
+}
+
+impl<'a> From<Mat<'a>> for Operand<'a> {
+    fn from(mat: Mat<'a>) -> Self {
+        Self { mat, op: N }
+    }
+}
+
+impl Operand<'_> {
+    /// The operand transposed once more.
+    pub(super) fn t(self) -> Self {
+        let op = if self.op == N { T } else { N };
+        Self { op, ..self }
+    }
+
+    /// Rows and columns as the product reads them.
+    fn dims(&self) -> (usize, usize) {
+        product_shape(self.op == T, (self.mat.rows, self.mat.cols))
+    }
+}
+
+/// `(rows, cols)` of a stored `rows × cols` matrix, read transposed or not.
+fn product_shape(transposed: bool, (rows, cols): (usize, usize)) -> (usize, usize) {
+    if transposed {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    }
+}
+
+/// `(m, n, k)` of the product of an `a.0 × a.1` and a `b.0 × b.1` operand, or an error naming
+/// both when their inner dimensions differ.
+fn product_dims(a: (usize, usize), b: (usize, usize)) -> Result<(usize, usize, usize), GpuError> {
+    if a.1 != b.0 {
+        return Err(GpuError::Failed(format!(
+            "product of a {} × {} and a {} × {} operand",
+            a.0, a.1, b.0, b.1
+        )));
+    }
+    Ok((a.0, b.1, a.1))
+}
+
 impl Gpu {
+    /// `alpha·op(a)·op(b)`, a new column-major matrix.
+    pub(super) fn product<'a>(
+        &self,
+        alpha: f64,
+        a: impl Into<Operand<'a>>,
+        b: impl Into<Operand<'a>>,
+    ) -> Result<CudaSlice<f64>, GpuError> {
+        let (a, b) = (a.into(), b.into());
+        let (m, n, _) = product_dims(a.dims(), b.dims())?;
+        let mut c = self.stream.alloc_zeros::<f64>(m * n)?;
+        self.product_into(alpha, a, b, 0.0, &mut c)?;
+        Ok(c)
+    }
+
+    /// `c ← alpha·op(a)·op(b) + beta·c`, `c` holding the column-major result.
+    pub(super) fn product_into<'a>(
+        &self,
+        alpha: f64,
+        a: impl Into<Operand<'a>>,
+        b: impl Into<Operand<'a>>,
+        beta: f64,
+        c: &mut CudaSlice<f64>,
+    ) -> Result<(), GpuError> {
+        let (a, b) = (a.into(), b.into());
+        let (m, n, k) = product_dims(a.dims(), b.dims())?;
+        self.gemm(
+            (a.op, b.op),
+            (m, n, k),
+            alpha,
+            (a.mat.data, a.mat.rows),
+            (b.mat.data, b.mat.rows),
+            beta,
+            (c, m),
+        )
+    }
+
     /// `C = alpha·op(A)·op(B) + beta·C`, column-major, `C` is `m × n`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm<A: DevicePtr<f64>, B: DevicePtr<f64>, C: DevicePtrMut<f64>>(
+    fn gemm<A: DevicePtr<f64>, B: DevicePtr<f64>, C: DevicePtrMut<f64>>(
         &self,
         (ta, tb): (Op, Op),
         (m, n, k): (usize, usize, usize),
@@ -131,7 +235,8 @@ impl Gpu {
         }
         let mut work = self.stream.alloc_zeros::<f64>(lwork.max(1) as usize)?;
         for pass in 0..passes {
-            self.gemm((T, N), (b, b, s), 1.0, (&*z, s), (&*z, s), 0.0, (&mut c, b))?;
+            let block = Mat::new(&*z, (s, b));
+            self.product_into(1.0, block.t(), block, 0.0, &mut c)?;
             {
                 let (pc, _g1) = c.device_ptr_mut(&self.stream);
                 let (pw, _g2) = work.device_ptr_mut(&self.stream);
@@ -481,5 +586,23 @@ pub(super) fn check_solver(
             Err(GpuError::OutOfMemory(format!("{what}: {status:?}")))
         }
         other => Err(failed(what, other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn products_take_their_sizes_from_the_operands() {
+        // A stored 5 × 3, read transposed: 3 × 5; times a 5 × 2: 3 × 2 over 5.
+        let a = product_shape(true, (5, 3));
+        assert_eq!(a, (3, 5));
+        assert_eq!(product_dims(a, (5, 2)).ok(), Some((3, 2, 5)));
+        assert_eq!(product_dims((4, 1), (1, 4)).ok(), Some((4, 4, 1)));
+        let Err(GpuError::Failed(message)) = product_dims((3, 5), (3, 2)) else {
+            panic!("inner dimensions 5 and 3 chained");
+        };
+        assert_eq!(message, "product of a 3 × 5 and a 3 × 2 operand");
     }
 }

@@ -3,7 +3,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::blas::*;
+use super::blas::{Mat, Operand};
 use super::{Gpu, GpuError, Trace};
 use crate::engine::params::SUBSPACE;
 use crate::engine::{LowRank, WeightMatrix};
@@ -25,92 +25,36 @@ impl Gpu {
     ) -> Result<LowRank, GpuError> {
         let (out_dim, in_dim) = (w.out_dim(), w.in_dim());
         let mut trace = Trace::start();
-        // Row-major W [out, in] is the column-major A = Wᵀ (in × out), lda = in.
+        // Row-major W [out, in] is the column-major A = Wᵀ (in × out). M is the wider way up
+        // (`s × t`, `s ≤ t`): W = Aᵀ when wide, else Wᵀ = A.
         let wide = out_dim <= in_dim;
         let (s, t) = if wide {
             (out_dim, in_dim)
         } else {
             (in_dim, out_dim)
         };
-        let mut g = self.stream.alloc_zeros::<f64>(s * s)?;
-        if wide {
-            // M = W = Aᵀ: G = Aᵀ·A.
-            self.gemm(
-                (T, N),
-                (s, s, in_dim),
-                1.0,
-                (&a, in_dim),
-                (&a, in_dim),
-                0.0,
-                (&mut g, s),
-            )?;
-        } else {
-            // M = Wᵀ = A: G = A·Aᵀ.
-            self.gemm(
-                (N, T),
-                (s, s, out_dim),
-                1.0,
-                (&a, in_dim),
-                (&a, in_dim),
-                0.0,
-                (&mut g, s),
-            )?;
-        }
         let norm = self.norm(&a)?;
+        let m = as_m(&a, (in_dim, out_dim), wide);
+        let g = self.product(1.0, m, m.t())?;
         trace.mark(&self.stream, "gram");
-        let (q, iterations) = self.top_eigenvectors(&g, s, rank, SUBSPACE.tolerance)?;
+        let (q_values, iterations) = self.top_eigenvectors(&g, s, rank, SUBSPACE.tolerance)?;
         trace.mark(&self.stream, "eigenvectors");
         drop(g);
+        let q = Mat::new(&q_values, (s, rank));
         // R = Mᵀ·Q (t × rank).
-        let mut r = self.stream.alloc_zeros::<f64>(t * rank)?;
+        let r_values = self.product(1.0, as_m(&a, (in_dim, out_dim), wide).t(), q)?;
+        let r = Mat::new(&r_values, (t, rank));
+        // Residual, in A's layout: A − (Q·Rᵀ)ᵀ = A − R·Qᵀ (wide) or A − Q·Rᵀ (tall).
         if wide {
-            self.gemm(
-                (N, N),
-                (in_dim, rank, out_dim),
-                1.0,
-                (&a, in_dim),
-                (&q, s),
-                0.0,
-                (&mut r, t),
-            )?;
+            self.product_into(-1.0, r, q.t(), 1.0, &mut a)?;
         } else {
-            self.gemm(
-                (T, N),
-                (out_dim, rank, in_dim),
-                1.0,
-                (&a, in_dim),
-                (&q, s),
-                0.0,
-                (&mut r, t),
-            )?;
-        }
-        // Residual, in A's layout: A − (Q·Rᵀ)ᵀ (wide) or A − Q·Rᵀ (tall).
-        if wide {
-            self.gemm(
-                (N, T),
-                (in_dim, out_dim, rank),
-                -1.0,
-                (&r, t),
-                (&q, s),
-                1.0,
-                (&mut a, in_dim),
-            )?;
-        } else {
-            self.gemm(
-                (N, T),
-                (in_dim, out_dim, rank),
-                -1.0,
-                (&q, s),
-                (&r, t),
-                1.0,
-                (&mut a, in_dim),
-            )?;
+            self.product_into(-1.0, q, r.t(), 1.0, &mut a)?;
         }
         let residual = self.norm(&a)?;
         trace.mark(&self.stream, "residual");
         let out = self.split(
-            &q,
-            &r,
+            &q_values,
+            &r_values,
             (s, t, rank),
             wide,
             relative_error_of(residual, norm),
@@ -132,16 +76,8 @@ impl Gpu {
         iterations: usize,
     ) -> Result<LowRank, GpuError> {
         // σ_i² is the diagonal of RᵀR.
-        let mut rtr = self.stream.alloc_zeros::<f64>(rank * rank)?;
-        self.gemm(
-            (T, N),
-            (rank, rank, t),
-            1.0,
-            (r, t),
-            (r, t),
-            0.0,
-            (&mut rtr, rank),
-        )?;
+        let r_mat = Mat::new(r, (t, rank));
+        let rtr = self.product(1.0, r_mat.t(), r_mat)?;
         let rtr = self.stream.clone_dtoh(&rtr)?;
         let singular_values: Vec<f64> = (0..rank)
             .map(|i| rtr[i * rank + i].max(0.0).sqrt())
@@ -177,6 +113,16 @@ impl Gpu {
             relative_error,
             iterations,
         })
+    }
+}
+
+/// `M` (`s × t`, the wider way up) on the values of `A = Wᵀ` (`in × out`): `Aᵀ` when wide.
+fn as_m(a: &CudaSlice<f64>, (in_dim, out_dim): (usize, usize), wide: bool) -> Operand<'_> {
+    let stored = Mat::new(a, (in_dim, out_dim));
+    if wide {
+        stored.t()
+    } else {
+        stored.into()
     }
 }
 

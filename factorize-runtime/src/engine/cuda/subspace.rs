@@ -6,7 +6,7 @@ use std::cell::Ref;
 
 use cudarc::driver::CudaSlice;
 
-use super::blas::*;
+use super::blas::Mat;
 use super::{Gpu, GpuError, Trace};
 use crate::engine::filter::Chebyshev;
 use crate::engine::gaussian::Gaussian;
@@ -109,19 +109,11 @@ impl Gpu {
         let mut timing = Trace::start();
         let trace = self.gram_trace(g, s)?;
         let floor = trace * f64::EPSILON * s as f64;
-        let mut q = self.stream.alloc_zeros::<f64>(s * b)?;
-        {
+        let gram = Mat::new(g, (s, s));
+        let mut q = {
             let omega = self.start_block(s, b)?;
-            self.gemm(
-                (N, N),
-                (s, b, s),
-                1.0,
-                (g, s),
-                (&*omega, s),
-                0.0,
-                (&mut q, s),
-            )?;
-        }
+            self.product(1.0, gram, Mat::new(&omega, (s, b)))?
+        };
         let mut z = self.stream.alloc_zeros::<f64>(s * b)?;
         let mut spare = self.stream.alloc_zeros::<f64>(s * b)?;
         let mut h = self.stream.alloc_zeros::<f64>(b * b)?;
@@ -138,13 +130,14 @@ impl Gpu {
             if !self.cholesky_qr(&mut q, s, b, passes)? {
                 return Ok(None);
             }
-            self.gemm((N, N), (s, b, s), 1.0, (g, s), (&q, s), 0.0, (&mut z, s))?;
+            self.product_into(1.0, gram, Mat::new(&q, (s, b)), 0.0, &mut z)?;
             products += 1;
             if products >= next_check {
                 timing.mark(&self.stream, format_args!("{products} products"));
                 // With the vectors: they cost less than a second `syevd` on the check that
                 // settles.
-                self.gemm((T, N), (b, b, s), 1.0, (&q, s), (&z, s), 0.0, (&mut h, b))?;
+                let (block, image) = (Mat::new(&q, (s, b)), Mat::new(&z, (s, b)));
+                self.product_into(1.0, block.t(), image, 0.0, &mut h)?;
                 let theta = self.syevd(&mut h, b, true)?;
                 timing.mark(&self.stream, "rayleigh-ritz");
                 let energy: f64 = theta[b - rank..].iter().sum();
@@ -154,16 +147,7 @@ impl Gpu {
                 }
                 if settled(&gains, tolerance * tail) {
                     let y = self.leading_columns(&h, b, b, rank)?;
-                    let mut ritz = self.stream.alloc_zeros::<f64>(s * rank)?;
-                    self.gemm(
-                        (N, N),
-                        (s, rank, b),
-                        1.0,
-                        (&q, s),
-                        (&y, b),
-                        0.0,
-                        (&mut ritz, s),
-                    )?;
+                    let ritz = self.product(1.0, Mat::new(&q, (s, b)), Mat::new(&y, (b, rank)))?;
                     return Ok(Some((ritz, products)));
                 }
                 previous = Some(energy);
@@ -214,15 +198,8 @@ impl Gpu {
                 &mut next,
                 (s, b),
             )?;
-            self.gemm(
-                (N, N),
-                (s, b, s),
-                2.0 / e,
-                (g, s),
-                (&current, s),
-                1.0,
-                (&mut next, s),
-            )?;
+            let gram = Mat::new(g, (s, s));
+            self.product_into(2.0 / e, gram, Mat::new(&current, (s, b)), 1.0, &mut next)?;
             (previous, current, next) = (current, next, previous);
         }
         Ok([current, previous, next])
