@@ -15,6 +15,9 @@ mod metrics;
 #[path = "../examples/minilm/pipeline.rs"]
 #[allow(dead_code)]
 mod pipeline;
+#[path = "../examples/minilm/plot.rs"]
+#[allow(dead_code)]
+mod plot;
 #[path = "../examples/minilm/text.rs"]
 #[allow(dead_code)]
 mod text;
@@ -369,6 +372,43 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
 }
 
 /// A safetensors file holding `tensors` (name, dtype, shape), zero-filled.
+#[test]
+fn the_frontier_figure_draws_every_point_and_label() {
+    let curves = [
+        plot::Curve {
+            label: "one rank".into(),
+            points: vec![(12.5, 0.2), (25.0, 0.3), (50.0, 0.5)],
+            line: true,
+        },
+        plot::Curve {
+            label: "trained".into(),
+            points: vec![(25.0, 0.6), (50.0, 0.8)],
+            line: false,
+        },
+    ];
+    let path = std::env::temp_dir().join(format!("frontier-{}.svg", std::process::id()));
+    plot::frontier(&path, "test", &curves).unwrap();
+    let svg = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    // One marker per point and one per legend entry; one line, through the joined curve's
+    // three points, in its colour (the first of the palette).
+    assert_eq!(svg.matches("<circle").count(), 5 + 2);
+    let lines: Vec<&str> = svg
+        .lines()
+        .filter(|l| l.starts_with("<polyline") && l.contains("#1F77B4"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let points = lines[0]
+        .split('"')
+        .skip_while(|&a| !a.ends_with("points="))
+        .nth(1);
+    let points = points.unwrap();
+    assert_eq!(points.split_whitespace().count(), 3, "{}", lines[0]);
+    for label in ["one rank", "trained", "test"] {
+        assert!(svg.contains(label), "{label} missing");
+    }
+}
+
 fn checkpoint_with(tensors: &[(&str, ::safetensors::Dtype, Vec<usize>)]) -> std::path::PathBuf {
     let buffers: Vec<Vec<u8>> = tensors
         .iter()

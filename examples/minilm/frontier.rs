@@ -1,11 +1,16 @@
-//! `frontier`: ranks chosen per layer to a budget from measured sensitivity, against one global
-//! rank at the same multiply-adds, each filled three ways (weight SVD, exact data-aware fit,
-//! correcting fit), measured on the held-out sentences.
+//! `frontier`: the whole route on MiniLM, from 12.5% to 75% of the dense model's linear
+//! multiply-adds. Sensitivity → ranks per layer to a budget → fits → distillation, against one
+//! global rank at the same multiply-adds, measured on the held-out sentences; written as tables,
+//! ranks files and two SVG figures (the frontier, and each layer's sensitivity curve).
 //!
-//! The sensitivity runs on calibration sentences (the first 40 unless `--sentences N`): each of the 36 `Linear`s truncated alone to
-//! every multiple of 16 that saves multiply-adds, the damage being the mean `1 − cos` of the
-//! sentence embeddings to the dense model's. Plans are then run with
+//! The sensitivity runs on calibration sentences (the first 40 unless `--sentences N`): each of
+//! the 36 `Linear`s truncated alone to every multiple of 16 that saves multiply-adds, the damage
+//! being the mean `1 − cos` of the sentence embeddings to the dense model's. Plans are filled
+//! three ways (weight SVD, exact data-aware fit, correcting fit) and run with
 //! [`Factorizable::simulate`] (the same functions as compiled variants, without their speed).
+//! Training needs compiled factors, so the distilled points are the compiled variants at a
+//! quarter and half: one rank by weight SVD (Composer's way), and the committed plans of
+//! `planned.rs` with the correcting fit.
 
 use std::time::Instant;
 
@@ -15,15 +20,21 @@ use factorize_runtime::{Factorizable, FactorizeConfig, Fit};
 
 use crate::bert::{Bert, HIDDEN};
 use crate::metrics::{self, Fidelity};
-use crate::pipeline::{self, by_length, embed_all, Error};
-use crate::Setup;
+use crate::pipeline::Objective;
+use crate::pipeline::{self, by_length, distillation_targets, embed_all, Error, FitKind};
+use crate::plot::{self, Curve};
+use crate::{recovery, Setup};
 
 /// The variant the measurements run on: every `Linear` a pair (rank 128 saves on all 36).
 type Probe = Bert<128, f32, Cpu>;
 
-/// The one-rank baselines the budgets are matched to: a quarter and a half of the dense
-/// model's linear multiply-adds.
-const UNIFORM: [usize; 2] = [64, 128];
+/// The one-rank baselines the budgets are matched to: 12.5% to 75% of the dense model's
+/// linear multiply-adds (at 192 the 384² projections stay dense, as the cost rule keeps them).
+const UNIFORM: [usize; 6] = [32, 64, 96, 128, 160, 192];
+
+/// The budgets (share of the dense linear multiply-adds, and the uniform rank at it) whose
+/// compiled variants are distilled.
+const DISTILLED: [(usize, usize); 2] = [(25, 64), (50, 128)];
 
 /// The fits each plan is filled with: `None` is weight SVD.
 const FITS: [(Option<Fit>, &str); 3] = [
@@ -55,8 +66,14 @@ fn fidelity(
     Ok(metrics::fidelity(&ours, &setup.dense_heldout))
 }
 
-/// Prints the frontier table; `sentences`: how many calibration sentences the sensitivity uses.
-pub fn frontier(sentences: usize) -> Result<(), Error> {
+/// Where the figures and ranks files go.
+fn output_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/minilm")
+}
+
+/// Runs the route and prints its tables; `sentences`: how many calibration sentences the
+/// sensitivity uses; `steps`: Adam steps of the distilled points (0: none).
+pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
     let setup = Setup::new()?;
     let probe = Probe::load(setup.dir.checkpoint(), &setup.dev)?;
     let sensing = by_length(
@@ -82,6 +99,18 @@ pub fn frontier(sentences: usize) -> Result<(), Error> {
         sentences,
         start.elapsed().as_secs_f64()
     );
+    let dir = output_dir();
+    std::fs::create_dir_all(&dir)?;
+    let figure = dir.join("sensitivity.svg");
+    plot::sensitivity(
+        &figure,
+        &format!(
+            "all-MiniLM-L6-v2: each Linear truncated alone ({sentences} calibration sentences)"
+        ),
+        &sensitivity,
+    )?;
+    eprintln!("wrote {}", figure.display());
+
     println!(
         "all-MiniLM-L6-v2: one rank for all 36 Linears vs ranks per layer to the same multiply-adds (exact knapsack over multiples of 16 on measured sensitivity, {sentences} calibration sentences); held-out sentences {}–{}: mean cos / NN agreement\n",
         pipeline::HELD_OUT.start,
@@ -89,6 +118,21 @@ pub fn frontier(sentences: usize) -> Result<(), Error> {
     );
     println!("| linear MACs | plan | predicted damage | svd | data | correcting |");
     println!("|---|---|---|---|---|---|");
+    // Curves of the figure: one rank by each fit, then the budget by the two data fits.
+    let mut curves: Vec<Curve> = [
+        "one rank, weight SVD (Composer's factorization)",
+        "one rank, data-aware fit",
+        "one rank, correcting fit",
+        "ranks to the budget, data-aware fit",
+        "ranks to the budget, correcting fit",
+    ]
+    .into_iter()
+    .map(|label| Curve {
+        label: label.into(),
+        points: Vec::new(),
+        line: true,
+    })
+    .collect();
     for rank in UNIFORM {
         let uniform = sensitivity
             .uniform(rank, Cost::Macs)
@@ -96,12 +140,16 @@ pub fn frontier(sentences: usize) -> Result<(), Error> {
         let budget = sensitivity
             .plan(Cost::Macs, uniform.cost)
             .ok_or("no plan within the budget")?;
-        for (name, plan) in [
+        for (k, (name, plan)) in [
             (format!("rank {rank}"), &uniform),
             ("budget".into(), &budget),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let share = 100.0 * plan.cost as f64 / plan.dense_cost as f64;
             let mut cells = Vec::new();
-            for (fit, label) in FITS {
+            for (j, (fit, label)) in FITS.into_iter().enumerate() {
                 eprintln!("{name}, {label} …");
                 let f = fidelity(&setup, &probe, plan, fit)?;
                 cells.push(format!(
@@ -109,22 +157,81 @@ pub fn frontier(sentences: usize) -> Result<(), Error> {
                     f.mean_cosine,
                     100.0 * f.neighbour_agreement
                 ));
+                // One rank: curves 0–2 by fit; the budget: data and correcting, curves 3–4.
+                let curve = match (k, j) {
+                    (0, j) => Some(j),
+                    (_, 0) => None,
+                    (_, j) => Some(j + 2),
+                };
+                if let Some(c) = curve {
+                    curves[c].points.push((share, f.mean_cosine));
+                }
             }
             println!(
-                "| {:.1}% | {name} | {:.4} | {} |",
-                100.0 * plan.cost as f64 / plan.dense_cost as f64,
+                "| {share:.1}% | {name} | {:.4} | {} |",
                 plan.damage,
                 cells.join(" | ")
             );
         }
         // The plans as ranks files, for `#[factorize(ranks = ..)]` (see `planned.rs`).
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/minilm-ranks");
-        std::fs::create_dir_all(&dir)?;
         for (name, plan) in [("budget", &budget), ("uniform", &uniform)] {
             let file = dir.join(format!("{name}-{rank}.ranks"));
             std::fs::write(&file, plan.ranks_file())?;
             eprintln!("wrote {}", file.display());
         }
     }
+    if steps > 0 {
+        curves.extend(distilled(&setup, steps)?);
+    }
+    let figure = dir.join("frontier.svg");
+    plot::frontier(
+        &figure,
+        &format!(
+            "all-MiniLM-L6-v2: fidelity on held-out sentences {}–{} (× the goals)",
+            pipeline::HELD_OUT.start,
+            pipeline::HELD_OUT.end - 1
+        ),
+        &curves,
+    )?;
+    eprintln!("wrote {}", figure.display());
     Ok(())
+}
+
+/// The compiled variants at [`DISTILLED`] before and after `steps` Adam steps towards the dense
+/// model's hidden states: one rank by weight SVD (Composer's way), and the committed plan with
+/// the correcting fit (ours). Prints their table; returns their points for the figure.
+fn distilled(setup: &Setup, steps: usize) -> Result<Vec<Curve>, Error> {
+    let training = (steps, pipeline::DISTILL_LEARNING_RATE);
+    let targets = distillation_targets(&setup.dense, &setup.calibration, Objective::Hidden)?;
+    println!(
+        "\nDistilled: {steps} Adam steps (learning rate {}, the factors only) towards the dense model's last hidden states of the calibration sentences\n",
+        pipeline::DISTILL_LEARNING_RATE
+    );
+    println!("| linear MACs | variant | before | after | train time |");
+    println!("|---|---|---|---|---|");
+    let mut curves = [
+        format!("one rank, weight SVD + {steps} steps (Composer's way)"),
+        format!("planned ranks, correcting fit + {steps} steps"),
+    ]
+    .map(|label| Curve {
+        label,
+        points: Vec::new(),
+        line: false,
+    });
+    for (macs, rank) in DISTILLED {
+        let composer = recovery::uniform(setup, (rank, FitKind::Svd), &targets, training)?;
+        let ours = recovery::planned(setup, macs, &targets, training)?;
+        for (curve, (name, r)) in curves.iter_mut().zip([
+            (format!("rank {rank}, weight SVD"), composer),
+            ("planned ranks, correcting fit".into(), ours),
+        ]) {
+            println!(
+                "| {macs}% | {name} | {} | {:.0} s |",
+                r.before_after(),
+                r.seconds
+            );
+            curve.points.push((macs as f64, r.after.mean_cosine));
+        }
+    }
+    Ok(curves.into())
 }

@@ -5,7 +5,7 @@
 //! cargo run --release --example minilm                 # the table: 5 ranks × 3 fits vs dense
 //! cargo run --release --example minilm -- embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- --rank 64 --fit data embed sentences.txt out.safetensors
-//! cargo run --release --example minilm -- frontier    # per-layer ranks to a budget vs one rank
+//! cargo run --release --example minilm -- frontier    # the route, 12.5–75%: tables, figures
 //! cargo run --release --example minilm -- planned     # the committed plans, compiled
 //! cargo run --release --example minilm -- --macs 25 embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- --macs 50 --distill 100 embed in.txt out.safetensors
@@ -29,6 +29,7 @@ mod frontier;
 mod metrics;
 mod pipeline;
 mod planned;
+mod plot;
 mod recovery;
 mod text;
 
@@ -329,7 +330,7 @@ fn embed_variant<const R: usize>(
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--distill STEPS] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--on hidden|embeddings]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--distill STEPS] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--on hidden|embeddings]";
 
 fn main() {
     if let Err(e) = run(std::env::args().skip(1).collect()) {
@@ -386,12 +387,24 @@ fn run(args: Vec<String>) -> Result<(), Error> {
     match rest {
         [] if variant.is_none() => table(),
         [cmd] if cmd == "planned" && variant.is_none() => planned_table(),
-        [cmd] if cmd == "frontier" && variant.is_none() => frontier::frontier(40),
-        [cmd, flag, n] if cmd == "frontier" && flag == "--sentences" && variant.is_none() => {
-            frontier::frontier(
-                n.parse()
-                    .map_err(|_| format!("--sentences takes an integer, not `{n}`"))?,
-            )
+        [cmd, options @ ..] if cmd == "frontier" && variant.is_none() => {
+            let (mut sentences, mut steps) = (40, 500);
+            for pair in options.chunks(2) {
+                match pair {
+                    [flag, n] if flag == "--sentences" => {
+                        sentences = n
+                            .parse()
+                            .map_err(|_| format!("--sentences takes an integer, not `{n}`"))?;
+                    }
+                    [flag, n] if flag == "--steps" => {
+                        steps = n
+                            .parse()
+                            .map_err(|_| format!("--steps takes an integer, not `{n}`"))?;
+                    }
+                    _ => return Err(USAGE.into()),
+                }
+            }
+            frontier::frontier(sentences, steps)
         }
         [cmd, options @ ..] if cmd == "recovery" && variant.is_none() => {
             let (mut steps, mut learning_rate) = (100, pipeline::DISTILL_LEARNING_RATE);

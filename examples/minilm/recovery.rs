@@ -14,11 +14,11 @@ use crate::{planned, Setup};
 use factorize_runtime::distill::DistillLog;
 
 /// One variant before and after training.
-struct Recovered {
-    before: Fidelity,
-    after: Fidelity,
-    loss: (f64, f64),
-    seconds: f64,
+pub struct Recovered {
+    pub before: Fidelity,
+    pub after: Fidelity,
+    pub loss: (f64, f64),
+    pub seconds: f64,
 }
 
 impl Recovered {
@@ -33,8 +33,22 @@ impl Recovered {
     }
 }
 
+impl Recovered {
+    /// `before | after` table cells: held-out mean cosine / nearest-neighbour agreement.
+    pub fn before_after(&self) -> String {
+        let cell = |f: &Fidelity| {
+            format!(
+                "{:.4} / {:.0}%",
+                f.mean_cosine,
+                100.0 * f.neighbour_agreement
+            )
+        };
+        format!("{} | {}", cell(&self.before), cell(&self.after))
+    }
+}
+
 /// All 36 Linears at `rank` (64 or 128), filled by `fit`, then trained.
-fn uniform(
+pub fn uniform(
     setup: &Setup,
     (rank, fit): (usize, FitKind),
     targets: &Targets,
@@ -61,7 +75,7 @@ fn uniform(
 }
 
 /// The planned variant at `macs`% (correcting fit), then trained.
-fn planned(
+pub fn planned(
     setup: &Setup,
     macs: usize,
     targets: &Targets,
@@ -113,11 +127,8 @@ pub fn recovery(steps: usize, learning_rate: f64, objective: Objective) -> Resul
                 ),
             };
             println!(
-                "| {macs}% | {what} | {:.4} / {:.0}% | {:.4} / {:.0}% | {:.4} → {:.4} | {:.0} s |",
-                r.before.mean_cosine,
-                100.0 * r.before.neighbour_agreement,
-                r.after.mean_cosine,
-                100.0 * r.after.neighbour_agreement,
+                "| {macs}% | {what} | {} | {:.4} → {:.4} | {:.0} s |",
+                r.before_after(),
                 r.loss.0,
                 r.loss.1,
                 r.seconds,
