@@ -54,7 +54,6 @@ pub fn frontier(path: &Path, title: &str, curves: &[Curve]) -> Result<(), Error>
         .configure_mesh()
         .x_desc("linear multiply-adds, % of the dense model's")
         .y_desc("held-out mean cosine to the dense model")
-        .x_label_formatter(&|x| format!("{x:.0}%"))
         .draw()
         .map_err(drawing)?;
     for (i, c) in curves.iter().enumerate() {
@@ -123,7 +122,6 @@ pub fn sensitivity(path: &Path, title: &str, measured: &Sensitivity) -> Result<(
         .configure_mesh()
         .x_desc("rank of the layer's pair (all other layers dense)")
         .y_desc("damage: mean 1 − cos of the embeddings")
-        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0e}"))
         .draw()
         .map_err(drawing)?;
