@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use factorize_runtime::sensitivity::Sensitivity;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::pipeline::Error;
@@ -38,16 +39,33 @@ fn drawing(e: impl std::fmt::Display) -> Error {
     format!("cannot draw the figure: {e}").into()
 }
 
-/// Writes the frontier: every curve's mean cosine against its share of the dense model's
-/// linear multiply-adds, with the goals as dashed marks.
-pub fn frontier(path: &Path, title: &str, curves: &[Curve]) -> Result<(), Error> {
+/// A white figure at `path`.
+fn canvas(path: &Path) -> Result<DrawingArea<SVGBackend<'_>, Shift>, Error> {
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(drawing)?;
-    let mut chart = ChartBuilder::on(&root)
+    Ok(root)
+}
+
+/// A chart on `root` in the figures' style, `y_labels` pixels left for the y axis's labels.
+fn styled<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    title: &str,
+    y_labels: u32,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder
         .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(44)
-        .y_label_area_size(56)
+        .y_label_area_size(y_labels);
+    builder
+}
+
+/// Writes the frontier: every curve's mean cosine against its share of the dense model's
+/// linear multiply-adds, with the goals as crosses.
+pub fn frontier(path: &Path, title: &str, curves: &[Curve]) -> Result<(), Error> {
+    let root = canvas(path)?;
+    let mut chart = styled(&root, title, 56)
         .build_cartesian_2d(0.0..80.0f64, 0.0..1.0f64)
         .map_err(drawing)?;
     chart
@@ -109,13 +127,8 @@ pub fn sensitivity(path: &Path, title: &str, measured: &Sensitivity) -> Result<(
         .max()
         .unwrap_or(1) as f64;
     let depth = measured.layers.len().max(1) as f64;
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(drawing)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
+    let root = canvas(path)?;
+    let mut chart = styled(&root, title, 64)
         .build_cartesian_2d(0.0..top + 16.0, (floor..1.0f64).log_scale())
         .map_err(drawing)?;
     chart
