@@ -26,25 +26,25 @@ use crate::plot::{self, Curve};
 use crate::{recovery, Setup};
 
 /// The variant the measurements run on: every `Linear` a pair (rank 128 saves on all 36).
-type Probe = Bert<128, f32, Cpu>;
+pub type Probe = Bert<128, f32, Cpu>;
 
 /// The one-rank baselines the budgets are matched to: 12.5% to 75% of the dense model's
 /// linear multiply-adds (at 192 the 384² projections stay dense, as the cost rule keeps them).
-const UNIFORM: [usize; 6] = [32, 64, 96, 128, 160, 192];
+pub const UNIFORM: [usize; 6] = [32, 64, 96, 128, 160, 192];
 
 /// The budgets (share of the dense linear multiply-adds, and the uniform rank at it) whose
 /// compiled variants are distilled.
 const DISTILLED: [(usize, usize); 2] = [(25, 64), (50, 128)];
 
 /// The fits each plan is filled with: `None` is weight SVD.
-const FITS: [(Option<Fit>, &str); 3] = [
+pub const FITS: [(Option<Fit>, &str); 3] = [
     (None, "svd"),
     (Some(Fit::exact()), "data"),
     (Some(Fit::correcting()), "correcting"),
 ];
 
 /// The held-out fidelity of `plan` filled by `fit`.
-fn fidelity(
+pub fn fidelity(
     setup: &Setup,
     probe: &Probe,
     plan: &RankPlan,
@@ -67,7 +67,7 @@ fn fidelity(
 }
 
 /// Where the figures and ranks files go.
-fn output_dir() -> std::path::PathBuf {
+pub fn output_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/minilm")
 }
 
