@@ -67,32 +67,28 @@ fn cost_of(plan: &RankPlan, measured: &Sensitivity) -> u64 {
         .sum()
 }
 
-/// Prints the table: block budgets against `frontier`'s one-rank baselines.
-pub fn blocks(sentences: usize) -> Result<(), Error> {
-    let setup = Setup::new()?;
-    let probe = Probe::load(setup.dir.checkpoint(), &setup.dev)?;
+/// The encoder's blocks (layers grouped by their path without its last segment), each
+/// truncated as a whole to every multiple of [`STEP`] it saves at and scored on `sensing`.
+fn measure(
+    setup: &Setup,
+    probe: &Probe,
+    (measured, all_dense): (&Sensitivity, &RankPlan),
+    sensing: &[(Vec<usize>, Batch<f32, Cpu>)],
+) -> Result<Vec<Block>, Error> {
     let quiet = FactorizeConfig {
         progress: false,
         ..Default::default()
     };
-    let sensing = by_length(
-        &setup.dev,
-        &setup.ids[..sentences.min(pipeline::CALIBRATION.end)],
-    );
-    let measured = layers(&probe, &quiet, &sensing[0].1)?;
-    let all_dense = measured
-        .plan(Cost::Macs, measured.dense_cost(Cost::Macs))
-        .ok_or("no dense plan")?;
     let embed_all = |m: &<Probe as Factorizable>::Factorized| -> Result<Vec<f32>, Error> {
         let mut out = Vec::new();
-        for (_, b) in &sensing {
+        for (_, b) in sensing {
             out.extend(m.try_embed(b)?.as_vec());
         }
         Ok(out)
     };
     let reference = {
         let mut out = Vec::new();
-        for (_, b) in &sensing {
+        for (_, b) in sensing {
             out.extend(setup.dense.try_embed(b)?.as_vec());
         }
         out
@@ -117,9 +113,9 @@ pub fn blocks(sentences: usize) -> Result<(), Error> {
             .min()
             .unwrap_or(0);
         for rank in (STEP..=top).step_by(STEP) {
-            let plan = plan_with(&all_dense, |k| block.members.contains(&k).then_some(rank));
+            let plan = plan_with(all_dense, |k| block.members.contains(&k).then_some(rank));
             let simulated = probe.simulate(&plan, Some(Fit::exact()), &quiet, |m| {
-                for (_, b) in &sensing {
+                for (_, b) in sensing {
                     // A failed forward leaves layers unfitted; the embedding below reports it.
                     let _ = m.try_hidden_states(b);
                 }
@@ -137,6 +133,29 @@ pub fn blocks(sentences: usize) -> Result<(), Error> {
             start.elapsed().as_secs_f64()
         );
     }
+    Ok(blocks)
+}
+
+/// Prints the table: block budgets against `frontier`'s one-rank baselines.
+pub fn blocks(sentences: usize) -> Result<(), Error> {
+    if sentences == 0 {
+        return Err("--sentences takes at least 1".into());
+    }
+    let setup = Setup::new()?;
+    let probe = Probe::load(setup.dir.checkpoint(), &setup.dev)?;
+    let quiet = FactorizeConfig {
+        progress: false,
+        ..Default::default()
+    };
+    let sensing = by_length(
+        &setup.dev,
+        &setup.ids[..sentences.min(pipeline::CALIBRATION.end)],
+    );
+    let measured = layers(&probe, &quiet, &sensing[0].1)?;
+    let all_dense = measured
+        .plan(Cost::Macs, measured.dense_cost(Cost::Macs))
+        .ok_or("no dense plan")?;
+    let blocks = measure(&setup, &probe, (&measured, &all_dense), &sensing)?;
     let choices: Vec<Vec<Choice>> = (blocks.iter())
         .map(|b| {
             let cost = |rank| -> u64 {
