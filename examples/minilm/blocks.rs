@@ -198,11 +198,7 @@ pub fn blocks(sentences: usize) -> Result<(), Error> {
         for (fit, label) in FITS.into_iter().skip(1) {
             eprintln!("rank {rank} budget, {label} …");
             let f = fidelity(&setup, &probe, &plan, fit)?;
-            cells.push(format!(
-                "{:.3} / {:.0}%",
-                f.mean_cosine,
-                100.0 * f.neighbour_agreement
-            ));
+            cells.push(f.cell(3));
         }
         // As a ranks file, for `#[factorize(ranks = ..)]` (see `planned.rs`).
         let file = crate::frontier::output_dir().join(format!("blocks-{rank}.ranks"));

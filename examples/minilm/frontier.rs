@@ -152,11 +152,7 @@ pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
             for (j, (fit, label)) in FITS.into_iter().enumerate() {
                 eprintln!("{name}, {label} …");
                 let f = fidelity(&setup, &probe, plan, fit)?;
-                cells.push(format!(
-                    "{:.3} / {:.0}%",
-                    f.mean_cosine,
-                    100.0 * f.neighbour_agreement
-                ));
+                cells.push(f.cell(3));
                 // One rank: curves 0–2 by fit; the budget: data and correcting, curves 3–4.
                 let curve = match (k, j) {
                     (0, j) => Some(j),

@@ -334,6 +334,12 @@ fn embed_variant<const R: usize>(
 const USAGE: &str =
     "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--distill STEPS] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N]\n       minilm blocks [--sentences N]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--on hidden|embeddings]";
 
+/// The integer value `n` of the option `flag`.
+fn count(flag: &str, n: &str) -> Result<usize, String> {
+    n.parse()
+        .map_err(|_| format!("{flag} takes an integer, not `{n}`"))
+}
+
 fn main() {
     if let Err(e) = run(std::env::args().skip(1).collect()) {
         eprintln!("error: {e}");
@@ -350,11 +356,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
     loop {
         match rest {
             [flag, value, tail @ ..] if flag == "--rank" => {
-                rank = Some(
-                    value
-                        .parse::<usize>()
-                        .map_err(|_| format!("--rank takes an integer, not `{value}`"))?,
-                );
+                rank = Some(count(flag, value)?);
                 rest = tail;
             }
             [flag, value, tail @ ..] if flag == "--fit" => {
@@ -391,25 +393,14 @@ fn run(args: Vec<String>) -> Result<(), Error> {
         [cmd] if cmd == "planned" && variant.is_none() => planned_table(),
         [cmd] if cmd == "blocks" && variant.is_none() => blocks::blocks(40),
         [cmd, flag, n] if cmd == "blocks" && flag == "--sentences" && variant.is_none() => {
-            blocks::blocks(
-                n.parse()
-                    .map_err(|_| format!("--sentences takes an integer, not `{n}`"))?,
-            )
+            blocks::blocks(count(flag, n)?)
         }
         [cmd, options @ ..] if cmd == "frontier" && variant.is_none() => {
             let (mut sentences, mut steps) = (40, 500);
             for pair in options.chunks(2) {
                 match pair {
-                    [flag, n] if flag == "--sentences" => {
-                        sentences = n
-                            .parse()
-                            .map_err(|_| format!("--sentences takes an integer, not `{n}`"))?;
-                    }
-                    [flag, n] if flag == "--steps" => {
-                        steps = n
-                            .parse()
-                            .map_err(|_| format!("--steps takes an integer, not `{n}`"))?;
-                    }
+                    [flag, n] if flag == "--sentences" => sentences = count(flag, n)?,
+                    [flag, n] if flag == "--steps" => steps = count(flag, n)?,
                     _ => return Err(USAGE.into()),
                 }
             }
@@ -420,11 +411,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
             let mut objective = pipeline::Objective::Hidden;
             for pair in options.chunks(2) {
                 match pair {
-                    [flag, n] if flag == "--steps" => {
-                        steps = n
-                            .parse()
-                            .map_err(|_| format!("--steps takes an integer, not `{n}`"))?;
-                    }
+                    [flag, n] if flag == "--steps" => steps = count(flag, n)?,
                     [flag, on] if flag == "--on" => objective = on.parse()?,
                     [flag, x] if flag == "--lr" => {
                         learning_rate = x

@@ -18,6 +18,17 @@ pub struct Fidelity {
     pub spearman: f64,
 }
 
+impl Fidelity {
+    /// A table cell: mean cosine to `digits` decimals / nearest-neighbour agreement in percent.
+    pub fn cell(&self, digits: usize) -> String {
+        format!(
+            "{:.digits$} / {:.0}%",
+            self.mean_cosine,
+            100.0 * self.neighbour_agreement
+        )
+    }
+}
+
 fn row(m: &[f32], i: usize) -> &[f32] {
     &m[i * HIDDEN..(i + 1) * HIDDEN]
 }

@@ -31,19 +31,10 @@ impl Recovered {
             seconds: log.time.as_secs_f64(),
         }
     }
-}
 
-impl Recovered {
     /// `before | after` table cells: held-out mean cosine / nearest-neighbour agreement.
     pub fn before_after(&self) -> String {
-        let cell = |f: &Fidelity| {
-            format!(
-                "{:.4} / {:.0}%",
-                f.mean_cosine,
-                100.0 * f.neighbour_agreement
-            )
-        };
-        format!("{} | {}", cell(&self.before), cell(&self.after))
+        format!("{} | {}", self.before.cell(4), self.after.cell(4))
     }
 }
 
