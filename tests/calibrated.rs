@@ -5,7 +5,9 @@ mod model_level {
     use dfdx::prelude::*;
     use factorize_runtime::engine::calibrated::{fit_linear, Calibration};
     use factorize_runtime::engine::WeightMatrix;
-    use factorize_runtime::sensitivity::{damage, Cost, RankGrid, Truncation};
+    use factorize_runtime::sensitivity::{
+        damage, Cost, Grouping, RankGrid, SensitivityParams, Truncation,
+    };
     use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
     use factorize_runtime::Fit;
     use factorize_runtime::{mirror, Factorizable, FactorizeConfig, FactorizeError, Status};
@@ -190,11 +192,15 @@ mod model_level {
             ..Default::default()
         };
         let y = model.forward(x.clone()).as_vec();
-        let measure = |truncation| {
+        let measure = |truncation, grouping| {
+            let params = SensitivityParams {
+                grid: grid.clone(),
+                truncation,
+                grouping,
+            };
             model
                 .sensitivity(
-                    &grid,
-                    truncation,
+                    &params,
                     &cfg,
                     |m| m.forward(x.clone()).as_vec(),
                     |reference: &Vec<f32>, out: &Vec<f32>| {
@@ -205,53 +211,98 @@ mod model_level {
                 )
                 .unwrap()
         };
-        let weight = measure(Truncation::Weight);
-        let shapes: Vec<(&str, &[usize], usize)> = weight
-            .layers
-            .iter()
-            .map(|l| (l.path.as_str(), l.ranks.as_slice(), l.positions))
+        let weight = measure(Truncation::Weight, Grouping::Layers);
+        let shapes: Vec<(&str, &[usize], usize)> = (weight.groups.iter())
+            .map(|g| (g.name.as_str(), g.ranks.as_slice(), g.layers[0].positions))
             .collect();
         assert_eq!(
             shapes,
             [("a", &[16, 32][..], 400), ("b.0", &[16, 24][..], 400)]
         );
+        // The dense model with the weights `which` (0: `a`, 1: `b.0`) truncated to `rank`.
+        let truncated_at = |which: &[usize], rank| {
+            let mut cut = model.clone();
+            if which.contains(&0) {
+                let w = truncated(&model.a.weight.as_vec(), 128, 128, rank);
+                cut.a.weight.copy_from(&w);
+            }
+            if which.contains(&1) {
+                let w = truncated(&model.b.0.weight.as_vec(), 96, 128, rank);
+                cut.b.0.weight.copy_from(&w);
+            }
+            damage::mse(&y, &cut.forward(x.clone()).as_vec())
+        };
         // Each figure is the damage of the dense model with that one weight truncated.
-        for (l, layer) in weight.layers.iter().enumerate() {
-            for (&rank, &measured) in layer.ranks.iter().zip(&layer.damage) {
-                let mut alone = model.clone();
-                match l {
-                    0 => alone.a.weight.copy_from(&truncated(
-                        &model.a.weight.as_vec(),
-                        128,
-                        128,
-                        rank,
-                    )),
-                    _ => alone.b.0.weight.copy_from(&truncated(
-                        &model.b.0.weight.as_vec(),
-                        96,
-                        128,
-                        rank,
-                    )),
-                }
-                let expected = damage::mse(&y, &alone.forward(x.clone()).as_vec());
+        for (l, group) in weight.groups.iter().enumerate() {
+            for (&rank, &measured) in group.ranks.iter().zip(&group.damage) {
+                let expected = truncated_at(&[l], rank);
                 assert!(
                     (measured / expected - 1.0).abs() < 1e-3,
                     "{} rank {rank}: {measured} vs {expected}",
-                    layer.path
+                    group.name
                 );
             }
             // A higher rank damages less.
-            assert!(layer.damage[1] < layer.damage[0], "{layer:?}");
+            assert!(group.damage[1] < group.damage[0], "{group:?}");
+        }
+        // Grouped, both weights are truncated together at the ranks that save on both.
+        let both = measure(Truncation::Weight, Grouping::By(|_| "both".into()));
+        let [group] = &both.groups[..] else {
+            panic!("{both:?}")
+        };
+        let paths: Vec<_> = both.layers().map(|l| l.path.as_str()).collect();
+        assert_eq!(
+            (group.name.as_str(), &paths[..]),
+            ("both", &["a", "b.0"][..])
+        );
+        // A quarter and a half of the summed cost, (128² + 96·128) / (256 + 224) · f = 14.9 and
+        // 29.9, to multiples of 8.
+        assert_eq!(group.ranks, [16, 32]);
+        for (&rank, &measured) in group.ranks.iter().zip(&group.damage) {
+            let expected = truncated_at(&[0, 1], rank);
+            assert!(
+                (measured / expected - 1.0).abs() < 1e-3,
+                "both at rank {rank}: {measured} vs {expected}"
+            );
         }
         // Data-aware truncations damage the output less, and the measure is deterministic.
-        let data = measure(Truncation::default());
-        for (d, w) in data.layers.iter().zip(&weight.layers) {
+        let data = measure(Truncation::default(), Grouping::Layers);
+        for (d, w) in data.groups.iter().zip(&weight.groups) {
             assert!(
                 d.damage.iter().zip(&w.damage).all(|(d, w)| d < w),
                 "{d:?} vs {w:?}"
             );
         }
-        assert_eq!(data, measure(Truncation::default()));
+        assert_eq!(data, measure(Truncation::default(), Grouping::Layers));
+        // Fitted afresh per rank, a layer alone loses what its prefix truncation does...
+        let exact = Fit::Exact {
+            ridge: Fit::DEFAULT_RIDGE,
+        };
+        let sequential = measure(Truncation::Sequential(exact), Grouping::Layers);
+        for (s, d) in sequential.groups.iter().zip(&data.groups) {
+            assert_eq!((&s.ranks, &s.layers), (&d.ranks, &d.layers));
+            for (a, b) in s.damage.iter().zip(&d.damage) {
+                assert!((a / b - 1.0).abs() < 1e-4, "{s:?} vs {d:?}");
+            }
+        }
+        // ...and a group loses what `simulate` gives its plan: both layers at the rank, `b.0`
+        // fitted on what the fitted `a` hands it.
+        let both = measure(
+            Truncation::Sequential(exact),
+            Grouping::By(|_| "both".into()),
+        );
+        let run = |m: &<Two<f32, Dev> as Factorizable>::Factorized| {
+            m.forward(x.clone());
+        };
+        for (&rank, &measured) in both.groups[0].ranks.iter().zip(&both.groups[0].damage) {
+            let plan = both.uniform(rank, Cost::Macs).unwrap();
+            let simulated = model.simulate(&plan, Some(exact), &cfg, run).unwrap();
+            let expected = damage::mse(&y, &simulated.run(|m| m.forward(x.clone()).as_vec()));
+            assert!(
+                (measured / expected - 1.0).abs() < 1e-6,
+                "rank {rank}: {measured} vs {expected}"
+            );
+        }
     }
 
     #[test]
@@ -263,8 +314,11 @@ mod model_level {
         };
         let sensitivity = model
             .sensitivity(
-                &RankGrid::Multiples { multiple: 8 },
-                Truncation::Weight,
+                &SensitivityParams {
+                    grid: RankGrid::Multiples { multiple: 8 },
+                    truncation: Truncation::Weight,
+                    ..Default::default()
+                },
                 &cfg,
                 |m| m.forward(x.clone()).as_vec(),
                 |a: &Vec<f32>, b: &Vec<f32>| damage::mse(a, b),

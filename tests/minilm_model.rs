@@ -28,7 +28,8 @@ use bert::{Batch, Bert, BertFactorized, HIDDEN};
 use checkpoint::CheckpointError;
 use dfdx::nn::modules::Linear;
 use dfdx::prelude::*;
-use factorize_runtime::sensitivity::{damage, Cost, RankGrid, RankPlan, Truncation};
+use factorize_runtime::sensitivity::{damage, Cost, Grouping, RankGrid, RankPlan};
+use factorize_runtime::sensitivity::{SensitivityParams, Truncation};
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizedLinear};
 use pipeline::{by_length, embed_all, factorize, FitKind, Trainable};
 
@@ -279,7 +280,7 @@ fn data_aware_fits_beat_weight_svd_on_held_out_sentences_at_every_rank() {
 }
 
 #[test]
-fn per_layer_ranks_to_a_budget_beat_one_rank_at_equal_multiply_adds() {
+fn ranks_per_layer_or_block_to_a_budget_beat_one_rank_at_equal_multiply_adds() {
     let Some(dir) = data("minilm budget vs uniform") else {
         return;
     };
@@ -300,16 +301,6 @@ fn per_layer_ranks_to_a_budget_beat_one_rank_at_equal_multiply_adds() {
         progress: false,
         ..Default::default()
     };
-    let sensitivity = probe
-        .sensitivity(
-            &RankGrid::Multiples { multiple: 64 },
-            Truncation::Weight,
-            &cfg,
-            embed,
-            |a, b| damage::cosine(a, b, HIDDEN),
-        )
-        .unwrap();
-    assert_eq!(sensitivity.layers.len(), 36);
     let dense: Vec<f32> = batches
         .iter()
         .flat_map(|(_, b)| probe.try_embed(b).unwrap().as_vec())
@@ -318,15 +309,28 @@ fn per_layer_ranks_to_a_budget_beat_one_rank_at_equal_multiply_adds() {
         let simulated = probe.simulate(plan, None, &cfg, |_| {}).unwrap();
         1.0 - damage::cosine(&dense, &simulated.run(embed), HIDDEN)
     };
-    for rank in [64, 128] {
-        let uniform = sensitivity.uniform(rank, Cost::Macs).unwrap();
-        let budget = sensitivity.plan(Cost::Macs, uniform.cost).unwrap();
-        assert!(budget.cost <= uniform.cost && budget.damage <= uniform.damage);
-        let (ours, one) = (fidelity(&budget), fidelity(&uniform));
-        assert!(
-            ours >= one,
-            "rank {rank}'s cost: budget mean cosine {ours} below one rank's {one}"
-        );
+    // Each Linear alone, then each attention block (q, k, v, out) and feed-forward pair.
+    for (grouping, groups) in [(Grouping::Layers, 36), (Grouping::Parent, 12)] {
+        let params = SensitivityParams {
+            grid: RankGrid::Multiples { multiple: 64 },
+            truncation: Truncation::Weight,
+            grouping,
+        };
+        let sensitivity = probe
+            .sensitivity(&params, &cfg, embed, |a, b| damage::cosine(a, b, HIDDEN))
+            .unwrap();
+        assert_eq!(sensitivity.groups.len(), groups);
+        assert_eq!(sensitivity.layers().count(), 36);
+        for rank in [64, 128] {
+            let uniform = sensitivity.uniform(rank, Cost::Macs).unwrap();
+            let budget = sensitivity.plan(Cost::Macs, uniform.cost).unwrap();
+            assert!(budget.cost <= uniform.cost && budget.damage <= uniform.damage);
+            let (ours, one) = (fidelity(&budget), fidelity(&uniform));
+            assert!(
+                ours >= one,
+                "{grouping:?} at rank {rank}'s cost: budget mean cosine {ours} below one rank's {one}"
+            );
+        }
     }
 }
 

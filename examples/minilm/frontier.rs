@@ -1,24 +1,30 @@
 //! `frontier`: the whole route on MiniLM, from 12.5% to 75% of the dense model's linear
-//! multiply-adds. Sensitivity → ranks per layer to a budget → fits → distillation, against one
-//! global rank at the same multiply-adds, measured on the held-out sentences; written as tables,
-//! ranks files and two SVG figures (the frontier, and each layer's sensitivity curve).
+//! multiply-adds. Sensitivity → ranks to a budget → fits → distillation, against one global rank
+//! at the same multiply-adds, measured on the held-out sentences; written as tables, ranks files
+//! and two SVG figures (the frontier, and each layer's sensitivity curve).
 //!
-//! The sensitivity runs on calibration sentences (the first 40 unless `--sentences N`): each of
-//! the 36 `Linear`s truncated alone to every multiple of 16 that saves multiply-adds, the damage
-//! being the mean `1 − cos` of the sentence embeddings to the dense model's. Plans are filled
+//! The sensitivity runs on calibration sentences (the first 40 unless `--sentences N`), twice,
+//! to every multiple of 16 that saves multiply-adds: each of the 36 `Linear`s truncated alone
+//! (exact data-aware fit on the dense model's inputs, one decomposition per layer), and each
+//! encoder layer's attention block (query, key, value, output) and feed-forward block (up,
+//! down) as a whole ([`Grouping::Parent`]), fitted in forward order at each rank
+//! ([`Truncation::Sequential`]); the damage is the mean `1 − cos` of the sentence embeddings to
+//! the dense model's. The exact knapsack then gives
+//! ranks per layer, and one rank per block, at each one-rank baseline's cost. Plans are filled
 //! three ways (weight SVD, exact data-aware fit, correcting fit) and run with
 //! [`Factorizable::simulate`] (the same functions as compiled variants, without their speed).
 //! Training needs compiled factors, so the distilled points are the compiled variants at a
-//! quarter and half: one rank by weight SVD (Composer's way), and the committed plans of
+//! quarter and half: one rank by weight SVD (Composer's way), and the committed block plans of
 //! `planned.rs` with the correcting fit.
 
 use std::time::Instant;
 
 use dfdx::prelude::*;
-use factorize_runtime::sensitivity::{damage, Cost, RankGrid, RankPlan, Truncation};
+use factorize_runtime::sensitivity::{damage, Cost, Grouping, RankGrid, RankPlan};
+use factorize_runtime::sensitivity::{Sensitivity, SensitivityParams, Truncation};
 use factorize_runtime::{Factorizable, FactorizeConfig, Fit};
 
-use crate::bert::{Bert, HIDDEN};
+use crate::bert::{Batch, Bert, HIDDEN};
 use crate::metrics::{self, Fidelity};
 use crate::pipeline::Objective;
 use crate::pipeline::{self, by_length, distillation_targets, embed_all, Error, FitKind};
@@ -71,19 +77,21 @@ pub fn output_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/minilm")
 }
 
-/// Runs the route and prints its tables; `sentences`: how many calibration sentences the
-/// sensitivity uses; `steps`: Adam steps of the distilled points (0: none).
-pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
-    let setup = Setup::new()?;
-    let probe = Probe::load(setup.dir.checkpoint(), &setup.dev)?;
-    let sensing = by_length(
-        &setup.dev,
-        &setup.ids[..sentences.min(pipeline::CALIBRATION.end)],
-    );
+/// Each layer's (or group's) damage at every multiple of 16 that saves multiply-adds, on the
+/// `sensing` batches.
+fn measure(
+    probe: &Probe,
+    sensing: &[(Vec<usize>, Batch<f32, Cpu>)],
+    (grouping, truncation): (Grouping, Truncation),
+) -> Result<Sensitivity, Error> {
     let start = Instant::now();
+    let params = SensitivityParams {
+        grid: RankGrid::Multiples { multiple: 16 },
+        grouping,
+        truncation,
+    };
     let sensitivity = probe.sensitivity(
-        &RankGrid::Multiples { multiple: 16 },
-        Truncation::default(),
+        &params,
         &FactorizeConfig::default(),
         |m| -> Vec<f32> {
             sensing
@@ -94,11 +102,68 @@ pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
         |reference, output| damage::cosine(reference, output, HIDDEN),
     )?;
     eprintln!(
-        "sensitivity: {} layers, {} sentences, {:.0} s",
-        sensitivity.layers.len(),
-        sentences,
+        "sensitivity: {} groups of {} layers, {:.0} s",
+        sensitivity.groups.len(),
+        sensitivity.layers().count(),
         start.elapsed().as_secs_f64()
     );
+    Ok(sensitivity)
+}
+
+/// The table rows of the plans at `rank`'s cost (one rank, per layer, per block; each with
+/// its name and ranks file's stem), filled by each fit; their points go on `curves`.
+fn rows(
+    setup: &Setup,
+    probe: &Probe,
+    (rank, plans): (usize, [(String, &str, &RankPlan); 3]),
+    curves: &mut [Curve],
+) -> Result<(), Error> {
+    for (k, (name, file, plan)) in plans.into_iter().enumerate() {
+        let share = 100.0 * plan.cost as f64 / plan.dense_cost as f64;
+        let mut cells = Vec::new();
+        for (j, (fit, label)) in FITS.into_iter().enumerate() {
+            eprintln!("{name} at rank {rank}'s cost, {label} …");
+            let f = fidelity(setup, probe, plan, fit)?;
+            cells.push(f.cell(3));
+            // One rank: curves 0–2 by fit; per layer: 3 (correcting); per block: 4–5.
+            let curve = match (k, j) {
+                (0, j) => Some(j),
+                (1, 2) => Some(3),
+                (2, 1 | 2) => Some(3 + j),
+                _ => None,
+            };
+            if let Some(c) = curve {
+                curves[c].points.push((share, f.mean_cosine));
+            }
+        }
+        println!(
+            "| {share:.1}% | {name} | {:.4} | {} |",
+            plan.damage,
+            cells.join(" | ")
+        );
+        // As a ranks file, for `#[factorize(ranks = ..)]` (see `planned.rs`).
+        let path = output_dir().join(format!("{file}-{rank}.ranks"));
+        std::fs::write(&path, plan.ranks_file())?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs the route and prints its tables; `sentences`: how many calibration sentences the
+/// sensitivity uses; `steps`: Adam steps of the distilled points (0: none).
+pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
+    if sentences == 0 {
+        return Err("--sentences takes at least 1".into());
+    }
+    let setup = Setup::new()?;
+    let probe = Probe::load(setup.dir.checkpoint(), &setup.dev)?;
+    let sensing = by_length(
+        &setup.dev,
+        &setup.ids[..sentences.min(pipeline::CALIBRATION.end)],
+    );
+    let per_layer = measure(&probe, &sensing, (Grouping::Layers, Truncation::default()))?;
+    let sequential = Truncation::Sequential(Fit::exact());
+    let per_block = measure(&probe, &sensing, (Grouping::Parent, sequential))?;
     let dir = output_dir();
     std::fs::create_dir_all(&dir)?;
     let figure = dir.join("sensitivity.svg");
@@ -107,24 +172,26 @@ pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
         &format!(
             "all-MiniLM-L6-v2: each Linear truncated alone ({sentences} calibration sentences)"
         ),
-        &sensitivity,
+        &per_layer,
     )?;
     eprintln!("wrote {}", figure.display());
 
     println!(
-        "all-MiniLM-L6-v2: one rank for all 36 Linears vs ranks per layer to the same multiply-adds (exact knapsack over multiples of 16 on measured sensitivity, {sentences} calibration sentences); held-out sentences {}–{}: mean cos / NN agreement\n",
+        "all-MiniLM-L6-v2: one rank for all 36 Linears vs ranks to the same multiply-adds, per layer or per block (attention: q, k, v, out; feed-forward: up, down), by the exact knapsack over multiples of 16 on damage measured on {sentences} calibration sentences; held-out sentences {}–{}: mean cos / NN agreement\n",
         pipeline::HELD_OUT.start,
         pipeline::HELD_OUT.end - 1
     );
     println!("| linear MACs | plan | predicted damage | svd | data | correcting |");
     println!("|---|---|---|---|---|---|");
-    // Curves of the figure: one rank by each fit, then the budget by the two data fits.
+    // Curves of the figure: one rank by each fit, ranks per layer by the correcting fit, then
+    // ranks per block by the two data fits.
     let mut curves: Vec<Curve> = [
         "one rank, weight SVD (Composer's factorization)",
         "one rank, data-aware fit",
         "one rank, correcting fit",
-        "ranks to the budget, data-aware fit",
-        "ranks to the budget, correcting fit",
+        "ranks per layer to the budget, correcting fit",
+        "ranks per block to the budget, data-aware fit",
+        "ranks per block to the budget, correcting fit",
     ]
     .into_iter()
     .map(|label| Curve {
@@ -134,47 +201,19 @@ pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
     })
     .collect();
     for rank in UNIFORM {
-        let uniform = sensitivity
+        let uniform = per_layer
             .uniform(rank, Cost::Macs)
             .ok_or("a uniform rank is off the grid")?;
-        let budget = sensitivity
-            .plan(Cost::Macs, uniform.cost)
-            .ok_or("no plan within the budget")?;
-        for (k, (name, plan)) in [
-            (format!("rank {rank}"), &uniform),
-            ("budget".into(), &budget),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let share = 100.0 * plan.cost as f64 / plan.dense_cost as f64;
-            let mut cells = Vec::new();
-            for (j, (fit, label)) in FITS.into_iter().enumerate() {
-                eprintln!("{name}, {label} …");
-                let f = fidelity(&setup, &probe, plan, fit)?;
-                cells.push(f.cell(3));
-                // One rank: curves 0–2 by fit; the budget: data and correcting, curves 3–4.
-                let curve = match (k, j) {
-                    (0, j) => Some(j),
-                    (_, 0) => None,
-                    (_, j) => Some(j + 2),
-                };
-                if let Some(c) = curve {
-                    curves[c].points.push((share, f.mean_cosine));
-                }
-            }
-            println!(
-                "| {share:.1}% | {name} | {:.4} | {} |",
-                plan.damage,
-                cells.join(" | ")
-            );
-        }
-        // The plans as ranks files, for `#[factorize(ranks = ..)]` (see `planned.rs`).
-        for (name, plan) in [("budget", &budget), ("uniform", &uniform)] {
-            let file = dir.join(format!("{name}-{rank}.ranks"));
-            std::fs::write(&file, plan.ranks_file())?;
-            eprintln!("wrote {}", file.display());
-        }
+        let [layers, blocks] = [&per_layer, &per_block].map(|s| s.plan(Cost::Macs, uniform.cost));
+        let (Some(layers), Some(blocks)) = (layers, blocks) else {
+            return Err("no plan within the budget".into());
+        };
+        let plans = [
+            (format!("rank {rank}"), "uniform", &uniform),
+            ("per layer".into(), "layers", &layers),
+            ("per block".into(), "blocks", &blocks),
+        ];
+        rows(&setup, &probe, (rank, plans), &mut curves)?;
     }
     if steps > 0 {
         curves.extend(distilled(&setup, steps)?);
@@ -194,8 +233,8 @@ pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
 }
 
 /// The compiled variants at [`DISTILLED`] before and after `steps` Adam steps towards the dense
-/// model's hidden states: one rank by weight SVD (Composer's way), and the committed plan with
-/// the correcting fit (ours). Prints their table; returns their points for the figure.
+/// model's hidden states: one rank by weight SVD (Composer's way), and the committed block plan
+/// with the correcting fit (ours). Prints their table; returns their points for the figure.
 fn distilled(setup: &Setup, steps: usize) -> Result<Vec<Curve>, Error> {
     let training = (steps, pipeline::DISTILL_LEARNING_RATE);
     let targets = distillation_targets(&setup.dense, &setup.calibration, Objective::Hidden)?;
@@ -207,7 +246,7 @@ fn distilled(setup: &Setup, steps: usize) -> Result<Vec<Curve>, Error> {
     println!("|---|---|---|---|---|");
     let mut curves = [
         format!("one rank, weight SVD + {steps} steps (Composer's way)"),
-        format!("planned ranks, correcting fit + {steps} steps"),
+        format!("block ranks (committed plans), correcting fit + {steps} steps"),
     ]
     .map(|label| Curve {
         label,
@@ -219,7 +258,7 @@ fn distilled(setup: &Setup, steps: usize) -> Result<Vec<Curve>, Error> {
         let ours = recovery::planned(setup, macs, &targets, training)?;
         for (curve, (name, r)) in curves.iter_mut().zip([
             (format!("rank {rank}, weight SVD"), composer),
-            ("planned ranks, correcting fit".into(), ours),
+            ("block ranks (committed), correcting fit".into(), ours),
         ]) {
             println!(
                 "| {macs}% | {name} | {} | {:.0} s |",

@@ -6,7 +6,6 @@
 //! cargo run --release --example minilm -- embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- --rank 64 --fit data embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- frontier    # the route, 12.5–75%: tables, figures
-//! cargo run --release --example minilm -- blocks      # ranks to a budget per block
 //! cargo run --release --example minilm -- planned     # the committed plans, compiled
 //! cargo run --release --example minilm -- --macs 25 embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- --macs 50 --distill 100 embed in.txt out.safetensors
@@ -25,7 +24,6 @@
 //! to be copied as a template.
 
 mod bert;
-mod blocks;
 mod checkpoint;
 mod frontier;
 mod metrics;
@@ -332,7 +330,7 @@ fn embed_variant<const R: usize>(
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--distill STEPS] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N]\n       minilm blocks [--sentences N]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--on hidden|embeddings]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--distill STEPS] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--on hidden|embeddings]";
 
 /// The integer value `n` of the option `flag`.
 fn count(flag: &str, n: &str) -> Result<usize, String> {
@@ -391,10 +389,6 @@ fn run(args: Vec<String>) -> Result<(), Error> {
     match rest {
         [] if variant.is_none() => table(),
         [cmd] if cmd == "planned" && variant.is_none() => planned_table(),
-        [cmd] if cmd == "blocks" && variant.is_none() => blocks::blocks(40),
-        [cmd, flag, n] if cmd == "blocks" && flag == "--sentences" && variant.is_none() => {
-            blocks::blocks(count(flag, n)?)
-        }
         [cmd, options @ ..] if cmd == "frontier" && variant.is_none() => {
             let (mut sentences, mut steps) = (40, 500);
             for pair in options.chunks(2) {

@@ -118,15 +118,16 @@ fn role(path: &str) -> &str {
     path.rsplit('.').next().unwrap_or(path)
 }
 
-/// Writes each layer's damage (log scale) against its rank, one colour per role in the layer
-/// (query, key, value, output, up, down), lighter for layers nearer the input.
+/// Writes each group's damage (log scale) against its rank, one colour per role of its name's
+/// last segment (for layers alone: query, key, value, output, up, down), lighter for groups
+/// nearer the input.
 pub fn sensitivity(path: &Path, title: &str, measured: &Sensitivity) -> Result<(), Error> {
     let floor = 1e-5;
-    let top = (measured.layers.iter())
-        .flat_map(|l| l.ranks.iter().copied())
+    let top = (measured.groups.iter())
+        .flat_map(|g| g.ranks.iter().copied())
         .max()
         .unwrap_or(1) as f64;
-    let depth = measured.layers.len().max(1) as f64;
+    let depth = measured.groups.len().max(1) as f64;
     let root = canvas(path)?;
     let mut chart = styled(&root, title, 64)
         .build_cartesian_2d(0.0..top + 16.0, (floor..1.0f64).log_scale())
@@ -139,8 +140,8 @@ pub fn sensitivity(path: &Path, title: &str, measured: &Sensitivity) -> Result<(
         .draw()
         .map_err(drawing)?;
     let mut roles: Vec<&str> = Vec::new();
-    for (i, layer) in measured.layers.iter().enumerate() {
-        let r = role(&layer.path);
+    for (i, group) in measured.groups.iter().enumerate() {
+        let r = role(&group.name);
         let k = roles.iter().position(|&x| x == r).unwrap_or_else(|| {
             roles.push(r);
             roles.len() - 1
@@ -148,11 +149,11 @@ pub fn sensitivity(path: &Path, title: &str, measured: &Sensitivity) -> Result<(
         let fade = 0.35 + 0.65 * (i as f64 + 1.0) / depth;
         let style = colour(k).mix(fade).stroke_width(1);
         let points =
-            (layer.ranks.iter().zip(&layer.damage)).map(|(&rank, &d)| (rank as f64, d.max(floor)));
+            (group.ranks.iter().zip(&group.damage)).map(|(&rank, &d)| (rank as f64, d.max(floor)));
         let series = chart
             .draw_series(LineSeries::new(points, style))
             .map_err(drawing)?;
-        if layer.path.starts_with("layers.5.") {
+        if group.name.starts_with("layers.5.") {
             series
                 .label(r.to_string())
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));

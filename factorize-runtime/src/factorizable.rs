@@ -20,7 +20,7 @@ use crate::factorized_conv::FactorizedConv2D;
 use crate::linear::FactorizedLinear;
 use crate::pair::DenseLayer;
 use crate::report::FactorizeReport;
-use crate::sensitivity::{RankGrid, RankPlan, Sensitivity, Simulated, Truncation};
+use crate::sensitivity::{RankPlan, Sensitivity, SensitivityParams, Simulated};
 
 /// A model that can build its factorized variant from its own weights.
 ///
@@ -98,17 +98,17 @@ pub trait Factorizable {
         evaluate_heldout(self, factorized, report, run)
     }
 
-    /// Measures, for every layer the variant replaces, the damage to the model's output when
-    /// that layer alone is truncated to each rank of `grid` (see [`crate::sensitivity`]).
+    /// Measures, for every layer the variant replaces (or every group of them, as
+    /// `params.grouping` says), the damage to the model's output when that layer or group alone
+    /// is truncated to each rank of `params.grid` (see [`crate::sensitivity`]).
     ///
     /// `run` runs the forward on calibration data and returns what `damage` compares: `damage(
-    /// reference, output)` gets the dense model's output first. Both run on the calling thread,
-    /// `1 + Σ (1 + ranks)` times. `self` is only read; a progress line per layer shows on a
-    /// terminal when `cfg.progress`. The result is deterministic for a deterministic forward.
+    /// reference, output)` gets the dense model's output first. Both run on the calling thread:
+    /// `run` `1 + Σ (layers + ranks)` times over the groups. `self` is only read; a progress line
+    /// per group shows on a terminal when `cfg.progress`. The result is deterministic for a deterministic forward.
     fn sensitivity<O, F, G>(
         &self,
-        grid: &RankGrid,
-        truncation: Truncation,
+        params: &SensitivityParams,
         cfg: &FactorizeConfig,
         run: F,
         damage: G,
@@ -119,7 +119,7 @@ pub trait Factorizable {
         F: FnMut(&Self::Factorized) -> O,
         G: FnMut(&O, &O) -> f64,
     {
-        crate::sensitivity::measure(self, grid, truncation, cfg, run, damage)
+        crate::sensitivity::measure(self, params, cfg, run, damage)
     }
 
     /// Runs `plan` without compiling it: the variant with every planned layer stood in for by
