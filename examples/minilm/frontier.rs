@@ -162,6 +162,8 @@ pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
         &setup.ids[..sentences.min(pipeline::CALIBRATION.end)],
     );
     let per_layer = measure(&probe, &sensing, (Grouping::Layers, Truncation::default()))?;
+    // The exact fit, not the correcting one: correction repairs a block truncated alone so
+    // well that the knapsack undervalues it (docs/performance.md).
     let sequential = Truncation::Sequential(Fit::exact());
     let per_block = measure(&probe, &sensing, (Grouping::Parent, sequential))?;
     let dir = output_dir();

@@ -129,7 +129,10 @@ pub enum Truncation {
     /// crate::Factorizable::simulate) fits a plan: the damage of the fit the plan will get,
     /// including the errors that compound inside the group. A fit per layer and rank (and a
     /// forward to record its inputs) instead of one decomposition per layer; for a layer alone
-    /// with [`Fit::Exact`] it measures what `Data` does.
+    /// with [`Fit::Exact`] it measures what `Data` does. Prefer [`Fit::Exact`] here even for
+    /// plans filled by [`Fit::Correcting`]: correction repairs a group cut alone (all else
+    /// dense) better than it will in the whole plan, so its damages lead the knapsack to cut
+    /// too deep.
     Sequential(Fit),
 }
 
