@@ -9,10 +9,10 @@
 //! encoder layer's attention block (query, key, value, output) and feed-forward block (up,
 //! down) as a whole ([`Grouping::Parent`]), fitted in forward order at each rank
 //! ([`Truncation::Sequential`]); the damage is the mean `1 − cos` of the sentence embeddings to
-//! the dense model's. The exact knapsack then gives
-//! ranks per layer, and one rank per block, at each one-rank baseline's cost. Plans are filled
-//! three ways (weight SVD, exact data-aware fit, correcting fit) and run with
-//! [`Factorizable::simulate`] (the same functions as compiled variants, without their speed).
+//! the dense model's. The exact knapsack then gives ranks per layer, and one rank per block,
+//! at each one-rank baseline's cost. Plans are filled three ways (weight SVD, exact data-aware
+//! fit, correcting fit) and run with [`Factorizable::simulate`] (the same functions as compiled
+//! variants, without their speed).
 //! Training needs compiled factors, so the distilled points are the compiled variants at a
 //! quarter and half: one rank by weight SVD (Composer's way), and the committed block plans of
 //! `planned.rs` with the correcting fit.
@@ -32,25 +32,25 @@ use crate::plot::{self, Curve};
 use crate::{recovery, Setup};
 
 /// The variant the measurements run on: every `Linear` a pair (rank 128 saves on all 36).
-pub type Probe = Bert<128, f32, Cpu>;
+type Probe = Bert<128, f32, Cpu>;
 
 /// The one-rank baselines the budgets are matched to: 12.5% to 75% of the dense model's
 /// linear multiply-adds (at 192 the 384² projections stay dense, as the cost rule keeps them).
-pub const UNIFORM: [usize; 6] = [32, 64, 96, 128, 160, 192];
+const UNIFORM: [usize; 6] = [32, 64, 96, 128, 160, 192];
 
 /// The budgets (share of the dense linear multiply-adds, and the uniform rank at it) whose
 /// compiled variants are distilled.
 const DISTILLED: [(usize, usize); 2] = [(25, 64), (50, 128)];
 
 /// The fits each plan is filled with: `None` is weight SVD.
-pub const FITS: [(Option<Fit>, &str); 3] = [
+const FITS: [(Option<Fit>, &str); 3] = [
     (None, "svd"),
     (Some(Fit::exact()), "data"),
     (Some(Fit::correcting()), "correcting"),
 ];
 
 /// The held-out fidelity of `plan` filled by `fit`.
-pub fn fidelity(
+fn fidelity(
     setup: &Setup,
     probe: &Probe,
     plan: &RankPlan,
@@ -73,7 +73,7 @@ pub fn fidelity(
 }
 
 /// Where the figures and ranks files go.
-pub fn output_dir() -> std::path::PathBuf {
+fn output_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/minilm")
 }
 

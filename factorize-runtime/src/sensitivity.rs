@@ -668,14 +668,14 @@ where
             continue;
         }
         let shapes: Vec<LayerShape> = reached.iter().map(|(site, _)| site.shape).collect();
+        let ranks = params.grid.ranks(&shapes);
+        let (group_layers, prefixes) = base.prefixes(&reached, &ranks, params.truncation)?;
         let mut group = Group {
             name,
-            layers: Vec::with_capacity(reached.len()),
-            ranks: params.grid.ranks(&shapes),
+            layers: group_layers,
+            ranks,
             damage: Vec::new(),
         };
-        let prefixes;
-        (group.layers, prefixes) = base.prefixes(&reached, &group.ranks, params.truncation)?;
         for (r, &rank) in group.ranks.iter().enumerate() {
             let these = match params.truncation {
                 Truncation::Sequential(fit) => {
