@@ -33,6 +33,7 @@
 //! looked at as a tape-free `Tensor<_, f32 | f64, Cpu>` through [`Any`], one type-id comparison.
 
 use std::any::Any;
+use std::cell::RefCell;
 
 use dfdx::nn::modules::{AccurateGeLU, LayerNorm1D, Linear};
 use dfdx::prelude::*;
@@ -65,14 +66,29 @@ const GEMM_MIN_ROWS: usize = 32;
 /// Rows processed per parallel task in the row kernels: enough work to amortise a rayon task.
 const ROWS_PER_TASK: usize = 16;
 
+/// Host buffers a thread keeps between calls for [`HostCopy`]: enough for a layer's input,
+/// weight and intermediate at once.
+const SCRATCH_BUFFERS: usize = 4;
+
 /// The element types of the fast route, with their erf.
 trait Fast: Element + Dtype + num_traits::Float {
     fn error_function(self) -> Self;
     /// `exp` for arguments in `[-87, 0]` (a softmax's, once shifted by the maximum).
     fn exp_shifted(self) -> Self;
+    /// This thread's spare host buffers of this type (see [`HostCopy`]).
+    fn scratch() -> &'static std::thread::LocalKey<RefCell<Vec<Vec<Self>>>>;
+}
+
+thread_local! {
+    static SCRATCH_F32: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_F64: RefCell<Vec<Vec<f64>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Fast for f64 {
+    fn scratch() -> &'static std::thread::LocalKey<RefCell<Vec<Vec<f64>>>> {
+        &SCRATCH_F64
+    }
+
     fn error_function(self) -> f64 {
         libm::erf(self)
     }
@@ -83,6 +99,10 @@ impl Fast for f64 {
 }
 
 impl Fast for f32 {
+    fn scratch() -> &'static std::thread::LocalKey<RefCell<Vec<Vec<f32>>>> {
+        &SCRATCH_F32
+    }
+
     /// XLA's rational approximation of erf on `[-4, 4]` (erf is ±1 to f32 precision beyond):
     /// no exp and no branch, so it vectorises. Error below 1e-6 of libm's `erf` (tested).
     /// Always inlined, so that it is compiled with the caller's SIMD features: called out of
@@ -113,8 +133,14 @@ impl Fast for f32 {
     fn exp_shifted(self) -> f32 {
         const LN2_HI: f32 = 0.693_145_75;
         const LN2_LO: f32 = 1.428_606_8e-6;
+        // Adding 1.5·2²³ rounds to an integer, which then sits in the low mantissa bits: `n`
+        // both as a float and as an integer, without `round` and a saturating cast (neither
+        // vectorises on AVX2).
+        const ROUND: f32 = 12_582_912.0;
         let x = self.clamp(-87.0, 0.0);
-        let n = (x * std::f32::consts::LOG2_E).round();
+        let shifted = x * std::f32::consts::LOG2_E + ROUND;
+        let n = shifted - ROUND;
+        let bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
         let r = x - n * LN2_HI - n * LN2_LO;
         let mut p = 1.0 / 5040.0;
         p = p * r + 1.0 / 720.0;
@@ -124,27 +150,26 @@ impl Fast for f32 {
         p = p * r + 0.5;
         p = p * r + 1.0;
         p = p * r + 1.0;
-        p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        p * f32::from_bits(bits.wrapping_add(127) << 23)
     }
 }
 
-/// `a·b` over eight partial sums, so that it vectorises (a single running sum is a chain of
-/// dependent adds that the compiler may not reorder).
+/// Lanes of the vectorised loops: one AVX register of f32.
+const LANES: usize = 8;
+
+/// `values` folded by `f` over [`LANES`] lanes, then the lanes folded: `f` must be associative and
+/// commutative up to rounding (a sum, a maximum), and then the loop vectorises.
 #[inline(always)]
-fn dot<F: Fast>(a: &[F], b: &[F]) -> F {
-    let mut acc = [F::zero(); 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .fold(F::zero(), |s, (x, y)| s + *x * *y);
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+fn reduce<F: Fast>(values: &[F], init: F, f: impl Fn(F, F) -> F) -> F {
+    let mut lanes = [init; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(init, |a, &b| f(a, b));
+    for chunk in chunks {
+        for i in 0..LANES {
+            lanes[i] = f(lanes[i], chunk[i]);
         }
     }
-    acc.iter().fold(tail, |s, a| s + *a)
+    lanes.iter().fold(tail, |a, &b| f(a, b))
 }
 
 /// `input` as a tape-free `Cpu` tensor of `F` and shape `S`, if it is one.
@@ -159,6 +184,62 @@ fn host<S: Shape, F: Fast>(t: &Tensor<S, F, Cpu>) -> Vec<F> {
     let mut v = vec![F::default(); t.shape().num_elements()];
     t.copy_into(&mut v);
     v
+}
+
+/// A read-only host copy of a tensor (or a scratch buffer) in a buffer that goes back to this
+/// thread's [`Fast::scratch`] when dropped. dfdx lends no slice of a `Cpu` tensor's data, so
+/// each forward copies its input and weights; reusing the buffers keeps that to a memcpy, where
+/// fresh megabyte allocations also paid page faults and zeroing.
+struct HostCopy<F: Fast>(Vec<F>);
+
+impl<F: Fast> HostCopy<F> {
+    /// A buffer of `len` values, contents unspecified (left from its last use or zero).
+    fn scratch(len: usize) -> Self {
+        let mut buf = F::scratch().with(|pool| {
+            let mut pool = pool.borrow_mut();
+            // The smallest spare buffer that fits, else the largest, to grow.
+            let fits = (0..pool.len())
+                .filter(|&i| pool[i].capacity() >= len)
+                .min_by_key(|&i| pool[i].capacity());
+            let pick = fits.or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].capacity()));
+            pick.map(|i| pool.swap_remove(i)).unwrap_or_default()
+        });
+        buf.resize(len, F::zero());
+        Self(buf)
+    }
+
+    /// A copy of `t`'s values, row-major.
+    fn of<S: Shape>(t: &Tensor<S, F, Cpu>) -> Self {
+        let t = t.clone().contiguous();
+        let mut copy = Self::scratch(t.shape().num_elements());
+        t.copy_into(&mut copy.0);
+        copy
+    }
+}
+
+impl<F: Fast> std::ops::Deref for HostCopy<F> {
+    type Target = [F];
+    fn deref(&self) -> &[F] {
+        &self.0
+    }
+}
+
+impl<F: Fast> std::ops::DerefMut for HostCopy<F> {
+    fn deref_mut(&mut self) -> &mut [F] {
+        &mut self.0
+    }
+}
+
+impl<F: Fast> Drop for HostCopy<F> {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        F::scratch().with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < SCRATCH_BUFFERS {
+                pool.push(buf);
+            }
+        });
+    }
 }
 
 /// `value` as `Out`, which it is whenever the fast route was taken.
@@ -178,11 +259,18 @@ macro_rules! routes {
 
 /// `y = x·Wᵀ (+ b)` on host buffers: `x` `[rows, in]`, `w` `[out, in]`, row-major.
 fn gemm<F: Fast>(x: &[F], w: &[F], bias: Option<&[F]>, rows: usize, out: usize) -> Vec<F> {
-    let inner = w.len() / out;
     let mut y = match bias {
         Some(b) => b.repeat(rows),
         None => vec![F::default(); rows * out],
     };
+    gemm_into(&mut y, x, w, bias, rows, out);
+    y
+}
+
+/// [`gemm`] into `y`, which holds the bias repeated on every row when `bias` is given (it is
+/// only looked at for being `Some`) and is overwritten otherwise.
+fn gemm_into<F: Fast>(y: &mut [F], x: &[F], w: &[F], bias: Option<&[F]>, rows: usize, out: usize) {
+    let inner = w.len() / out;
     let accum = if bias.is_some() {
         Accum::Add
     } else {
@@ -208,7 +296,6 @@ fn gemm<F: Fast>(x: &[F], w: &[F], bias: Option<&[F]>, rows: usize, out: usize) 
                 Par::Seq,
             );
         });
-    y
 }
 
 fn linear_route<F: Fast, X: 'static, Out: 'static, const I: usize, const O: usize>(
@@ -220,7 +307,7 @@ fn linear_route<F: Fast, X: 'static, Out: 'static, const I: usize, const O: usiz
     let w = weight.downcast_ref::<Tensor<Rank2<O, I>, F, Cpu>>()?;
     let b = bias.downcast_ref::<Tensor<Rank1<O>, F, Cpu>>()?;
     let rows = x.shape().0;
-    let y = gemm(&host(x), &host(w), Some(&host(b)), rows, O);
+    let y = gemm(&HostCopy::of(x), &HostCopy::of(w), Some(&host(b)), rows, O);
     cast(x.device().tensor_from_vec(y, (rows, Const::<O>)))
 }
 
@@ -256,8 +343,16 @@ fn factorized_route<
     let b = second.downcast_ref::<Tensor<Rank2<O, L>, F, Cpu>>()?;
     let bias = bias.downcast_ref::<Tensor<Rank1<O>, F, Cpu>>()?;
     let rows = x.shape().0;
-    let latent = gemm(&host(x), &host(a), None, rows, L);
-    let y = gemm(&latent, &host(b), Some(&host(bias)), rows, O);
+    let mut latent = HostCopy::scratch(rows * L);
+    gemm_into(
+        &mut latent,
+        &HostCopy::of(x),
+        &HostCopy::of(a),
+        None,
+        rows,
+        L,
+    );
+    let y = gemm(&latent, &HostCopy::of(b), Some(&host(bias)), rows, O);
     cast(x.device().tensor_from_vec(y, (rows, Const::<O>)))
 }
 
@@ -415,77 +510,123 @@ pub fn attention<const H: usize, const DH: usize, const W: usize, E: Dtype, D: D
         "attention: lengths must lie in 1..={positions}"
     );
     let (q, k, v) = (q as &dyn Any, k as &dyn Any, v as &dyn Any);
-    attention_route::<f32, W, _>(q, k, v, H, lengths, positions)
-        .or_else(|| attention_route::<f64, W, _>(q, k, v, H, lengths, positions))
+    attention_route::<f32, DH, W, _>(q, k, v, lengths, positions)
+        .or_else(|| attention_route::<f64, DH, W, _>(q, k, v, lengths, positions))
 }
 
-fn attention_route<F: Fast, const W: usize, Out: 'static>(
+fn attention_route<F: Fast, const DH: usize, const W: usize, Out: 'static>(
     q: &dyn Any,
     k: &dyn Any,
     v: &dyn Any,
-    heads: usize,
     lengths: &[usize],
     positions: usize,
 ) -> Option<Out> {
     let view = |t: &dyn Any| {
         t.downcast_ref::<Tensor<(usize, Const<W>), F, Cpu>>()
-            .map(host)
+            .map(HostCopy::of)
     };
     let (qs, ks, vs) = (view(q)?, view(k)?, view(v)?);
     let dev = q
         .downcast_ref::<Tensor<(usize, Const<W>), F, Cpu>>()?
         .device()
         .clone();
-    let dh = W / heads;
-    let scale = F::from(1.0 / (dh as f64).sqrt())?;
     let mut out = vec![F::zero(); qs.len()];
     // One task per sentence: its rows of `out` are written by it alone.
     out.par_chunks_mut(positions * W)
         .zip(lengths.par_iter())
         .enumerate()
         .for_each(|(i, (out, &len))| {
-            let base = i * positions * W;
-            // Where head `h` of position `p` starts in the inputs.
-            let at = |p: usize, h: usize| base + p * W + h * dh;
-            // Terms that would end below the smallest normal number after division by the sum
-            // (at most `len`) are flushed to 0; they are < 1e-36 of the largest. Arithmetic on
-            // subnormals and exp's underflow path are each tens of times slower, and real
-            // attention scores (±40) reach them on most rows.
-            let floor = (F::min_positive_value() * F::from(len).unwrap_or_else(F::one)).ln();
-            pulp::Arch::new().dispatch(|| {
-                let mut probs = vec![F::zero(); len];
-                for h in 0..heads {
-                    for p in 0..positions {
-                        let query = &qs[at(p, h)..at(p, h) + dh];
-                        let mut max = F::neg_infinity();
-                        for (j, s) in probs.iter_mut().enumerate() {
-                            let key = &ks[at(j, h)..at(j, h) + dh];
-                            *s = dot(query, key) * scale;
-                            max = max.max(*s);
-                        }
-                        let mut sum = F::zero();
-                        for s in probs.iter_mut() {
-                            let d = *s - max;
-                            *s = if d < floor {
-                                F::zero()
-                            } else {
-                                d.exp_shifted()
-                            };
-                            sum += *s;
-                        }
-                        let inv = sum.recip();
-                        let target = &mut out[p * W + h * dh..p * W + (h + 1) * dh];
-                        for (j, &s) in probs.iter().enumerate() {
-                            let w = s * inv;
-                            for (t, &x) in target.iter_mut().zip(&vs[at(j, h)..at(j, h) + dh]) {
-                                *t += w * x;
-                            }
-                        }
-                    }
-                }
+            let rows = i * positions * W..(i + 1) * positions * W;
+            pulp::Arch::new().dispatch(Sentence::<F, DH> {
+                q: &qs[rows.clone()],
+                k: &ks[rows.clone()],
+                v: &vs[rows],
+                out,
+                width: W,
+                len,
             })
         });
     cast(dev.tensor_from_vec(out, (qs.len() / W, Const::<W>)))
+}
+
+/// One sentence of [`attention`]: its rows of `q`, `k`, `v` and `out` (positions × `width`,
+/// heads of `DH` side by side), of which the first `len` positions are real tokens.
+struct Sentence<'a, F, const DH: usize> {
+    q: &'a [F],
+    k: &'a [F],
+    v: &'a [F],
+    out: &'a mut [F],
+    width: usize,
+    len: usize,
+}
+
+impl<F: Fast, const DH: usize> pulp::WithSimd for Sentence<'_, F, DH> {
+    type Output = ();
+
+    /// Always inlined into pulp's dispatch, so compiled with the CPU's SIMD features: a
+    /// closure's body there would be a function of its own, built for baseline x86-64 (SSE2,
+    /// with a libm call for every `round` in `exp_shifted`).
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Self {
+            q,
+            k,
+            v,
+            out,
+            width,
+            len,
+        } = self;
+        let positions = q.len() / width;
+        let scale = F::from(1.0 / (DH as f64).sqrt()).unwrap_or_else(F::one);
+        // Terms that would end below the smallest normal number after division by the sum
+        // (at most `len`) are flushed to 0; they are < 1e-36 of the largest. Arithmetic on
+        // subnormals and exp's underflow path are each tens of times slower, and real
+        // attention scores (±40) reach them on most rows.
+        let floor = (F::min_positive_value() * F::from(len).unwrap_or_else(F::one)).ln();
+        // A head's keys transposed, `DH × stride`, zero-padded to whole vectors: a query's
+        // scores are then accumulated eight keys to a register, with no horizontal sums.
+        let stride = len.next_multiple_of(LANES);
+        let mut keys = vec![F::zero(); DH * stride];
+        let mut probs = vec![F::zero(); stride];
+        for h in 0..width / DH {
+            // Head `h` of position `p`.
+            let head = |p: usize| p * width + h * DH..p * width + (h + 1) * DH;
+            for j in 0..len {
+                for (d, &x) in k[head(j)].iter().enumerate() {
+                    keys[d * stride + j] = x;
+                }
+            }
+            for p in 0..positions {
+                let query = &q[head(p)];
+                for (c, scores) in probs.chunks_exact_mut(LANES).enumerate() {
+                    let mut acc = [F::zero(); LANES];
+                    for (d, &x) in query.iter().enumerate() {
+                        let keys = &keys[d * stride + c * LANES..][..LANES];
+                        for (a, &y) in acc.iter_mut().zip(keys) {
+                            *a += x * y;
+                        }
+                    }
+                    scores.copy_from_slice(&acc);
+                }
+                let probs = &mut probs[..len];
+                let max = reduce(probs, F::neg_infinity(), F::max) * scale;
+                for s in probs.iter_mut() {
+                    let d = *s * scale - max;
+                    let e = d.exp_shifted();
+                    *s = if d < floor { F::zero() } else { e };
+                }
+                let inv = reduce(probs, F::zero(), |a, b| a + b).recip();
+                let mut acc = [F::zero(); DH];
+                for (j, &s) in probs.iter().enumerate() {
+                    let w = s * inv;
+                    for (a, &x) in acc.iter_mut().zip(&v[head(j)]) {
+                        *a += w * x;
+                    }
+                }
+                out[head(p)].copy_from_slice(&acc);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -528,7 +669,8 @@ mod tests {
     #[test]
     fn fused_attention_equals_the_definition() {
         let dev: Cpu = Default::default();
-        let (lengths, positions) = ([3usize, 5, 1], 5);
+        // Lengths below, at and across the eight-key vectors, and a sentence of one token.
+        let (lengths, positions) = ([3usize, 11, 1, 16, 8], 16);
         let rows = lengths.len() * positions;
         let t = |seed: f32| -> Tensor<(usize, Const<8>), f32, Cpu> {
             let v = (0..rows * 8)
@@ -567,6 +709,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn host_copies_reuse_buffers_without_stale_values() {
+        let dev: Cpu = Default::default();
+        let tensor = |n: usize, seed: f32| -> Tensor<(usize,), f32, Cpu> {
+            dev.tensor_from_vec((0..n).map(|i| i as f32 * seed).collect(), (n,))
+        };
+        let (a, b, c) = (tensor(1000, 1.0), tensor(10, -2.0), tensor(5000, 0.5));
+        let first = HostCopy::of(&a);
+        assert_eq!(&first[..], &a.as_vec()[..]);
+        let address = first.as_ptr();
+        drop(first);
+        // The smaller copy reuses the returned buffer and holds only its own values.
+        let second = HostCopy::of(&b);
+        assert_eq!(second.as_ptr(), address);
+        assert_eq!(&second[..], &b.as_vec()[..]);
+        drop(second);
+        assert_eq!(&HostCopy::of(&c)[..], &c.as_vec()[..]);
     }
 
     #[test]
