@@ -7,9 +7,10 @@
 //! `FactorizedLinear`s of rank 64; the cost rule is checked for each `R` at build time. The
 //! dense model ignores `R`.
 //!
-//! Forwards call `try_forward_fast` ([`FastForward`]) and [`fast::attention`]: factorize's CPU
-//! kernels for tape-free `Cpu` tensors (same results, faster), and dfdx's own ops for anything
-//! else, so the same model trains and runs on other devices.
+//! Forwards call `try_forward_fast` ([`FastForward`]), `try_forward_fast_gelu` (the feed-forward
+//! block's up-projection with its GELU fused in, [`FastForwardGelu`]) and [`fast::attention`]:
+//! factorize's CPU kernels for tape-free `Cpu` tensors (same results, faster), and dfdx's own
+//! ops for anything else, so the same model trains and runs on other devices.
 //!
 //! Shapes: a batch of `b` sentences padded to `s` tokens. Hidden states are kept as `b·s` rows of
 //! `HIDDEN` (`Tensor<(usize, Const<384>)>`), so every `Linear` is one matrix product; dfdx's
@@ -17,7 +18,7 @@
 
 use dfdx::nn::modules::{AccurateGeLU, Embedding, LayerNorm1D, Linear, Repeated};
 use dfdx::prelude::*;
-use factorize_runtime::fast::{self, FastForward};
+use factorize_runtime::fast::{self, FastForward, FastForwardGelu};
 use factorize_runtime::{mirror, Factorizable};
 
 /// Width of the hidden states.
@@ -173,9 +174,9 @@ impl<const R: usize, E: Dtype, D: Device<E>> SelfAttention<R, E, D> {
 }
 
 /// A `Linear` of hidden states with tape `T`, dense or factorized: what the blocks' forwards
-/// need of one.
+/// need of one (its fast forward, alone or with the feed-forward block's GELU fused in).
 pub trait HiddenMap<const I: usize, const O: usize, E: Dtype, D: Device<E>, T>:
-    FastForward<
+    FastForwardGelu<
     Tensor<(usize, Const<I>), E, D, T>,
     Output = Tensor<(usize, Const<O>), E, D, T>,
     Error = D::Err,
@@ -184,7 +185,7 @@ pub trait HiddenMap<const I: usize, const O: usize, E: Dtype, D: Device<E>, T>:
 }
 
 impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T, M> HiddenMap<I, O, E, D, T> for M where
-    M: FastForward<
+    M: FastForwardGelu<
         Tensor<(usize, Const<I>), E, D, T>,
         Output = Tensor<(usize, Const<O>), E, D, T>,
         Error = D::Err,
@@ -244,7 +245,7 @@ pub fn feed_forward_block<E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>(
     x: Hidden<E, D, T>,
 ) -> Result<Hidden<E, D, T>, D::Err> {
     let (x, tape) = x.split_tape();
-    let h = AccurateGeLU.try_forward_fast(up.try_forward_fast(x.clone().put_tape(tape))?)?;
+    let h = up.try_forward_fast_gelu(x.clone().put_tape(tape))?;
     let out = down.try_forward_fast(h)?;
     norm.try_forward_fast(out.try_add(x)?)
 }

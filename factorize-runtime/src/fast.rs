@@ -15,7 +15,8 @@
 //! | `LayerNorm1D<M>` | `Tensor<(usize, Const<M>)>` |
 //! | `AccurateGeLU` (erf form) | any shape |
 //!
-//! and [`attention`], a fused multi-head self-attention over padded sentences.
+//! and [`FastForwardGelu`], a `Linear` or [`FactorizedLinear`] with an erf GELU fused into its
+//! product, and [`attention`], a fused multi-head self-attention over padded sentences.
 //!
 //! ```
 //! use dfdx::prelude::*;
@@ -65,6 +66,22 @@ const GEMM_MIN_ROWS: usize = 32;
 
 /// Rows processed per parallel task in the row kernels: enough work to amortise a rayon task.
 const ROWS_PER_TASK: usize = 16;
+
+/// A linear map followed by erf GELU ([`AccurateGeLU`]), fused on the fast route: each thread
+/// applies the GELU to its block of the product while the block is in cache, which saves the
+/// GELU's own pass over a copy of the output (the largest copy of a transformer's feed-forward
+/// block). Other inputs take the module's `try_forward`, then GELU's.
+pub trait FastForwardGelu<T>: FastForward<T> {
+    /// `gelu(self.try_forward_fast(x))`, errors as `try_forward`.
+    fn try_forward_fast_gelu(&self, x: T) -> Result<Self::Output, Self::Error>;
+}
+
+/// What a linear route applies to each block of its output while it is in cache.
+#[derive(Clone, Copy)]
+enum Epilogue {
+    Identity,
+    Gelu,
+}
 
 /// Host buffers a thread keeps between calls for [`HostCopy`]: enough for a layer's input,
 /// weight and intermediate at once.
@@ -258,18 +275,32 @@ macro_rules! routes {
 }
 
 /// `y = x·Wᵀ (+ b)` on host buffers: `x` `[rows, in]`, `w` `[out, in]`, row-major.
-fn gemm<F: Fast>(x: &[F], w: &[F], bias: Option<&[F]>, rows: usize, out: usize) -> Vec<F> {
+fn gemm<F: Fast>(
+    x: &[F],
+    w: &[F],
+    bias: Option<&[F]>,
+    rows: usize,
+    out: usize,
+    epilogue: Epilogue,
+) -> Vec<F> {
     let mut y = match bias {
         Some(b) => b.repeat(rows),
         None => vec![F::default(); rows * out],
     };
-    gemm_into(&mut y, x, w, bias, rows, out);
+    gemm_into(&mut y, x, w, bias, (rows, out), epilogue);
     y
 }
 
 /// [`gemm`] into `y`, which holds the bias repeated on every row when `bias` is given (it is
 /// only looked at for being `Some`) and is overwritten otherwise.
-fn gemm_into<F: Fast>(y: &mut [F], x: &[F], w: &[F], bias: Option<&[F]>, rows: usize, out: usize) {
+fn gemm_into<F: Fast>(
+    y: &mut [F],
+    x: &[F],
+    w: &[F],
+    bias: Option<&[F]>,
+    (rows, out): (usize, usize),
+    epilogue: Epilogue,
+) {
     let inner = w.len() / out;
     let accum = if bias.is_some() {
         Accum::Add
@@ -295,6 +326,9 @@ fn gemm_into<F: Fast>(y: &mut [F], x: &[F], w: &[F], bias: Option<&[F]>, rows: u
                 F::one(),
                 Par::Seq,
             );
+            if let Epilogue::Gelu = epilogue {
+                pulp::Arch::new().dispatch(Gelu(y));
+            }
         });
 }
 
@@ -302,12 +336,14 @@ fn linear_route<F: Fast, X: 'static, Out: 'static, const I: usize, const O: usiz
     x: &X,
     weight: &dyn Any,
     bias: &dyn Any,
+    epilogue: Epilogue,
 ) -> Option<Out> {
     let x = as_cpu::<(usize, Const<I>), F, X>(x)?;
     let w = weight.downcast_ref::<Tensor<Rank2<O, I>, F, Cpu>>()?;
     let b = bias.downcast_ref::<Tensor<Rank1<O>, F, Cpu>>()?;
     let rows = x.shape().0;
-    let y = gemm(&HostCopy::of(x), &HostCopy::of(w), Some(&host(b)), rows, O);
+    let (x_host, w_host) = (HostCopy::of(x), HostCopy::of(w));
+    let y = gemm(&x_host, &w_host, Some(&host(b)), rows, O, epilogue);
     cast(x.device().tensor_from_vec(y, (rows, Const::<O>)))
 }
 
@@ -318,11 +354,39 @@ where
     <Self as Module<T>>::Output: 'static,
 {
     fn try_forward_fast(&self, x: T) -> Result<Self::Output, Self::Error> {
-        match routes!(x, linear_route [I, O], &self.weight as &dyn Any, &self.bias as &dyn Any) {
+        match dense_routed(self, &x, Epilogue::Identity) {
             Some(y) => Ok(y),
             None => self.try_forward(x),
         }
     }
+}
+
+impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: 'static> FastForwardGelu<T>
+    for Linear<I, O, E, D>
+where
+    Self: Module<T>,
+    <Self as Module<T>>::Output: 'static,
+    AccurateGeLU: Module<Self::Output, Output = Self::Output, Error = Self::Error>,
+{
+    fn try_forward_fast_gelu(&self, x: T) -> Result<Self::Output, Self::Error> {
+        match dense_routed(self, &x, Epilogue::Gelu) {
+            Some(y) => Ok(y),
+            None => AccurateGeLU.try_forward(self.try_forward(x)?),
+        }
+    }
+}
+
+/// `layer`'s host route output, or `None` when `x` does not take it.
+fn dense_routed<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: 'static, Out>(
+    layer: &Linear<I, O, E, D>,
+    x: &T,
+    epilogue: Epilogue,
+) -> Option<Out>
+where
+    Out: 'static,
+{
+    let (weight, bias) = (&layer.weight as &dyn Any, &layer.bias as &dyn Any);
+    routes!(*x, linear_route [I, O], weight, bias, epilogue)
 }
 
 fn factorized_route<
@@ -337,6 +401,7 @@ fn factorized_route<
     first: &dyn Any,
     second: &dyn Any,
     bias: &dyn Any,
+    epilogue: Epilogue,
 ) -> Option<Out> {
     let x = as_cpu::<(usize, Const<I>), F, X>(x)?;
     let a = first.downcast_ref::<Tensor<Rank2<L, I>, F, Cpu>>()?;
@@ -344,15 +409,17 @@ fn factorized_route<
     let bias = bias.downcast_ref::<Tensor<Rank1<O>, F, Cpu>>()?;
     let rows = x.shape().0;
     let mut latent = HostCopy::scratch(rows * L);
+    let (x_host, a_host) = (HostCopy::of(x), HostCopy::of(a));
     gemm_into(
         &mut latent,
-        &HostCopy::of(x),
-        &HostCopy::of(a),
+        &x_host,
+        &a_host,
         None,
-        rows,
-        L,
+        (rows, L),
+        Epilogue::Identity,
     );
-    let y = gemm(&latent, &HostCopy::of(b), Some(&host(bias)), rows, O);
+    let b_host = HostCopy::of(b);
+    let y = gemm(&latent, &b_host, Some(&host(bias)), rows, O, epilogue);
     cast(x.device().tensor_from_vec(y, (rows, Const::<O>)))
 }
 
@@ -364,34 +431,54 @@ where
     <Self as Module<T>>::Output: 'static,
 {
     fn try_forward_fast(&self, x: T) -> Result<Self::Output, Self::Error> {
-        let address = self as *const Self as usize;
-        if let Some(dense) = crate::stand_in::stand_in::<Linear<I, O, E, D>>(address) {
-            // The dense stand-in on the host route, else on the `Module` forward's.
-            let (weight, bias) = (&dense.weight as &dyn Any, &dense.bias as &dyn Any);
-            return match routes!(x, linear_route [I, O], weight, bias) {
-                Some(y) => {
-                    x.record(address);
-                    Ok(y)
-                }
-                None => self.try_forward(x),
-            };
-        }
-        let routed = {
-            let (first, second) = (
-                &self.first.weight as &dyn Any,
-                &self.second.weight as &dyn Any,
-            );
-            let bias = &self.second.bias as &dyn Any;
-            routes!(x, factorized_route [I, L, O], first, second, bias)
-        };
-        match routed {
-            Some(y) => {
-                // As the dfdx route does: a no-op unless a calibration pass is recording.
-                x.record(self as *const Self as usize);
-                Ok(y)
-            }
+        match self.routed(&x, Epilogue::Identity) {
+            Some(y) => Ok(y),
             None => self.try_forward(x),
         }
+    }
+}
+
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>, T> FastForwardGelu<T>
+    for FactorizedLinear<I, L, O, E, D>
+where
+    T: RecordInput + 'static,
+    Self: Module<T>,
+    <Self as Module<T>>::Output: 'static,
+    AccurateGeLU: Module<Self::Output, Output = Self::Output, Error = Self::Error>,
+{
+    fn try_forward_fast_gelu(&self, x: T) -> Result<Self::Output, Self::Error> {
+        match self.routed(&x, Epilogue::Gelu) {
+            Some(y) => Ok(y),
+            None => AccurateGeLU.try_forward(self.try_forward(x)?),
+        }
+    }
+}
+
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
+    FactorizedLinear<I, L, O, E, D>
+{
+    /// The host route's output, or `None` when `x` does not take it: the dense stand-in's
+    /// product while one is set (calibration), else the pair's. A routed input is recorded as
+    /// the `Module` forward records it (a no-op unless a calibration pass is recording).
+    fn routed<T: RecordInput + 'static, Out: 'static>(
+        &self,
+        x: &T,
+        epilogue: Epilogue,
+    ) -> Option<Out> {
+        let address = self as *const Self as usize;
+        let y = match crate::stand_in::stand_in::<Linear<I, O, E, D>>(address) {
+            Some(dense) => dense_routed(&dense, x, epilogue),
+            None => {
+                let (first, second) = (
+                    &self.first.weight as &dyn Any,
+                    &self.second.weight as &dyn Any,
+                );
+                let bias = &self.second.bias as &dyn Any;
+                routes!(*x, factorized_route [I, L, O], first, second, bias, epilogue)
+            }
+        }?;
+        x.record(address);
+        Some(y)
     }
 }
 
@@ -445,27 +532,32 @@ where
     }
 }
 
-/// The element-wise modules, on any shape: the input's buffer, changed in place.
-fn rows_route<F: Fast, S: Shape, Out: 'static>(
-    x: &Tensor<S, F, Cpu>,
-    width: usize,
-    f: impl Fn(&mut [F]) + Sync,
-) -> Option<Out> {
-    let mut v = host(x);
-    per_row(&mut v, width.max(1), f);
-    cast(x.device().tensor_from_vec(v, *x.shape()))
-}
+/// Values per parallel task of the element-wise kernels.
+const VALUES_PER_TASK: usize = 16 * 1024;
 
 fn gelu_route<F: Fast, S: Shape, Out: 'static>(x: &dyn Any) -> Option<Out> {
     let x = x.downcast_ref::<Tensor<S, F, Cpu>>()?;
-    let half = F::from(0.5)?;
-    let inv_sqrt2 = F::from(std::f64::consts::FRAC_1_SQRT_2)?;
-    let width = x.shape().concrete().into_iter().last().unwrap_or(1);
-    rows_route(x, width, |row| {
-        for a in row {
+    let mut v = host(x);
+    v.par_chunks_mut(VALUES_PER_TASK)
+        .for_each(|chunk| pulp::Arch::new().dispatch(Gelu(chunk)));
+    cast(x.device().tensor_from_vec(v, *x.shape()))
+}
+
+/// erf GELU in place, `x·(1 + erf(x/√2))/2`.
+struct Gelu<'a, F>(&'a mut [F]);
+
+impl<F: Fast> pulp::WithSimd for Gelu<'_, F> {
+    type Output = ();
+
+    /// Always inlined into pulp's dispatch, so compiled with the CPU's SIMD features.
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let half = F::from(0.5).unwrap_or_else(F::one);
+        let inv_sqrt2 = F::from(std::f64::consts::FRAC_1_SQRT_2).unwrap_or_else(F::one);
+        for a in self.0 {
             *a = half * *a * (F::one() + (*a * inv_sqrt2).error_function());
         }
-    })
+    }
 }
 
 impl<S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D> + 'static> FastForward<Tensor<S, E, D, T>>
@@ -764,6 +856,18 @@ mod tests {
             &small.forward(x.clone()).as_vec(),
             1e-5,
         );
+        // The fused GELU, on more rows than one thread's block.
+        let x: Tensor<(usize, Const<24>), f32, Cpu> = dev.sample_normal_like(&(301, Const));
+        close(
+            &fc.try_forward_fast_gelu(x.clone()).unwrap().as_vec(),
+            &AccurateGeLU.forward(fc.forward(x.clone())).as_vec(),
+            1e-5,
+        );
+        close(
+            &small.try_forward_fast_gelu(x.clone()).unwrap().as_vec(),
+            &AccurateGeLU.forward(small.forward(x.clone())).as_vec(),
+            1e-5,
+        );
         // f64 takes the fast route too.
         let x64: Tensor<(usize, Const<24>), f64, Cpu> = dev.sample_normal_like(&(9, Const));
         let fc64 = dev.build_module::<builders::Linear<24, 40>, f64>();
@@ -780,7 +884,12 @@ mod tests {
         let fc = dev.build_module::<builders::Linear<4, 3>, f32>();
         let x: Tensor<(usize, Const<4>), f32, Cpu> = dev.sample_normal_like(&(2, Const));
         let grads = fc.alloc_grads();
-        let y = fc.forward_fast(x.traced(grads));
+        let y = fc.forward_fast(x.clone().traced(grads));
+        let g = y.sum().backward();
+        assert!(g.get(&fc.weight).as_vec().iter().any(|v| *v != 0.0));
+        // The fused GELU too, through both modules' backward.
+        let grads = fc.alloc_grads();
+        let y = fc.try_forward_fast_gelu(x.traced(grads)).unwrap();
         let g = y.sum().backward();
         assert!(g.get(&fc.weight).as_vec().iter().any(|v| *v != 0.0));
     }
