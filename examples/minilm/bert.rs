@@ -7,8 +7,9 @@
 //! `FactorizedLinear`s of rank 64; the cost rule is checked for each `R` at build time. The
 //! dense model ignores `R`.
 //!
-//! Forwards call `try_forward_fast` ([`FastForward`]), `try_forward_fast_gelu` (the feed-forward
-//! block's up-projection with its GELU fused in, [`FastForwardGelu`]) and [`fast::attention`]:
+//! Forwards call `try_forward_fast` ([`FastForward`]), [`FastLinear`]'s fused forwards (the
+//! up-projection with its GELU, the output projections with the residual add and LayerNorm)
+//! and [`fast::attention`]:
 //! factorize's CPU kernels for tape-free `Cpu` tensors (same results, faster), and dfdx's own
 //! ops for anything else, so the same model trains and runs on other devices.
 //!
@@ -18,7 +19,7 @@
 
 use dfdx::nn::modules::{AccurateGeLU, Embedding, LayerNorm1D, Linear, Repeated};
 use dfdx::prelude::*;
-use factorize_runtime::fast::{self, FastForward, FastForwardGelu};
+use factorize_runtime::fast::{self, FastForward, FastLinear};
 use factorize_runtime::{mirror, Factorizable};
 
 /// Width of the hidden states.
@@ -173,26 +174,6 @@ impl<const R: usize, E: Dtype, D: Device<E>> SelfAttention<R, E, D> {
     }
 }
 
-/// A `Linear` of hidden states with tape `T`, dense or factorized: what the blocks' forwards
-/// need of one (its fast forward, alone or with the feed-forward block's GELU fused in).
-pub trait HiddenMap<const I: usize, const O: usize, E: Dtype, D: Device<E>, T>:
-    FastForwardGelu<
-    Tensor<(usize, Const<I>), E, D, T>,
-    Output = Tensor<(usize, Const<O>), E, D, T>,
-    Error = D::Err,
->
-{
-}
-
-impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T, M> HiddenMap<I, O, E, D, T> for M where
-    M: FastForwardGelu<
-        Tensor<(usize, Const<I>), E, D, T>,
-        Output = Tensor<(usize, Const<O>), E, D, T>,
-        Error = D::Err,
-    >
-{
-}
-
 /// `LayerNorm(x + Wo·softmax(Q·Kᵀ/√d + mask)·V)` from the block's four projections (query, key,
 /// value, output): one forward for every attention struct, dense or factorized, uniform or
 /// planned ranks, traced or not.
@@ -201,10 +182,10 @@ impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T, M> HiddenMap<I, 
 /// product records its backward on it, and gradients meet at the tensors' ids.
 pub fn attention_block<E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>(
     (query, key, value, output): (
-        &impl HiddenMap<HIDDEN, HIDDEN, E, D, T>,
-        &impl HiddenMap<HIDDEN, HIDDEN, E, D, T>,
-        &impl HiddenMap<HIDDEN, HIDDEN, E, D, T>,
-        &impl HiddenMap<HIDDEN, HIDDEN, E, D, T>,
+        &impl FastLinear<HIDDEN, HIDDEN, E, D, T>,
+        &impl FastLinear<HIDDEN, HIDDEN, E, D, T>,
+        &impl FastLinear<HIDDEN, HIDDEN, E, D, T>,
+        &impl FastLinear<HIDDEN, HIDDEN, E, D, T>,
     ),
     norm: &LayerNorm1D<HIDDEN, E, D>,
     x: Hidden<E, D, T>,
@@ -233,21 +214,19 @@ pub fn attention_block<E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>(
         Some(context) => context.put_tape(tape),
         None => composed_attention(q.put_tape(tape), k, v, batch)?,
     };
-    let out = output.try_forward_fast(context)?;
-    norm.try_forward_fast(out.try_add(x)?)
+    output.try_forward_fast_add_norm(context, x, norm)
 }
 
 /// `LayerNorm(x + W2·gelu(W1·x))`: one forward for every feed-forward struct, traced or not.
 pub fn feed_forward_block<E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>(
-    up: &impl HiddenMap<HIDDEN, FFN, E, D, T>,
-    down: &impl HiddenMap<FFN, HIDDEN, E, D, T>,
+    up: &impl FastLinear<HIDDEN, FFN, E, D, T>,
+    down: &impl FastLinear<FFN, HIDDEN, E, D, T>,
     norm: &LayerNorm1D<HIDDEN, E, D>,
     x: Hidden<E, D, T>,
 ) -> Result<Hidden<E, D, T>, D::Err> {
     let (x, tape) = x.split_tape();
     let h = up.try_forward_fast_gelu(x.clone().put_tape(tape))?;
-    let out = down.try_forward_fast(h)?;
-    norm.try_forward_fast(out.try_add(x)?)
+    down.try_forward_fast_add_norm(h, x, norm)
 }
 
 /// Attention composed of dfdx's ops, for any device and dtype and under a training tape (the

@@ -15,8 +15,9 @@
 //! | `LayerNorm1D<M>` | `Tensor<(usize, Const<M>)>` |
 //! | `AccurateGeLU` (erf form) | any shape |
 //!
-//! and [`FastForwardGelu`], a `Linear` or [`FactorizedLinear`] with an erf GELU fused into its
-//! product, and [`attention`], a fused multi-head self-attention over padded sentences.
+//! and [`FastLinear`], a `Linear` or [`FactorizedLinear`] with what follows it in a transformer
+//! fused into its product (an erf GELU; a residual add and LayerNorm), and [`attention`], a
+//! fused multi-head self-attention over padded sentences.
 //!
 //! ```
 //! use dfdx::prelude::*;
@@ -67,20 +68,99 @@ const GEMM_MIN_ROWS: usize = 32;
 /// Rows processed per parallel task in the row kernels: enough work to amortise a rayon task.
 const ROWS_PER_TASK: usize = 16;
 
-/// A linear map followed by erf GELU ([`AccurateGeLU`]), fused on the fast route: each thread
-/// applies the GELU to its block of the product while the block is in cache, which saves the
-/// GELU's own pass over a copy of the output (the largest copy of a transformer's feed-forward
-/// block). Other inputs take the module's `try_forward`, then GELU's.
-pub trait FastForwardGelu<T>: FastForward<T> {
-    /// `gelu(self.try_forward_fast(x))`, errors as `try_forward`.
-    fn try_forward_fast_gelu(&self, x: T) -> Result<Self::Output, Self::Error>;
+/// Rows of `N` features: what the fused forwards of [`FastLinear`] take and return.
+pub type Rows<const N: usize, E, D, T = NoneTape> = Tensor<(usize, Const<N>), E, D, T>;
+
+/// A `Linear` of rows (`I` → `O` features, tape `T`), dense or factorized, with the modules that
+/// follow it in a transformer fused into its product on the fast route: each GEMM thread applies
+/// them to its block of rows while the block is in cache, which saves their own passes over
+/// copies of the output (dfdx lends no view of a tensor's buffer, so each op copies). Other
+/// inputs take the modules' own `try_forward`s, in order, so the result is the same.
+pub trait FastLinear<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: Tape<E, D>>:
+    FastForward<Rows<I, E, D, T>, Output = Rows<O, E, D, T>, Error = D::Err>
+{
+    /// `gelu(self(x))` with erf GELU ([`AccurateGeLU`]).
+    fn try_forward_fast_gelu(&self, x: Rows<I, E, D, T>) -> Result<Rows<O, E, D, T>, D::Err>;
+
+    /// `norm(self(x) + residual)`: a post-norm transformer's output projection.
+    fn try_forward_fast_add_norm(
+        &self,
+        x: Rows<I, E, D, T>,
+        residual: Rows<O, E, D>,
+        norm: &LayerNorm1D<O, E, D>,
+    ) -> Result<Rows<O, E, D, T>, D::Err>;
 }
 
-/// What a linear route applies to each block of its output while it is in cache.
-#[derive(Clone, Copy)]
-enum Epilogue {
+/// What a linear route applies to each block of its output rows while it is in cache.
+enum Epilogue<'a> {
     Identity,
     Gelu,
+    /// Add the residual (a tensor of the output's shape), then LayerNorm.
+    AddNorm {
+        residual: &'a dyn Any,
+        norm: &'a dyn Any,
+        epsilon: f64,
+    },
+}
+
+/// [`Epilogue`] on host buffers of `F`.
+enum HostEpilogue<F: Fast> {
+    Identity,
+    Gelu,
+    AddNorm {
+        residual: HostCopy<F>,
+        gamma: Vec<F>,
+        beta: Vec<F>,
+        epsilon: F,
+    },
+}
+
+impl<F: Fast> HostEpilogue<F> {
+    /// `epilogue` with its tensors on the host, or `None` when they are not `Cpu` tensors of
+    /// `F` of the output's shape (`rows × O`).
+    fn of<const O: usize>(epilogue: &Epilogue<'_>, rows: usize) -> Option<Self> {
+        Some(match *epilogue {
+            Epilogue::Identity => Self::Identity,
+            Epilogue::Gelu => Self::Gelu,
+            Epilogue::AddNorm {
+                residual,
+                norm,
+                epsilon,
+            } => {
+                let residual = residual.downcast_ref::<Tensor<(usize, Const<O>), F, Cpu>>()?;
+                let norm = norm.downcast_ref::<LayerNorm1D<O, F, Cpu>>()?;
+                if residual.shape().0 != rows {
+                    return None;
+                }
+                Self::AddNorm {
+                    residual: HostCopy::of(residual),
+                    gamma: host(&norm.gamma),
+                    beta: host(&norm.beta),
+                    epsilon: F::from(epsilon)?,
+                }
+            }
+        })
+    }
+
+    /// Applies it to `y`, rows `first..` of the output, `width` values each.
+    fn apply(&self, y: &mut [F], first: usize, width: usize) {
+        match self {
+            Self::Identity => {}
+            Self::Gelu => pulp::Arch::new().dispatch(Gelu(y)),
+            Self::AddNorm {
+                residual,
+                gamma,
+                beta,
+                epsilon,
+            } => pulp::Arch::new().dispatch(Normalize {
+                residual: Some(&residual[first * width..first * width + y.len()]),
+                rows: y,
+                gamma,
+                beta,
+                epsilon: *epsilon,
+            }),
+        }
+    }
 }
 
 /// Host buffers a thread keeps between calls for [`HostCopy`]: enough for a layer's input,
@@ -281,7 +361,7 @@ fn gemm<F: Fast>(
     bias: Option<&[F]>,
     rows: usize,
     out: usize,
-    epilogue: Epilogue,
+    epilogue: &HostEpilogue<F>,
 ) -> Vec<F> {
     let mut y = match bias {
         Some(b) => b.repeat(rows),
@@ -299,7 +379,7 @@ fn gemm_into<F: Fast>(
     w: &[F],
     bias: Option<&[F]>,
     (rows, out): (usize, usize),
-    epilogue: Epilogue,
+    epilogue: &HostEpilogue<F>,
 ) {
     let inner = w.len() / out;
     let accum = if bias.is_some() {
@@ -316,7 +396,8 @@ fn gemm_into<F: Fast>(
         .max(GEMM_MIN_ROWS);
     y.par_chunks_mut(block * out)
         .zip(x.par_chunks(block * inner))
-        .for_each(|(y, x)| {
+        .enumerate()
+        .for_each(|(i, (y, x))| {
             let r = x.len() / inner;
             matmul(
                 MatMut::from_column_major_slice_mut(y, out, r),
@@ -326,9 +407,7 @@ fn gemm_into<F: Fast>(
                 F::one(),
                 Par::Seq,
             );
-            if let Epilogue::Gelu = epilogue {
-                pulp::Arch::new().dispatch(Gelu(y));
-            }
+            epilogue.apply(y, i * block, out);
         });
 }
 
@@ -336,14 +415,15 @@ fn linear_route<F: Fast, X: 'static, Out: 'static, const I: usize, const O: usiz
     x: &X,
     weight: &dyn Any,
     bias: &dyn Any,
-    epilogue: Epilogue,
+    epilogue: &Epilogue<'_>,
 ) -> Option<Out> {
     let x = as_cpu::<(usize, Const<I>), F, X>(x)?;
     let w = weight.downcast_ref::<Tensor<Rank2<O, I>, F, Cpu>>()?;
     let b = bias.downcast_ref::<Tensor<Rank1<O>, F, Cpu>>()?;
     let rows = x.shape().0;
+    let epilogue = HostEpilogue::of::<O>(epilogue, rows)?;
     let (x_host, w_host) = (HostCopy::of(x), HostCopy::of(w));
-    let y = gemm(&x_host, &w_host, Some(&host(b)), rows, O, epilogue);
+    let y = gemm(&x_host, &w_host, Some(&host(b)), rows, O, &epilogue);
     cast(x.device().tensor_from_vec(y, (rows, Const::<O>)))
 }
 
@@ -354,25 +434,45 @@ where
     <Self as Module<T>>::Output: 'static,
 {
     fn try_forward_fast(&self, x: T) -> Result<Self::Output, Self::Error> {
-        match dense_routed(self, &x, Epilogue::Identity) {
+        match dense_routed(self, &x, &Epilogue::Identity) {
             Some(y) => Ok(y),
             None => self.try_forward(x),
         }
     }
 }
 
-impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: 'static> FastForwardGelu<T>
-    for Linear<I, O, E, D>
-where
-    Self: Module<T>,
-    <Self as Module<T>>::Output: 'static,
-    AccurateGeLU: Module<Self::Output, Output = Self::Output, Error = Self::Error>,
+impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>
+    FastLinear<I, O, E, D, T> for Linear<I, O, E, D>
 {
-    fn try_forward_fast_gelu(&self, x: T) -> Result<Self::Output, Self::Error> {
-        match dense_routed(self, &x, Epilogue::Gelu) {
+    fn try_forward_fast_gelu(&self, x: Rows<I, E, D, T>) -> Result<Rows<O, E, D, T>, D::Err> {
+        match dense_routed(self, &x, &Epilogue::Gelu) {
             Some(y) => Ok(y),
             None => AccurateGeLU.try_forward(self.try_forward(x)?),
         }
+    }
+
+    fn try_forward_fast_add_norm(
+        &self,
+        x: Rows<I, E, D, T>,
+        residual: Rows<O, E, D>,
+        norm: &LayerNorm1D<O, E, D>,
+    ) -> Result<Rows<O, E, D, T>, D::Err> {
+        match dense_routed(self, &x, &add_norm(&residual, norm)) {
+            Some(y) => Ok(y),
+            None => norm.try_forward(self.try_forward(x)?.try_add(residual)?),
+        }
+    }
+}
+
+/// The [`Epilogue`] of [`FastLinear::try_forward_fast_add_norm`].
+fn add_norm<'a, const M: usize, E: Dtype, D: Device<E>>(
+    residual: &'a Tensor<(usize, Const<M>), E, D>,
+    norm: &'a LayerNorm1D<M, E, D>,
+) -> Epilogue<'a> {
+    Epilogue::AddNorm {
+        residual,
+        norm,
+        epsilon: norm.epsilon,
     }
 }
 
@@ -380,7 +480,7 @@ where
 fn dense_routed<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: 'static, Out>(
     layer: &Linear<I, O, E, D>,
     x: &T,
-    epilogue: Epilogue,
+    epilogue: &Epilogue<'_>,
 ) -> Option<Out>
 where
     Out: 'static,
@@ -401,13 +501,14 @@ fn factorized_route<
     first: &dyn Any,
     second: &dyn Any,
     bias: &dyn Any,
-    epilogue: Epilogue,
+    epilogue: &Epilogue<'_>,
 ) -> Option<Out> {
     let x = as_cpu::<(usize, Const<I>), F, X>(x)?;
     let a = first.downcast_ref::<Tensor<Rank2<L, I>, F, Cpu>>()?;
     let b = second.downcast_ref::<Tensor<Rank2<O, L>, F, Cpu>>()?;
     let bias = bias.downcast_ref::<Tensor<Rank1<O>, F, Cpu>>()?;
     let rows = x.shape().0;
+    let epilogue = HostEpilogue::of::<O>(epilogue, rows)?;
     let mut latent = HostCopy::scratch(rows * L);
     let (x_host, a_host) = (HostCopy::of(x), HostCopy::of(a));
     gemm_into(
@@ -416,10 +517,10 @@ fn factorized_route<
         &a_host,
         None,
         (rows, L),
-        Epilogue::Identity,
+        &HostEpilogue::Identity,
     );
     let b_host = HostCopy::of(b);
-    let y = gemm(&latent, &b_host, Some(&host(bias)), rows, O, epilogue);
+    let y = gemm(&latent, &b_host, Some(&host(bias)), rows, O, &epilogue);
     cast(x.device().tensor_from_vec(y, (rows, Const::<O>)))
 }
 
@@ -431,25 +532,34 @@ where
     <Self as Module<T>>::Output: 'static,
 {
     fn try_forward_fast(&self, x: T) -> Result<Self::Output, Self::Error> {
-        match self.routed(&x, Epilogue::Identity) {
+        match self.routed(&x, &Epilogue::Identity) {
             Some(y) => Ok(y),
             None => self.try_forward(x),
         }
     }
 }
 
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>, T> FastForwardGelu<T>
-    for FactorizedLinear<I, L, O, E, D>
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>, T>
+    FastLinear<I, O, E, D, T> for FactorizedLinear<I, L, O, E, D>
 where
-    T: RecordInput + 'static,
-    Self: Module<T>,
-    <Self as Module<T>>::Output: 'static,
-    AccurateGeLU: Module<Self::Output, Output = Self::Output, Error = Self::Error>,
+    T: Tape<E, D> + 'static,
 {
-    fn try_forward_fast_gelu(&self, x: T) -> Result<Self::Output, Self::Error> {
-        match self.routed(&x, Epilogue::Gelu) {
+    fn try_forward_fast_gelu(&self, x: Rows<I, E, D, T>) -> Result<Rows<O, E, D, T>, D::Err> {
+        match self.routed(&x, &Epilogue::Gelu) {
             Some(y) => Ok(y),
             None => AccurateGeLU.try_forward(self.try_forward(x)?),
+        }
+    }
+
+    fn try_forward_fast_add_norm(
+        &self,
+        x: Rows<I, E, D, T>,
+        residual: Rows<O, E, D>,
+        norm: &LayerNorm1D<O, E, D>,
+    ) -> Result<Rows<O, E, D, T>, D::Err> {
+        match self.routed(&x, &add_norm(&residual, norm)) {
+            Some(y) => Ok(y),
+            None => norm.try_forward(self.try_forward(x)?.try_add(residual)?),
         }
     }
 }
@@ -463,7 +573,7 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
     fn routed<T: RecordInput + 'static, Out: 'static>(
         &self,
         x: &T,
-        epilogue: Epilogue,
+        epilogue: &Epilogue<'_>,
     ) -> Option<Out> {
         let address = self as *const Self as usize;
         let y = match crate::stand_in::stand_in::<Linear<I, O, E, D>>(address) {
@@ -482,16 +592,6 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
     }
 }
 
-/// `f` on every row of `values` (`rows × width`), rows in parallel, compiled for the widest SIMD
-/// the CPU has so that the loops in `f` vectorise.
-fn per_row<F: Fast>(values: &mut [F], width: usize, f: impl Fn(&mut [F]) + Sync) {
-    values
-        .par_chunks_mut(width * ROWS_PER_TASK)
-        .for_each(|block| {
-            pulp::Arch::new().dispatch(|| block.chunks_exact_mut(width).for_each(&f))
-        });
-}
-
 fn layer_norm_route<F: Fast, X: 'static, Out: 'static, const M: usize>(
     x: &X,
     gamma: &dyn Any,
@@ -501,19 +601,16 @@ fn layer_norm_route<F: Fast, X: 'static, Out: 'static, const M: usize>(
     let x = as_cpu::<(usize, Const<M>), F, X>(x)?;
     let gamma = host(gamma.downcast_ref::<Tensor<Rank1<M>, F, Cpu>>()?);
     let beta = host(beta.downcast_ref::<Tensor<Rank1<M>, F, Cpu>>()?);
-    let eps = F::from(epsilon)?;
-    let width = F::from(M)?;
+    let epsilon = F::from(epsilon)?;
     let mut v = host(x);
-    per_row(&mut v, M, |row| {
-        let mean = row.iter().fold(F::zero(), |s, &a| s + a) / width;
-        let var = row
-            .iter()
-            .fold(F::zero(), |s, &a| s + (a - mean) * (a - mean))
-            / width;
-        let scale = (var + eps).sqrt().recip();
-        for ((a, &g), &b) in row.iter_mut().zip(&gamma).zip(&beta) {
-            *a = (*a - mean) * scale * g + b;
-        }
+    v.par_chunks_mut(M * ROWS_PER_TASK).for_each(|rows| {
+        pulp::Arch::new().dispatch(Normalize {
+            rows,
+            residual: None,
+            gamma: &gamma,
+            beta: &beta,
+            epsilon,
+        })
     });
     cast(x.device().tensor_from_vec(v, *x.shape()))
 }
@@ -541,6 +638,56 @@ fn gelu_route<F: Fast, S: Shape, Out: 'static>(x: &dyn Any) -> Option<Out> {
     v.par_chunks_mut(VALUES_PER_TASK)
         .for_each(|chunk| pulp::Arch::new().dispatch(Gelu(chunk)));
     cast(x.device().tensor_from_vec(v, *x.shape()))
+}
+
+/// LayerNorm of each row of `rows` in place, `(x − mean)/√(var + ε)·γ + β`, after adding the
+/// same rows of `residual` when there is one. Rows are `γ.len()` wide.
+struct Normalize<'a, F> {
+    rows: &'a mut [F],
+    residual: Option<&'a [F]>,
+    gamma: &'a [F],
+    beta: &'a [F],
+    epsilon: F,
+}
+
+impl<F: Fast> pulp::WithSimd for Normalize<'_, F> {
+    type Output = ();
+
+    /// Always inlined into pulp's dispatch, so compiled with the CPU's SIMD features.
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Self {
+            rows,
+            residual,
+            gamma,
+            beta,
+            epsilon,
+        } = self;
+        let width = gamma.len();
+        let n = F::from(width).unwrap_or_else(F::one);
+        for (r, row) in rows.chunks_exact_mut(width).enumerate() {
+            if let Some(residual) = residual {
+                for (a, &b) in row.iter_mut().zip(&residual[r * width..(r + 1) * width]) {
+                    *a += b;
+                }
+            }
+            let mean = reduce(row, F::zero(), |a, b| a + b) / n;
+            let mut lanes = [F::zero(); LANES];
+            let chunks = row.chunks_exact(LANES);
+            let tail =
+                (chunks.remainder().iter()).fold(F::zero(), |s, &a| s + (a - mean) * (a - mean));
+            for chunk in chunks {
+                for i in 0..LANES {
+                    lanes[i] += (chunk[i] - mean) * (chunk[i] - mean);
+                }
+            }
+            let var = lanes.iter().fold(tail, |s, &a| s + a) / n;
+            let scale = (var + epsilon).sqrt().recip();
+            for ((a, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+                *a = (*a - mean) * scale * g + b;
+            }
+        }
+    }
 }
 
 /// erf GELU in place, `x·(1 + erf(x/√2))/2`.
@@ -843,6 +990,14 @@ mod tests {
             &ln.forward(x.clone()).as_vec(),
             1e-5,
         );
+        // A width with a tail beyond whole vectors.
+        let x13: Tensor<(usize, Const<13>), f32, Cpu> = dev.sample_normal_like(&(37, Const));
+        let ln13 = dev.build_module::<builders::LayerNorm1D<13>, f32>();
+        close(
+            &ln13.forward_fast(x13.clone()).as_vec(),
+            &ln13.forward(x13).as_vec(),
+            1e-5,
+        );
         let big = x.clone() * 3.0;
         close(
             &AccurateGeLU.forward_fast(big.clone()).as_vec(),
@@ -868,6 +1023,17 @@ mod tests {
             &AccurateGeLU.forward(small.forward(x.clone())).as_vec(),
             1e-5,
         );
+        // The fused residual add and LayerNorm.
+        let residual: Tensor<(usize, Const<40>), f32, Cpu> = dev.sample_normal_like(&(301, Const));
+        let mut norm = dev.build_module::<builders::LayerNorm1D<40>, f32>();
+        norm.gamma = dev.sample_normal();
+        norm.beta = dev.sample_normal();
+        let fused = fc.try_forward_fast_add_norm(x.clone(), residual.clone(), &norm);
+        let composed = norm.forward(fc.forward(x.clone()) + residual.clone());
+        close(&fused.unwrap().as_vec(), &composed.as_vec(), 1e-5);
+        let fused = small.try_forward_fast_add_norm(x.clone(), residual.clone(), &norm);
+        let composed = norm.forward(small.forward(x.clone()) + residual);
+        close(&fused.unwrap().as_vec(), &composed.as_vec(), 1e-5);
         // f64 takes the fast route too.
         let x64: Tensor<(usize, Const<24>), f64, Cpu> = dev.sample_normal_like(&(9, Const));
         let fc64 = dev.build_module::<builders::Linear<24, 40>, f64>();
@@ -887,10 +1053,16 @@ mod tests {
         let y = fc.forward_fast(x.clone().traced(grads));
         let g = y.sum().backward();
         assert!(g.get(&fc.weight).as_vec().iter().any(|v| *v != 0.0));
-        // The fused GELU too, through both modules' backward.
+        // The fused forwards too, through each module's backward.
         let grads = fc.alloc_grads();
-        let y = fc.try_forward_fast_gelu(x.traced(grads)).unwrap();
+        let y = fc.try_forward_fast_gelu(x.clone().traced(grads)).unwrap();
         let g = y.sum().backward();
+        assert!(g.get(&fc.weight).as_vec().iter().any(|v| *v != 0.0));
+        let norm = dev.build_module::<builders::LayerNorm1D<3>, f32>();
+        let residual: Tensor<(usize, Const<3>), f32, Cpu> = dev.sample_normal_like(&(2, Const));
+        let grads = fc.alloc_grads();
+        let y = fc.try_forward_fast_add_norm(x.traced(grads), residual, &norm);
+        let g = (y.unwrap() * 3.0).sum().backward();
         assert!(g.get(&fc.weight).as_vec().iter().any(|v| *v != 0.0));
     }
 }
