@@ -91,18 +91,6 @@ pub trait FastLinear<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: 
     ) -> Result<Rows<O, E, D, T>, D::Err>;
 }
 
-/// What a linear route applies to each block of its output rows while it is in cache.
-enum Epilogue<'a> {
-    Identity,
-    Gelu,
-    /// Add the residual (a tensor of the output's shape), then LayerNorm.
-    AddNorm {
-        residual: &'a dyn Any,
-        norm: &'a dyn Any,
-        epsilon: f64,
-    },
-}
-
 /// [`Epilogue`] on host buffers of `F`.
 enum HostEpilogue<F: Fast> {
     Identity,
@@ -427,25 +415,28 @@ fn linear_route<F: Fast, X: 'static, Out: 'static, const I: usize, const O: usiz
     cast(x.device().tensor_from_vec(y, (rows, Const::<O>)))
 }
 
-impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: 'static> FastForward<T>
+impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T> FastForward<T>
     for Linear<I, O, E, D>
 where
+    T: RecordInput + 'static,
     Self: Module<T>,
     <Self as Module<T>>::Output: 'static,
 {
     fn try_forward_fast(&self, x: T) -> Result<Self::Output, Self::Error> {
-        match dense_routed(self, &x, &Epilogue::Identity) {
+        match self.routed(&x, &Epilogue::Identity) {
             Some(y) => Ok(y),
             None => self.try_forward(x),
         }
     }
 }
 
-impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>
-    FastLinear<I, O, E, D, T> for Linear<I, O, E, D>
+impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: Tape<E, D> + 'static, M>
+    FastLinear<I, O, E, D, T> for M
+where
+    M: Routed + FastForward<Rows<I, E, D, T>, Output = Rows<O, E, D, T>, Error = D::Err>,
 {
     fn try_forward_fast_gelu(&self, x: Rows<I, E, D, T>) -> Result<Rows<O, E, D, T>, D::Err> {
-        match dense_routed(self, &x, &Epilogue::Gelu) {
+        match self.routed(&x, &Epilogue::Gelu) {
             Some(y) => Ok(y),
             None => AccurateGeLU.try_forward(self.try_forward(x)?),
         }
@@ -457,10 +448,48 @@ impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: Tape<E, D> + 'st
         residual: Rows<O, E, D>,
         norm: &LayerNorm1D<O, E, D>,
     ) -> Result<Rows<O, E, D, T>, D::Err> {
-        match dense_routed(self, &x, &add_norm(&residual, norm)) {
+        match self.routed(&x, &add_norm(&residual, norm)) {
             Some(y) => Ok(y),
             None => norm.try_forward(self.try_forward(x)?.try_add(residual)?),
         }
+    }
+}
+
+/// What [`FastLinear`] builds on, public only to the crate: the sealed trait names it.
+mod sealed {
+    /// What a linear route applies to each block of its output rows while it is in cache.
+    pub enum Epilogue<'a> {
+        Identity,
+        Gelu,
+        /// Add the residual (a tensor of the output's shape), then LayerNorm.
+        AddNorm {
+            residual: &'a dyn std::any::Any,
+            norm: &'a dyn std::any::Any,
+            epsilon: f64,
+        },
+    }
+
+    /// A linear layer's host route (the part of [`FastLinear`](super::FastLinear) that differs
+    /// between layer kinds): its output with `epilogue` applied, or `None` when `x` does not
+    /// take the route.
+    pub trait Routed {
+        fn routed<T: super::RecordInput + 'static, Out: 'static>(
+            &self,
+            x: &T,
+            epilogue: &Epilogue<'_>,
+        ) -> Option<Out>;
+    }
+}
+use sealed::{Epilogue, Routed};
+
+impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> Routed for Linear<I, O, E, D> {
+    fn routed<T: RecordInput + 'static, Out: 'static>(
+        &self,
+        x: &T,
+        epilogue: &Epilogue<'_>,
+    ) -> Option<Out> {
+        let (weight, bias) = (&self.weight as &dyn Any, &self.bias as &dyn Any);
+        routes!(*x, linear_route [I, O], weight, bias, epilogue)
     }
 }
 
@@ -474,19 +503,6 @@ fn add_norm<'a, const M: usize, E: Dtype, D: Device<E>>(
         norm,
         epsilon: norm.epsilon,
     }
-}
-
-/// `layer`'s host route output, or `None` when `x` does not take it.
-fn dense_routed<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: 'static, Out>(
-    layer: &Linear<I, O, E, D>,
-    x: &T,
-    epilogue: &Epilogue<'_>,
-) -> Option<Out>
-where
-    Out: 'static,
-{
-    let (weight, bias) = (&layer.weight as &dyn Any, &layer.bias as &dyn Any);
-    routes!(*x, linear_route [I, O], weight, bias, epilogue)
 }
 
 fn factorized_route<
@@ -539,37 +555,12 @@ where
     }
 }
 
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>, T>
-    FastLinear<I, O, E, D, T> for FactorizedLinear<I, L, O, E, D>
-where
-    T: Tape<E, D> + 'static,
+/// The dense stand-in's product while one is set (calibration), else the pair's. A routed input
+/// is recorded as the `Module` forward records it (a no-op unless a calibration pass is
+/// recording).
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Routed
+    for FactorizedLinear<I, L, O, E, D>
 {
-    fn try_forward_fast_gelu(&self, x: Rows<I, E, D, T>) -> Result<Rows<O, E, D, T>, D::Err> {
-        match self.routed(&x, &Epilogue::Gelu) {
-            Some(y) => Ok(y),
-            None => AccurateGeLU.try_forward(self.try_forward(x)?),
-        }
-    }
-
-    fn try_forward_fast_add_norm(
-        &self,
-        x: Rows<I, E, D, T>,
-        residual: Rows<O, E, D>,
-        norm: &LayerNorm1D<O, E, D>,
-    ) -> Result<Rows<O, E, D, T>, D::Err> {
-        match self.routed(&x, &add_norm(&residual, norm)) {
-            Some(y) => Ok(y),
-            None => norm.try_forward(self.try_forward(x)?.try_add(residual)?),
-        }
-    }
-}
-
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
-    FactorizedLinear<I, L, O, E, D>
-{
-    /// The host route's output, or `None` when `x` does not take it: the dense stand-in's
-    /// product while one is set (calibration), else the pair's. A routed input is recorded as
-    /// the `Module` forward records it (a no-op unless a calibration pass is recording).
     fn routed<T: RecordInput + 'static, Out: 'static>(
         &self,
         x: &T,
@@ -577,7 +568,7 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>>
     ) -> Option<Out> {
         let address = self as *const Self as usize;
         let y = match crate::stand_in::stand_in::<Linear<I, O, E, D>>(address) {
-            Some(dense) => dense_routed(&dense, x, epilogue),
+            Some(dense) => dense.routed(x, epilogue),
             None => {
                 let (first, second) = (
                     &self.first.weight as &dyn Any,
