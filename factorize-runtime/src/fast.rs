@@ -152,7 +152,8 @@ impl<F: Fast> HostEpilogue<F> {
 }
 
 /// Host buffers a thread keeps between calls for [`HostCopy`]: enough for a layer's input,
-/// weight and intermediate at once.
+/// weight and intermediate at once. They stay allocated at the sizes last used (a few MB each
+/// for a transformer layer), the price of not reallocating them per call.
 const SCRATCH_BUFFERS: usize = 4;
 
 /// The element types of the fast route, with their erf.
