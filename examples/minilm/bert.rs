@@ -9,9 +9,9 @@
 //!
 //! Forwards call `try_forward_fast` ([`FastForward`]), [`FastLinear`]'s fused forwards (the
 //! up-projection with its GELU, the output projections with the residual add and LayerNorm)
-//! and [`fast::attention`]:
-//! factorize's CPU kernels for tape-free `Cpu` tensors (same results, faster), and dfdx's own
-//! ops for anything else, so the same model trains and runs on other devices.
+//! and [`fast::attention`]: factorize's CPU kernels for tape-free `Cpu` tensors (same results,
+//! faster), and dfdx's own ops for anything else, so the same model trains and runs on other
+//! devices.
 //!
 //! Shapes: a batch of `b` sentences padded to `s` tokens. Hidden states are kept as `b·s` rows of
 //! `HIDDEN` (`Tensor<(usize, Const<384>)>`), so every `Linear` is one matrix product; dfdx's
