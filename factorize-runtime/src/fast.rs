@@ -243,16 +243,17 @@ impl Fast for f32 {
 /// Lanes of the vectorised loops: one AVX register of f32.
 const LANES: usize = 8;
 
-/// `values` folded by `f` over [`LANES`] lanes, then the lanes folded: `f` must be associative and
-/// commutative up to rounding (a sum, a maximum), and then the loop vectorises.
+/// `map` of each of `values`, folded by `f` over [`LANES`] lanes, then the lanes folded: `f`
+/// must be associative and commutative up to rounding (a sum, a maximum), and then the loop
+/// vectorises.
 #[inline(always)]
-fn reduce<F: Fast>(values: &[F], init: F, f: impl Fn(F, F) -> F) -> F {
+fn reduce<F: Fast>(values: &[F], init: F, map: impl Fn(F) -> F, f: impl Fn(F, F) -> F) -> F {
     let mut lanes = [init; LANES];
     let chunks = values.chunks_exact(LANES);
-    let tail = chunks.remainder().iter().fold(init, |a, &b| f(a, b));
+    let tail = chunks.remainder().iter().fold(init, |a, &b| f(a, map(b)));
     for chunk in chunks {
         for i in 0..LANES {
-            lanes[i] = f(lanes[i], chunk[i]);
+            lanes[i] = f(lanes[i], map(chunk[i]));
         }
     }
     lanes.iter().fold(tail, |a, &b| f(a, b))
@@ -343,20 +344,10 @@ macro_rules! routes {
     };
 }
 
-/// `y = x·Wᵀ (+ b)` on host buffers: `x` `[rows, in]`, `w` `[out, in]`, row-major.
-fn gemm<F: Fast>(
-    x: &[F],
-    w: &[F],
-    bias: Option<&[F]>,
-    rows: usize,
-    out: usize,
-    epilogue: &HostEpilogue<F>,
-) -> Vec<F> {
-    let mut y = match bias {
-        Some(b) => b.repeat(rows),
-        None => vec![F::default(); rows * out],
-    };
-    gemm_into(&mut y, x, w, bias, (rows, out), epilogue);
+/// `y = x·Wᵀ + b` on host buffers, a new buffer: `x` `[rows, in]`, `w` `[out, in]`, row-major.
+fn gemm<F: Fast>(x: &[F], w: &[F], bias: &[F], rows: usize, epilogue: &HostEpilogue<F>) -> Vec<F> {
+    let mut y = bias.repeat(rows);
+    gemm_into(&mut y, x, w, Some(bias), (rows, bias.len()), epilogue);
     y
 }
 
@@ -412,7 +403,7 @@ fn linear_route<F: Fast, X: 'static, Out: 'static, const I: usize, const O: usiz
     let rows = x.shape().0;
     let epilogue = HostEpilogue::of::<O>(epilogue, rows)?;
     let (x_host, w_host) = (HostCopy::of(x), HostCopy::of(w));
-    let y = gemm(&x_host, &w_host, Some(&host(b)), rows, O, &epilogue);
+    let y = gemm(&x_host, &w_host, &host(b), rows, &epilogue);
     cast(x.device().tensor_from_vec(y, (rows, Const::<O>)))
 }
 
@@ -537,7 +528,7 @@ fn factorized_route<
         &HostEpilogue::Identity,
     );
     let b_host = HostCopy::of(b);
-    let y = gemm(&latent, &b_host, Some(&host(bias)), rows, O, &epilogue);
+    let y = gemm(&latent, &b_host, &host(bias), rows, &epilogue);
     cast(x.device().tensor_from_vec(y, (rows, Const::<O>)))
 }
 
@@ -663,17 +654,8 @@ impl<F: Fast> pulp::WithSimd for Normalize<'_, F> {
                     *a += b;
                 }
             }
-            let mean = reduce(row, F::zero(), |a, b| a + b) / n;
-            let mut lanes = [F::zero(); LANES];
-            let chunks = row.chunks_exact(LANES);
-            let tail =
-                (chunks.remainder().iter()).fold(F::zero(), |s, &a| s + (a - mean) * (a - mean));
-            for chunk in chunks {
-                for i in 0..LANES {
-                    lanes[i] += (chunk[i] - mean) * (chunk[i] - mean);
-                }
-            }
-            let var = lanes.iter().fold(tail, |s, &a| s + a) / n;
+            let mean = reduce(row, F::zero(), |a| a, |a, b| a + b) / n;
+            let var = reduce(row, F::zero(), |a| (a - mean) * (a - mean), |a, b| a + b) / n;
             let scale = (var + epsilon).sqrt().recip();
             for ((a, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
                 *a = (*a - mean) * scale * g + b;
@@ -840,13 +822,13 @@ impl<F: Fast, const DH: usize> pulp::WithSimd for Sentence<'_, F, DH> {
                     scores.copy_from_slice(&acc);
                 }
                 let probs = &mut probs[..len];
-                let max = reduce(probs, F::neg_infinity(), F::max) * scale;
+                let max = reduce(probs, F::neg_infinity(), |a| a, F::max) * scale;
                 for s in probs.iter_mut() {
                     let d = *s * scale - max;
                     let e = d.exp_shifted();
                     *s = if d < floor { F::zero() } else { e };
                 }
-                let inv = reduce(probs, F::zero(), |a, b| a + b).recip();
+                let inv = reduce(probs, F::zero(), |a| a, |a, b| a + b).recip();
                 let mut acc = [F::zero(); DH];
                 for (j, &s) in probs.iter().enumerate() {
                     let w = s * inv;
