@@ -7,11 +7,12 @@
 //! `FactorizedLinear`s of rank 64; the cost rule is checked for each `R` at build time. The
 //! dense model ignores `R`.
 //!
-//! Forwards call `try_forward_fast` ([`FastForward`]), [`FastLinear`]'s fused forwards (the
-//! up-projection with its GELU, the output projections with the residual add and LayerNorm)
-//! and [`fast::attention`]: factorize's CPU kernels for tape-free `Cpu` tensors (same results,
-//! faster), and dfdx's own ops for anything else, so the same model trains and runs on other
-//! devices.
+//! Forwards call factorize's CPU kernels for tape-free `Cpu` tensors (same results, faster):
+//! the fused blocks [`fast::self_attention`] and [`fast::try_feed_forward`], each on host buffers
+//! from its input to its output; where those step aside (a calibration pass records every
+//! layer's input), [`FastLinear`]'s fused forwards and [`fast::attention`]; and `try_forward_fast`
+//! ([`FastForward`]). Anything else takes dfdx's own ops, so the same model trains and runs on
+//! other devices.
 //!
 //! Shapes: a batch of `b` sentences padded to `s` tokens. Hidden states are kept as `b·s` rows of
 //! `HIDDEN` (`Tensor<(usize, Const<384>)>`), so every `Linear` is one matrix product; dfdx's
@@ -178,7 +179,8 @@ impl<const R: usize, E: Dtype, D: Device<E>> SelfAttention<R, E, D> {
 /// value, output): one forward for every attention struct, dense or factorized, uniform or
 /// planned ranks, traced or not.
 ///
-/// Under a tape, the tape is passed from branch to branch (`split_tape`/`put_tape`): each
+/// Tape-free `Cpu` rows take [`fast::self_attention`]. Otherwise each projection runs on its
+/// own; under a tape, the tape is passed from branch to branch (`split_tape`/`put_tape`): each
 /// product records its backward on it, and gradients meet at the tensors' ids.
 pub fn attention_block<E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>(
     (query, key, value, output): (
@@ -191,6 +193,17 @@ pub fn attention_block<E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>(
     x: Hidden<E, D, T>,
     batch: &Batch<E, D>,
 ) -> Result<Hidden<E, D, T>, D::Err> {
+    let projections = (query, key, value, output);
+    let (lengths, positions) = (&batch.lengths, batch.positions);
+    if let Some(y) = fast::self_attention::<HEADS, HEAD_DIM, HIDDEN, E, D, T>(
+        projections,
+        norm,
+        &x,
+        lengths,
+        positions,
+    ) {
+        return Ok(y);
+    }
     let (x, tape) = x.split_tape();
     let (q, tape) = query
         .try_forward_fast(x.clone().put_tape(tape))?
@@ -200,13 +213,7 @@ pub fn attention_block<E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>(
         .try_forward_fast(x.clone().put_tape(tape))?
         .split_tape();
     let fast = if std::any::TypeId::of::<T>() == std::any::TypeId::of::<NoneTape>() {
-        fast::attention::<HEADS, HEAD_DIM, HIDDEN, E, D>(
-            &q,
-            &k,
-            &v,
-            &batch.lengths,
-            batch.positions,
-        )
+        fast::attention::<HEADS, HEAD_DIM, HIDDEN, E, D>(&q, &k, &v, lengths, positions)
     } else {
         None
     };
@@ -224,9 +231,7 @@ pub fn feed_forward_block<E: Dtype, D: Device<E>, T: Tape<E, D> + 'static>(
     norm: &LayerNorm1D<HIDDEN, E, D>,
     x: Hidden<E, D, T>,
 ) -> Result<Hidden<E, D, T>, D::Err> {
-    let (x, tape) = x.split_tape();
-    let h = up.try_forward_fast_gelu(x.clone().put_tape(tape))?;
-    down.try_forward_fast_add_norm(h, x, norm)
+    fast::try_feed_forward(up, down, norm, x)
 }
 
 /// Attention composed of dfdx's ops, for any device and dtype and under a training tape (the

@@ -92,6 +92,12 @@ impl Drop for Recording {
     }
 }
 
+/// Whether a calibration pass records layer inputs on this thread: fused forwards that skip a
+/// layer's own input (see [`crate::fast`]) then step aside.
+pub(crate) fn recording() -> bool {
+    RECORDER.with(|r| r.borrow().is_some())
+}
+
 /// A layer input that can be recorded: any dfdx tensor (its values, row-major).
 pub trait RecordInput {
     /// Appends the values to the active recording, if any, under `layer`.

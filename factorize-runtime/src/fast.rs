@@ -19,6 +19,11 @@
 //! fused into its product (an erf GELU; a residual add and LayerNorm), and [`attention`], a
 //! fused multi-head self-attention over padded sentences.
 //!
+//! A whole post-norm transformer block runs on host buffers from its input to its output with
+//! [`try_feed_forward`] and [`self_attention`]: the input is copied once, and the projections,
+//! the attention and the hidden activations never become tensors, each of which would cost an
+//! allocation and a copy in and out (numbers in `docs/performance.md`).
+//!
 //! ```
 //! use dfdx::prelude::*;
 //! use factorize_runtime::fast::FastForward;
@@ -76,8 +81,11 @@ pub type Rows<const N: usize, E, D, T = NoneTape> = Tensor<(usize, Const<N>), E,
 /// them to its block of rows while the block is in cache, which saves their own passes over
 /// copies of the output (dfdx lends no view of a tensor's buffer, so each op copies). Other
 /// inputs take the modules' own `try_forward`s, in order, so the result is the same.
+///
+/// Implemented by `Linear` and [`FactorizedLinear`] (sealed), and what [`try_feed_forward`] and
+/// [`self_attention`] take.
 pub trait FastLinear<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: Tape<E, D>>:
-    FastForward<Rows<I, E, D, T>, Output = Rows<O, E, D, T>, Error = D::Err>
+    Routed + FastForward<Rows<I, E, D, T>, Output = Rows<O, E, D, T>, Error = D::Err>
 {
     /// `gelu(self(x))` with erf GELU ([`AccurateGeLU`]).
     fn try_forward_fast_gelu(&self, x: Rows<I, E, D, T>) -> Result<Rows<O, E, D, T>, D::Err>;
@@ -91,70 +99,65 @@ pub trait FastLinear<const I: usize, const O: usize, E: Dtype, D: Device<E>, T: 
     ) -> Result<Rows<O, E, D, T>, D::Err>;
 }
 
-/// [`Epilogue`] on host buffers of `F`.
-enum HostEpilogue<F: Fast> {
+/// What a GEMM thread applies to its block of output rows, on host buffers of `F`.
+enum HostEpilogue<'a, F: Fast> {
     Identity,
     Gelu,
+    /// Add the same rows of `residual` (the output's shape), then LayerNorm.
     AddNorm {
-        residual: HostCopy<F>,
-        gamma: Vec<F>,
-        beta: Vec<F>,
-        epsilon: F,
+        residual: &'a [F],
+        norm: &'a HostNorm<F>,
     },
 }
 
-impl<F: Fast> HostEpilogue<F> {
-    /// `epilogue` with its tensors on the host, or `None` when they are not `Cpu` tensors of
-    /// `F` of the output's shape (`rows × O`).
-    fn of<const O: usize>(epilogue: &Epilogue<'_>, rows: usize) -> Option<Self> {
-        Some(match *epilogue {
-            Epilogue::Identity => Self::Identity,
-            Epilogue::Gelu => Self::Gelu,
-            Epilogue::AddNorm {
-                residual,
-                norm,
-                epsilon,
-            } => {
-                let residual = residual.downcast_ref::<Tensor<(usize, Const<O>), F, Cpu>>()?;
-                let norm = norm.downcast_ref::<LayerNorm1D<O, F, Cpu>>()?;
-                if residual.shape().0 != rows {
-                    return None;
-                }
-                Self::AddNorm {
-                    residual: HostCopy::of(residual),
-                    gamma: host(&norm.gamma),
-                    beta: host(&norm.beta),
-                    epsilon: F::from(epsilon)?,
-                }
-            }
-        })
-    }
-
+impl<F: Fast> HostEpilogue<'_, F> {
     /// Applies it to `y`, rows `first..` of the output, `width` values each.
     fn apply(&self, y: &mut [F], first: usize, width: usize) {
         match self {
             Self::Identity => {}
             Self::Gelu => pulp::Arch::new().dispatch(Gelu(y)),
-            Self::AddNorm {
-                residual,
-                gamma,
-                beta,
-                epsilon,
-            } => pulp::Arch::new().dispatch(Normalize {
-                residual: Some(&residual[first * width..first * width + y.len()]),
-                rows: y,
-                gamma,
-                beta,
-                epsilon: *epsilon,
-            }),
+            Self::AddNorm { residual, norm } => {
+                norm.apply(y, Some(&residual[first * width..first * width + y.len()]))
+            }
         }
     }
 }
 
-/// Host buffers a thread keeps between calls for [`HostCopy`]: enough for a layer's input,
-/// weight and intermediate at once. They stay allocated at the sizes last used (a few MB each
-/// for a transformer layer), the price of not reallocating them per call.
-const SCRATCH_BUFFERS: usize = 4;
+/// A `LayerNorm1D`'s parameters on the host.
+struct HostNorm<F: Fast> {
+    gamma: Vec<F>,
+    beta: Vec<F>,
+    epsilon: F,
+}
+
+impl<F: Fast> HostNorm<F> {
+    /// `norm`'s parameters, when it is a `LayerNorm1D<M, F, Cpu>`.
+    fn of<const M: usize>(norm: &dyn Any) -> Option<Self> {
+        let norm = norm.downcast_ref::<LayerNorm1D<M, F, Cpu>>()?;
+        Some(Self {
+            gamma: host(&norm.gamma),
+            beta: host(&norm.beta),
+            epsilon: F::from(norm.epsilon)?,
+        })
+    }
+
+    /// Normalises each row of `rows` in place, after adding `residual`'s when given.
+    fn apply(&self, rows: &mut [F], residual: Option<&[F]>) {
+        pulp::Arch::new().dispatch(Normalize {
+            rows,
+            residual,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            epsilon: self.epsilon,
+        })
+    }
+}
+
+/// Host buffers a thread keeps between calls for [`HostCopy`]: enough for the input, weights,
+/// projections and intermediates of a fused block ([`self_attention`] holds eight at once).
+/// They stay allocated at the sizes last used (a few MB each for a transformer layer), the
+/// price of not reallocating them per call.
+const SCRATCH_BUFFERS: usize = 8;
 
 /// The element types of the fast route, with their erf.
 trait Fast: Element + Dtype + num_traits::Float {
@@ -273,32 +276,34 @@ fn host<S: Shape, F: Fast>(t: &Tensor<S, F, Cpu>) -> Vec<F> {
     v
 }
 
-/// A read-only host copy of a tensor (or a scratch buffer) in a buffer that goes back to this
-/// thread's [`Fast::scratch`] when dropped. dfdx lends no slice of a `Cpu` tensor's data, so
-/// each forward copies its input and weights; reusing the buffers keeps that to a memcpy, where
-/// fresh megabyte allocations also paid page faults and zeroing.
+/// A host buffer (a tensor's copy, a product) taken from this thread's [`Fast::scratch`] and
+/// given back when dropped. dfdx lends no slice of a `Cpu` tensor's data, so each forward
+/// copies its input and weights; reusing the buffers keeps that to a memcpy, where fresh
+/// megabyte allocations also paid page faults and zeroing.
 struct HostCopy<F: Fast>(Vec<F>);
 
 impl<F: Fast> HostCopy<F> {
-    /// A buffer of `len` values, contents unspecified (left from its last use or zero).
-    fn scratch(len: usize) -> Self {
-        let mut buf = F::scratch().with(|pool| {
+    /// A spare buffer of this thread, its contents unspecified: the smallest of capacity `len`
+    /// or more when there is one, else the largest (to grow).
+    fn spare(len: usize) -> Self {
+        let buf = F::scratch().with(|pool| {
             let mut pool = pool.borrow_mut();
-            // The smallest spare buffer that fits, else the largest, to grow.
             let fits = (0..pool.len())
                 .filter(|&i| pool[i].capacity() >= len)
                 .min_by_key(|&i| pool[i].capacity());
             let pick = fits.or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].capacity()));
             pick.map(|i| pool.swap_remove(i)).unwrap_or_default()
         });
-        buf.resize(len, F::zero());
         Self(buf)
     }
 
     /// A copy of `t`'s values, row-major.
     fn of<S: Shape>(t: &Tensor<S, F, Cpu>) -> Self {
         let t = t.clone().contiguous();
-        let mut copy = Self::scratch(t.shape().num_elements());
+        let len = t.shape().num_elements();
+        let mut copy = Self::spare(len);
+        // Only values beyond the buffer's last length are written twice.
+        copy.0.resize(len, F::zero());
         t.copy_into(&mut copy.0);
         copy
     }
@@ -308,12 +313,6 @@ impl<F: Fast> std::ops::Deref for HostCopy<F> {
     type Target = [F];
     fn deref(&self) -> &[F] {
         &self.0
-    }
-}
-
-impl<F: Fast> std::ops::DerefMut for HostCopy<F> {
-    fn deref_mut(&mut self) -> &mut [F] {
-        &mut self.0
     }
 }
 
@@ -344,44 +343,49 @@ macro_rules! routes {
     };
 }
 
-/// `y = x·Wᵀ + b` on host buffers, a new buffer: `x` `[rows, in]`, `w` `[out, in]`, row-major.
-fn gemm<F: Fast>(x: &[F], w: &[F], bias: &[F], rows: usize, epilogue: &HostEpilogue<F>) -> Vec<F> {
-    let mut y = bias.repeat(rows);
-    gemm_into(&mut y, x, w, Some(bias), (rows, bias.len()), epilogue);
-    y
-}
-
-/// [`gemm`] into `y`, which holds the bias repeated on every row when `bias` is given (it is
-/// only looked at for being `Some`) and is overwritten otherwise.
-fn gemm_into<F: Fast>(
-    y: &mut [F],
+/// `epilogue(x·Wᵀ + b)` into `y`, its contents replaced: `x` `[rows, in]`, `w` `[out, in]`,
+/// row-major, no bias when `bias` is `None`.
+fn gemm<F: Fast>(
+    y: &mut Vec<F>,
     x: &[F],
     w: &[F],
     bias: Option<&[F]>,
     (rows, out): (usize, usize),
-    epilogue: &HostEpilogue<F>,
+    epilogue: &HostEpilogue<'_, F>,
 ) {
     let inner = w.len() / out;
-    let accum = if bias.is_some() {
-        Accum::Add
-    } else {
-        Accum::Replace
-    };
     let w = MatRef::from_row_major_slice(w, out, inner);
+    y.clear();
+    y.reserve(rows * out);
     // Blocks of rows on rayon's threads, each a sequential faer GEMM (see `crate::pool` for
     // why not faer's own parallelism), written as `Yᵀ = W·Xᵀ` so that the output is the
-    // column-major matrix faer's kernels write best.
+    // column-major matrix faer's kernels write best. Each thread also writes its block's bias
+    // first, so the output is written in parallel and in cache, never zeroed beforehand.
     let block = rows
         .div_ceil(rayon::current_num_threads())
         .max(GEMM_MIN_ROWS);
-    y.par_chunks_mut(block * out)
+    y.spare_capacity_mut()[..rows * out]
+        .par_chunks_mut(block * out)
         .zip(x.par_chunks(block * inner))
         .enumerate()
         .for_each(|(i, (y, x))| {
+            for row in y.chunks_exact_mut(out) {
+                match bias {
+                    Some(bias) => {
+                        for (a, &b) in row.iter_mut().zip(bias) {
+                            a.write(b);
+                        }
+                    }
+                    None => row.fill(std::mem::MaybeUninit::new(F::zero())),
+                }
+            }
+            // SAFETY: every value of the block was written just above, and `MaybeUninit<F>`
+            // has `F`'s layout.
+            let y = unsafe { &mut *(y as *mut [std::mem::MaybeUninit<F>] as *mut [F]) };
             let r = x.len() / inner;
             matmul(
                 MatMut::from_column_major_slice_mut(y, out, r),
-                accum,
+                Accum::Add,
                 w,
                 MatRef::from_row_major_slice(x, r, inner).transpose(),
                 F::one(),
@@ -389,22 +393,109 @@ fn gemm_into<F: Fast>(
             );
             epilogue.apply(y, i * block, out);
         });
+    // SAFETY: the blocks cover the first `rows · out` values, and each block wrote all of its
+    // own before its GEMM.
+    unsafe { y.set_len(rows * out) };
 }
 
-fn linear_route<F: Fast, X: 'static, Out: 'static, const I: usize, const O: usize>(
+/// A linear layer's weights copied to the host, row-major: what its product on host buffers
+/// needs. Built by [`Routed::host`] once per forward (dfdx lends no view of a weight either).
+enum HostLinear<F: Fast> {
+    /// `y = W·x + b`, `W` `[out, in]`.
+    Dense { weight: HostCopy<F>, bias: Vec<F> },
+    /// `y = B·(A·x) + b`, `A` `[latent, in]`, `B` `[out, latent]`.
+    Pair {
+        first: HostCopy<F>,
+        second: HostCopy<F>,
+        bias: Vec<F>,
+    },
+}
+
+impl<F: Fast> HostLinear<F> {
+    /// A `Linear<I, O, F, Cpu>`'s, boxed for [`Routed::host`]; `None` for other tensors.
+    fn dense<const I: usize, const O: usize>(weight: &dyn Any, bias: &dyn Any) -> Option<Self> {
+        Some(Self::Dense {
+            weight: HostCopy::of(weight.downcast_ref::<Tensor<Rank2<O, I>, F, Cpu>>()?),
+            bias: host(bias.downcast_ref::<Tensor<Rank1<O>, F, Cpu>>()?),
+        })
+    }
+
+    /// A `FactorizedLinear<I, L, O, F, Cpu>`'s; `None` for other tensors.
+    fn pair<const I: usize, const L: usize, const O: usize>(
+        first: &dyn Any,
+        second: &dyn Any,
+        bias: &dyn Any,
+    ) -> Option<Self> {
+        Some(Self::Pair {
+            first: HostCopy::of(first.downcast_ref::<Tensor<Rank2<L, I>, F, Cpu>>()?),
+            second: HostCopy::of(second.downcast_ref::<Tensor<Rank2<O, L>, F, Cpu>>()?),
+            bias: host(bias.downcast_ref::<Tensor<Rank1<O>, F, Cpu>>()?),
+        })
+    }
+
+    /// `epilogue(self(x))` for the `rows` rows of `x`, into `y` (contents replaced).
+    fn forward(&self, x: &[F], rows: usize, y: &mut Vec<F>, epilogue: &HostEpilogue<'_, F>) {
+        match self {
+            Self::Dense { weight, bias } => {
+                gemm(y, x, weight, Some(bias), (rows, bias.len()), epilogue)
+            }
+            Self::Pair {
+                first,
+                second,
+                bias,
+            } => {
+                let latent = second.len() / bias.len();
+                let mut h = HostCopy::spare(rows * latent);
+                gemm(
+                    &mut h.0,
+                    x,
+                    first,
+                    None,
+                    (rows, latent),
+                    &HostEpilogue::Identity,
+                );
+                gemm(y, &h, second, Some(bias), (rows, bias.len()), epilogue);
+            }
+        }
+    }
+}
+
+/// `layer`'s weights on the host as `F`, when they are `Cpu` tensors of `F`.
+fn host_linear<F: Fast>(layer: &(impl Routed + ?Sized)) -> Option<HostLinear<F>> {
+    layer.host()?.downcast().ok().map(|host| *host)
+}
+
+/// `layer`'s forward of `x` on the host with `epilogue` (`I` → `O` features), or `None` when
+/// `x` is not a tape-free `Cpu` tensor of `F` (or the layer's weights are not).
+fn linear_route<F: Fast, X: RecordInput + 'static, Out: 'static, const I: usize, const O: usize>(
     x: &X,
-    weight: &dyn Any,
-    bias: &dyn Any,
+    layer: &impl Routed,
     epilogue: &Epilogue<'_>,
 ) -> Option<Out> {
-    let x = as_cpu::<(usize, Const<I>), F, X>(x)?;
-    let w = weight.downcast_ref::<Tensor<Rank2<O, I>, F, Cpu>>()?;
-    let b = bias.downcast_ref::<Tensor<Rank1<O>, F, Cpu>>()?;
-    let rows = x.shape().0;
-    let epilogue = HostEpilogue::of::<O>(epilogue, rows)?;
-    let (x_host, w_host) = (HostCopy::of(x), HostCopy::of(w));
-    let y = gemm(&x_host, &w_host, &host(b), rows, &epilogue);
-    cast(x.device().tensor_from_vec(y, (rows, Const::<O>)))
+    let input = as_cpu::<(usize, Const<I>), F, X>(x)?;
+    let rows = input.shape().0;
+    let (residual, norm) = match *epilogue {
+        Epilogue::AddNorm { residual, norm } => {
+            let residual = residual.downcast_ref::<Tensor<(usize, Const<O>), F, Cpu>>()?;
+            if residual.shape().0 != rows {
+                return None;
+            }
+            (Some(HostCopy::of(residual)), Some(HostNorm::of::<O>(norm)?))
+        }
+        _ => (None, None),
+    };
+    let epilogue = match (epilogue, &residual, &norm) {
+        (Epilogue::Gelu, ..) => HostEpilogue::Gelu,
+        (Epilogue::AddNorm { .. }, Some(residual), Some(norm)) => {
+            HostEpilogue::AddNorm { residual, norm }
+        }
+        _ => HostEpilogue::Identity,
+    };
+    let weights = host_linear::<F>(layer)?;
+    let mut y = Vec::new();
+    weights.forward(&HostCopy::of(input), rows, &mut y, &epilogue);
+    layer.record(x);
+    cast(input.device().tensor_from_vec(y, (rows, Const::<O>)))
 }
 
 impl<const I: usize, const O: usize, E: Dtype, D: Device<E>, T> FastForward<T>
@@ -415,7 +506,22 @@ where
     <Self as Module<T>>::Output: 'static,
 {
     fn try_forward_fast(&self, x: T) -> Result<Self::Output, Self::Error> {
-        match self.routed(&x, &Epilogue::Identity) {
+        match routes!(x, linear_route[I, O], self, &Epilogue::Identity) {
+            Some(y) => Ok(y),
+            None => self.try_forward(x),
+        }
+    }
+}
+
+impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>, T> FastForward<T>
+    for FactorizedLinear<I, L, O, E, D>
+where
+    T: RecordInput + 'static,
+    Self: Module<T>,
+    <Self as Module<T>>::Output: 'static,
+{
+    fn try_forward_fast(&self, x: T) -> Result<Self::Output, Self::Error> {
+        match routes!(x, linear_route[I, O], self, &Epilogue::Identity) {
             Some(y) => Ok(y),
             None => self.try_forward(x),
         }
@@ -428,7 +534,7 @@ where
     M: Routed + FastForward<Rows<I, E, D, T>, Output = Rows<O, E, D, T>, Error = D::Err>,
 {
     fn try_forward_fast_gelu(&self, x: Rows<I, E, D, T>) -> Result<Rows<O, E, D, T>, D::Err> {
-        match self.routed(&x, &Epilogue::Gelu) {
+        match routes!(x, linear_route[I, O], self, &Epilogue::Gelu) {
             Some(y) => Ok(y),
             None => AccurateGeLU.try_forward(self.try_forward(x)?),
         }
@@ -440,7 +546,11 @@ where
         residual: Rows<O, E, D>,
         norm: &LayerNorm1D<O, E, D>,
     ) -> Result<Rows<O, E, D, T>, D::Err> {
-        match self.routed(&x, &add_norm(&residual, norm)) {
+        let epilogue = Epilogue::AddNorm {
+            residual: &residual,
+            norm,
+        };
+        match routes!(x, linear_route[I, O], self, &epilogue) {
             Some(y) => Ok(y),
             None => norm.try_forward(self.try_forward(x)?.try_add(residual)?),
         }
@@ -453,148 +563,208 @@ mod sealed {
     pub enum Epilogue<'a> {
         Identity,
         Gelu,
-        /// Add the residual (a tensor of the output's shape), then LayerNorm.
+        /// Add the residual (a tensor of the output's shape), then the `LayerNorm1D`.
         AddNorm {
             residual: &'a dyn std::any::Any,
             norm: &'a dyn std::any::Any,
-            epsilon: f64,
         },
     }
 
-    /// A linear layer's host route (the part of [`FastLinear`](super::FastLinear) that differs
-    /// between layer kinds): its output with `epilogue` applied, or `None` when `x` does not
-    /// take the route.
+    /// What differs between the linear layer kinds on the host route.
     pub trait Routed {
-        fn routed<T: super::RecordInput + 'static, Out: 'static>(
-            &self,
-            x: &T,
-            epilogue: &Epilogue<'_>,
-        ) -> Option<Out>;
+        /// The layer's weights copied to the host: a `HostLinear` of `f32` or `f64` (the
+        /// layer's dtype), or `None` when they are not `Cpu` tensors of either.
+        fn host(&self) -> Option<Box<dyn std::any::Any>>;
+
+        /// Records `x` as the layer's input, as its `Module` forward would (a no-op unless a
+        /// calibration pass records).
+        fn record(&self, x: &dyn super::RecordInput);
     }
 }
 use sealed::{Epilogue, Routed};
 
+/// `host` boxed for [`Routed::host`].
+fn boxed<H: Any>(host: Option<H>) -> Option<Box<dyn Any>> {
+    host.map(|h| Box::new(h) as Box<dyn Any>)
+}
+
 impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> Routed for Linear<I, O, E, D> {
-    fn routed<T: RecordInput + 'static, Out: 'static>(
-        &self,
-        x: &T,
-        epilogue: &Epilogue<'_>,
-    ) -> Option<Out> {
-        let (weight, bias) = (&self.weight as &dyn Any, &self.bias as &dyn Any);
-        routes!(*x, linear_route [I, O], weight, bias, epilogue)
+    fn host(&self) -> Option<Box<dyn Any>> {
+        let (w, b) = (&self.weight as &dyn Any, &self.bias as &dyn Any);
+        boxed(HostLinear::<f32>::dense::<I, O>(w, b))
+            .or_else(|| boxed(HostLinear::<f64>::dense::<I, O>(w, b)))
     }
+
+    fn record(&self, _: &dyn RecordInput) {}
 }
 
-/// The [`Epilogue`] of [`FastLinear::try_forward_fast_add_norm`].
-fn add_norm<'a, const M: usize, E: Dtype, D: Device<E>>(
-    residual: &'a Tensor<(usize, Const<M>), E, D>,
-    norm: &'a LayerNorm1D<M, E, D>,
-) -> Epilogue<'a> {
-    Epilogue::AddNorm {
-        residual,
-        norm,
-        epsilon: norm.epsilon,
-    }
-}
-
-fn factorized_route<
-    F: Fast,
-    X: 'static,
-    Out: 'static,
-    const I: usize,
-    const L: usize,
-    const O: usize,
->(
-    x: &X,
-    first: &dyn Any,
-    second: &dyn Any,
-    bias: &dyn Any,
-    epilogue: &Epilogue<'_>,
-) -> Option<Out> {
-    let x = as_cpu::<(usize, Const<I>), F, X>(x)?;
-    let a = first.downcast_ref::<Tensor<Rank2<L, I>, F, Cpu>>()?;
-    let b = second.downcast_ref::<Tensor<Rank2<O, L>, F, Cpu>>()?;
-    let bias = bias.downcast_ref::<Tensor<Rank1<O>, F, Cpu>>()?;
-    let rows = x.shape().0;
-    let epilogue = HostEpilogue::of::<O>(epilogue, rows)?;
-    let mut latent = HostCopy::scratch(rows * L);
-    let (x_host, a_host) = (HostCopy::of(x), HostCopy::of(a));
-    gemm_into(
-        &mut latent,
-        &x_host,
-        &a_host,
-        None,
-        (rows, L),
-        &HostEpilogue::Identity,
-    );
-    let b_host = HostCopy::of(b);
-    let y = gemm(&latent, &b_host, &host(bias), rows, &epilogue);
-    cast(x.device().tensor_from_vec(y, (rows, Const::<O>)))
-}
-
-impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>, T> FastForward<T>
-    for FactorizedLinear<I, L, O, E, D>
-where
-    T: RecordInput + 'static,
-    Self: Module<T>,
-    <Self as Module<T>>::Output: 'static,
-{
-    fn try_forward_fast(&self, x: T) -> Result<Self::Output, Self::Error> {
-        match self.routed(&x, &Epilogue::Identity) {
-            Some(y) => Ok(y),
-            None => self.try_forward(x),
-        }
-    }
-}
-
-/// The dense stand-in's product while one is set (calibration), else the pair's. A routed input
-/// is recorded as the `Module` forward records it (a no-op unless a calibration pass is
-/// recording).
+/// The dense stand-in's product while one is set (calibration), else the pair's; inputs are
+/// recorded as the `Module` forward records them.
 impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Routed
     for FactorizedLinear<I, L, O, E, D>
 {
-    fn routed<T: RecordInput + 'static, Out: 'static>(
-        &self,
-        x: &T,
-        epilogue: &Epilogue<'_>,
-    ) -> Option<Out> {
+    fn host(&self) -> Option<Box<dyn Any>> {
         let address = self as *const Self as usize;
-        let y = match crate::stand_in::stand_in::<Linear<I, O, E, D>>(address) {
-            Some(dense) => dense.routed(x, epilogue),
-            None => {
-                let (first, second) = (
-                    &self.first.weight as &dyn Any,
-                    &self.second.weight as &dyn Any,
-                );
-                let bias = &self.second.bias as &dyn Any;
-                routes!(*x, factorized_route [I, L, O], first, second, bias, epilogue)
-            }
-        }?;
-        x.record(address);
-        Some(y)
+        if let Some(dense) = crate::stand_in::stand_in::<Linear<I, O, E, D>>(address) {
+            return dense.host();
+        }
+        let (a, b) = (
+            &self.first.weight as &dyn Any,
+            &self.second.weight as &dyn Any,
+        );
+        let bias = &self.second.bias as &dyn Any;
+        boxed(HostLinear::<f32>::pair::<I, L, O>(a, b, bias))
+            .or_else(|| boxed(HostLinear::<f64>::pair::<I, L, O>(a, b, bias)))
     }
+
+    fn record(&self, x: &dyn RecordInput) {
+        x.record(self as *const Self as usize);
+    }
+}
+
+/// `norm(x + down(gelu(up(x))))`: a post-norm transformer's feed-forward block (erf GELU).
+///
+/// On the fast route (tape-free `Cpu` rows of f32 or f64, outside calibration) it runs on host
+/// buffers from end to end: `x` is copied once (it is also the residual) and the hidden
+/// activations never become a tensor. Otherwise it composes [`FastLinear`]'s forwards, so it
+/// also trains.
+///
+/// ```
+/// use dfdx::prelude::*;
+/// use factorize_runtime::fast;
+///
+/// let dev: Cpu = Default::default();
+/// let up = dev.build_module::<Linear<8, 32>, f32>();
+/// let down = dev.build_module::<Linear<32, 8>, f32>();
+/// let norm = dev.build_module::<LayerNorm1D<8>, f32>();
+/// let x: Tensor<(usize, Const<8>), f32, Cpu> = dev.sample_normal_like(&(5, Const));
+/// let fused = fast::try_feed_forward(&up, &down, &norm, x.clone()).unwrap().as_vec();
+/// let composed = norm.forward(down.forward(up.forward(x.clone()).gelu()) + x).as_vec();
+/// assert!(fused.iter().zip(&composed).all(|(a, b)| (a - b).abs() < 1e-3));
+/// ```
+pub fn try_feed_forward<
+    const M: usize,
+    const H: usize,
+    E: Dtype,
+    D: Device<E>,
+    T: Tape<E, D> + 'static,
+>(
+    up: &impl FastLinear<M, H, E, D, T>,
+    down: &impl FastLinear<H, M, E, D, T>,
+    norm: &LayerNorm1D<M, E, D>,
+    x: Rows<M, E, D, T>,
+) -> Result<Rows<M, E, D, T>, D::Err> {
+    let fast = if crate::calibrate::recording() {
+        None
+    } else {
+        routes!(x, feed_forward_route[M, H], up, down, norm)
+    };
+    if let Some(y) = fast {
+        return Ok(y);
+    }
+    let (x, tape) = x.split_tape();
+    let h = up.try_forward_fast_gelu(x.clone().put_tape(tape))?;
+    down.try_forward_fast_add_norm(h, x, norm)
+}
+
+fn feed_forward_route<F: Fast, X: 'static, Out: 'static, const M: usize, const H: usize>(
+    x: &X,
+    up: &impl Routed,
+    down: &impl Routed,
+    norm: &dyn Any,
+) -> Option<Out> {
+    let x = as_cpu::<(usize, Const<M>), F, X>(x)?;
+    let rows = x.shape().0;
+    let (up, down) = (host_linear::<F>(up)?, host_linear::<F>(down)?);
+    let norm = HostNorm::of::<M>(norm)?;
+    let residual = HostCopy::of(x);
+    let mut h = HostCopy::spare(rows * H);
+    up.forward(&residual, rows, &mut h.0, &HostEpilogue::Gelu);
+    let mut y = Vec::new();
+    let epilogue = HostEpilogue::AddNorm {
+        residual: &residual,
+        norm: &norm,
+    };
+    down.forward(&h, rows, &mut y, &epilogue);
+    cast(x.device().tensor_from_vec(y, (rows, Const::<M>)))
+}
+
+/// `norm(x + output(attention(query(x), key(x), value(x))))`: a post-norm transformer's
+/// self-attention block, with [`attention`]'s heads, padding and masking, on host buffers from
+/// end to end (`x` copied once; the projections and the attention never become tensors).
+///
+/// `None` unless `x` is a tape-free `Cpu` tensor of f32 or f64 and no calibration pass
+/// records: the caller then composes the block (the MiniLM example falls back to
+/// [`FastLinear`]'s forwards and [`attention`], or dfdx's ops under a tape).
+///
+/// # Panics
+/// As [`attention`].
+pub fn self_attention<
+    const H: usize,
+    const DH: usize,
+    const W: usize,
+    E: Dtype,
+    D: Device<E>,
+    T: Tape<E, D> + 'static,
+>(
+    (query, key, value, output): (
+        &impl FastLinear<W, W, E, D, T>,
+        &impl FastLinear<W, W, E, D, T>,
+        &impl FastLinear<W, W, E, D, T>,
+        &impl FastLinear<W, W, E, D, T>,
+    ),
+    norm: &LayerNorm1D<W, E, D>,
+    x: &Rows<W, E, D, T>,
+    lengths: &[usize],
+    positions: usize,
+) -> Option<Rows<W, E, D, T>> {
+    check_attention::<H, DH, W>(x.shape().0, lengths, positions);
+    if crate::calibrate::recording() {
+        return None;
+    }
+    let projections = [query as &dyn Routed, key, value, output];
+    routes!(*x, self_attention_route[DH, W], projections, norm, lengths, positions)
+}
+
+fn self_attention_route<F: Fast, X: 'static, Out: 'static, const DH: usize, const W: usize>(
+    x: &X,
+    [query, key, value, output]: [&dyn Routed; 4],
+    norm: &dyn Any,
+    lengths: &[usize],
+    positions: usize,
+) -> Option<Out> {
+    let x = as_cpu::<(usize, Const<W>), F, X>(x)?;
+    let rows = x.shape().0;
+    let norm = HostNorm::of::<W>(norm)?;
+    let residual = HostCopy::of(x);
+    // Each layer's weights go back to the pool once its product is done.
+    let project = |layer: &dyn Routed| {
+        let mut y = HostCopy::spare(rows * W);
+        host_linear::<F>(layer)?.forward(&residual, rows, &mut y.0, &HostEpilogue::Identity);
+        Some(y)
+    };
+    let (q, k, v) = (project(query)?, project(key)?, project(value)?);
+    let mut context = HostCopy::spare(rows * W);
+    context.0.resize(rows * W, F::zero());
+    attend::<F, DH>([&q, &k, &v], W, lengths, positions, &mut context.0);
+    let mut y = Vec::new();
+    let epilogue = HostEpilogue::AddNorm {
+        residual: &residual,
+        norm: &norm,
+    };
+    host_linear::<F>(output)?.forward(&context, rows, &mut y, &epilogue);
+    cast(x.device().tensor_from_vec(y, (rows, Const::<W>)))
 }
 
 fn layer_norm_route<F: Fast, X: 'static, Out: 'static, const M: usize>(
     x: &X,
-    gamma: &dyn Any,
-    beta: &dyn Any,
-    epsilon: f64,
+    norm: &dyn Any,
 ) -> Option<Out> {
     let x = as_cpu::<(usize, Const<M>), F, X>(x)?;
-    let gamma = host(gamma.downcast_ref::<Tensor<Rank1<M>, F, Cpu>>()?);
-    let beta = host(beta.downcast_ref::<Tensor<Rank1<M>, F, Cpu>>()?);
-    let epsilon = F::from(epsilon)?;
+    let norm = HostNorm::of::<M>(norm)?;
     let mut v = host(x);
-    v.par_chunks_mut(M * ROWS_PER_TASK).for_each(|rows| {
-        pulp::Arch::new().dispatch(Normalize {
-            rows,
-            residual: None,
-            gamma: &gamma,
-            beta: &beta,
-            epsilon,
-        })
-    });
+    v.par_chunks_mut(M * ROWS_PER_TASK)
+        .for_each(|rows| norm.apply(rows, None));
     cast(x.device().tensor_from_vec(v, *x.shape()))
 }
 
@@ -604,8 +774,7 @@ where
     <Self as Module<T>>::Output: 'static,
 {
     fn try_forward_fast(&self, x: T) -> Result<Self::Output, Self::Error> {
-        let (gamma, beta) = (&self.gamma as &dyn Any, &self.beta as &dyn Any);
-        match routes!(x, layer_norm_route[M], gamma, beta, self.epsilon) {
+        match routes!(x, layer_norm_route[M], self as &dyn Any) {
             Some(y) => Ok(y),
             None => self.try_forward(x),
         }
@@ -701,6 +870,7 @@ impl<S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D> + 'static> FastForward<Tens
 /// row, padding included, attends to the real keys only, as an additive `-∞` mask does).
 /// Returns `None` unless the tensors are tape-free `Cpu` tensors of f32 or f64; the caller then
 /// composes dfdx's ops (as the MiniLM example does), which also carry a tape.
+/// [`self_attention`] fuses it with its projections.
 ///
 /// # Panics
 /// If `W != H·DH`, the row count is not `lengths.len()·positions`, or a length exceeds
@@ -712,19 +882,28 @@ pub fn attention<const H: usize, const DH: usize, const W: usize, E: Dtype, D: D
     lengths: &[usize],
     positions: usize,
 ) -> Option<Tensor<(usize, Const<W>), E, D>> {
+    check_attention::<H, DH, W>(q.shape().0, lengths, positions);
+    let (q, k, v) = (q as &dyn Any, k as &dyn Any, v as &dyn Any);
+    attention_route::<f32, DH, W, _>(q, k, v, lengths, positions)
+        .or_else(|| attention_route::<f64, DH, W, _>(q, k, v, lengths, positions))
+}
+
+/// [`attention`]'s preconditions, for `rows` rows.
+fn check_attention<const H: usize, const DH: usize, const W: usize>(
+    rows: usize,
+    lengths: &[usize],
+    positions: usize,
+) {
     assert_eq!(
         H * DH,
         W,
         "attention: {H} heads of {DH} are not {W} columns"
     );
-    assert_eq!(q.shape().0, lengths.len() * positions, "attention: rows");
+    assert_eq!(rows, lengths.len() * positions, "attention: rows");
     assert!(
         lengths.iter().all(|&l| (1..=positions).contains(&l)),
         "attention: lengths must lie in 1..={positions}"
     );
-    let (q, k, v) = (q as &dyn Any, k as &dyn Any, v as &dyn Any);
-    attention_route::<f32, DH, W, _>(q, k, v, lengths, positions)
-        .or_else(|| attention_route::<f64, DH, W, _>(q, k, v, lengths, positions))
 }
 
 fn attention_route<F: Fast, const DH: usize, const W: usize, Out: 'static>(
@@ -744,22 +923,33 @@ fn attention_route<F: Fast, const DH: usize, const W: usize, Out: 'static>(
         .device()
         .clone();
     let mut out = vec![F::zero(); qs.len()];
+    attend::<F, DH>([&qs, &ks, &vs], W, lengths, positions, &mut out);
+    cast(dev.tensor_from_vec(out, (qs.len() / W, Const::<W>)))
+}
+
+/// [`attention`] on host buffers: `[q, k, v]` and `out` are rows of `width` values.
+fn attend<F: Fast, const DH: usize>(
+    [q, k, v]: [&[F]; 3],
+    width: usize,
+    lengths: &[usize],
+    positions: usize,
+    out: &mut [F],
+) {
     // One task per sentence: its rows of `out` are written by it alone.
-    out.par_chunks_mut(positions * W)
+    out.par_chunks_mut(positions * width)
         .zip(lengths.par_iter())
         .enumerate()
         .for_each(|(i, (out, &len))| {
-            let rows = i * positions * W..(i + 1) * positions * W;
+            let rows = i * positions * width..(i + 1) * positions * width;
             pulp::Arch::new().dispatch(Sentence::<F, DH> {
-                q: &qs[rows.clone()],
-                k: &ks[rows.clone()],
-                v: &vs[rows],
+                q: &q[rows.clone()],
+                k: &k[rows.clone()],
+                v: &v[rows],
                 out,
-                width: W,
+                width,
                 len,
             })
         });
-    cast(dev.tensor_from_vec(out, (qs.len() / W, Const::<W>)))
 }
 
 /// One sentence of [`attention`]: its rows of `q`, `k`, `v` and `out` (positions × `width`,
@@ -1018,6 +1208,81 @@ mod tests {
         assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-12));
     }
 
+    fn normal_norm<const M: usize>(dev: &Cpu) -> LayerNorm1D<M, f32, Cpu> {
+        let mut norm = dev.build_module::<builders::LayerNorm1D<M>, f32>();
+        norm.gamma = dev.sample_normal();
+        norm.beta = dev.sample_normal();
+        norm
+    }
+
+    #[test]
+    fn fused_feed_forward_equals_its_composition() {
+        let dev: Cpu = Default::default();
+        // More rows than one thread's block.
+        let x: Tensor<(usize, Const<24>), f32, Cpu> = dev.sample_normal_like(&(301, Const));
+        let up = dev.build_module::<builders::Linear<24, 40>, f32>();
+        let down = dev.build_module::<builders::Linear<40, 24>, f32>();
+        let norm = normal_norm::<24>(&dev);
+        let fused = try_feed_forward(&up, &down, &norm, x.clone()).unwrap();
+        let h = AccurateGeLU.forward(up.forward(x.clone()));
+        let want = norm.forward(down.forward(h) + x.clone());
+        close(&fused.as_vec(), &want.as_vec(), 1e-5);
+        // Factorized layers, and a factorized one before a dense one.
+        let cfg = crate::config::FactorizeConfig::default();
+        let up_pair: FactorizedLinear<24, 6, 40, f32, Cpu> =
+            FactorizedLinear::from_linear(&up, &cfg).unwrap();
+        let down_pair: FactorizedLinear<40, 6, 24, f32, Cpu> =
+            FactorizedLinear::from_linear(&down, &cfg).unwrap();
+        let h = AccurateGeLU.forward(up_pair.forward(x.clone()));
+        let fused = try_feed_forward(&up_pair, &down_pair, &norm, x.clone()).unwrap();
+        let want = norm.forward(down_pair.forward(h.clone()) + x.clone());
+        close(&fused.as_vec(), &want.as_vec(), 1e-5);
+        let fused = try_feed_forward(&up_pair, &down, &norm, x.clone()).unwrap();
+        let want = norm.forward(down.forward(h) + x.clone());
+        close(&fused.as_vec(), &want.as_vec(), 1e-5);
+    }
+
+    #[test]
+    fn fused_self_attention_equals_its_composition() {
+        let dev: Cpu = Default::default();
+        let (lengths, positions) = ([3usize, 11, 1, 16, 8], 16);
+        let x: Tensor<(usize, Const<8>), f32, Cpu> =
+            dev.sample_normal_like(&(lengths.len() * positions, Const));
+        let layer = || dev.build_module::<builders::Linear<8, 8>, f32>();
+        let (q, k, v, o) = (layer(), layer(), layer(), layer());
+        let norm = normal_norm::<8>(&dev);
+        let fused = self_attention::<2, 4, 8, f32, Cpu, NoneTape>(
+            (&q, &k, &v, &o),
+            &norm,
+            &x,
+            &lengths,
+            positions,
+        )
+        .expect("a Cpu f32 tensor takes the fast route");
+        let context = attention::<2, 4, 8, f32, Cpu>(
+            &q.forward(x.clone()),
+            &k.forward(x.clone()),
+            &v.forward(x.clone()),
+            &lengths,
+            positions,
+        )
+        .unwrap();
+        let want = norm.forward(o.forward(context) + x.clone());
+        close(&fused.as_vec(), &want.as_vec(), 1e-5);
+        // A traced input is left to the caller.
+        let grads = q.alloc_grads();
+        let traced = x.traced(grads);
+        let projections = (&q, &k, &v, &o);
+        assert!(self_attention::<2, 4, 8, f32, Cpu, _>(
+            projections,
+            &norm,
+            &traced,
+            &lengths,
+            positions
+        )
+        .is_none());
+    }
+
     #[test]
     fn a_recording_tape_takes_dfdx_route_and_gets_gradients() {
         let dev: Cpu = Default::default();
@@ -1035,8 +1300,15 @@ mod tests {
         let norm = dev.build_module::<builders::LayerNorm1D<3>, f32>();
         let residual: Tensor<(usize, Const<3>), f32, Cpu> = dev.sample_normal_like(&(2, Const));
         let grads = fc.alloc_grads();
-        let y = fc.try_forward_fast_add_norm(x.traced(grads), residual, &norm);
+        let y = fc.try_forward_fast_add_norm(x.clone().traced(grads), residual, &norm);
         let g = (y.unwrap() * 3.0).sum().backward();
         assert!(g.get(&fc.weight).as_vec().iter().any(|v| *v != 0.0));
+        // And the fused feed-forward block, to both of its layers.
+        let down = dev.build_module::<builders::Linear<3, 4>, f32>();
+        let norm = dev.build_module::<builders::LayerNorm1D<4>, f32>();
+        let y = try_feed_forward(&fc, &down, &norm, x.leaky_trace()).unwrap();
+        let g = (y * 3.0).sum().backward();
+        assert!(g.get(&fc.weight).as_vec().iter().any(|v| *v != 0.0));
+        assert!(g.get(&down.weight).as_vec().iter().any(|v| *v != 0.0));
     }
 }
