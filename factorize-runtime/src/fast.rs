@@ -952,6 +952,10 @@ fn attend<F: Fast, const DH: usize>(
         });
 }
 
+/// Query rows whose scores are accumulated together: one vector of keys serves them all, and
+/// their accumulators are independent, so the FMAs do not wait on each other's results.
+const QUERIES: usize = 4;
+
 /// One sentence of [`attention`]: its rows of `q`, `k`, `v` and `out` (positions × `width`,
 /// heads of `DH` side by side), of which the first `len` positions are real tokens.
 struct Sentence<'a, F, const DH: usize> {
@@ -986,47 +990,62 @@ impl<F: Fast, const DH: usize> pulp::WithSimd for Sentence<'_, F, DH> {
         // subnormals and exp's underflow path are each tens of times slower, and real
         // attention scores (±40) reach them on most rows.
         let floor = (F::min_positive_value() * F::from(len).unwrap_or_else(F::one)).ln();
-        // A head's keys transposed, `DH × stride`, zero-padded to whole vectors: a query's
-        // scores are then accumulated eight keys to a register, with no horizontal sums.
-        let stride = len.next_multiple_of(LANES);
+        // A head's keys in vectors of `LANES` keys, each vector transposed (`DH × LANES`,
+        // zero-padded past `len`): a query's scores then accumulate eight keys to a register,
+        // with no horizontal sums, reading the vector's keys in order.
+        let vectors = len.div_ceil(LANES);
+        let stride = vectors * LANES;
         let mut keys = vec![F::zero(); DH * stride];
-        let mut probs = vec![F::zero(); stride];
+        let mut scores = vec![F::zero(); QUERIES * stride];
         for h in 0..width / DH {
             // Head `h` of position `p`.
             let head = |p: usize| p * width + h * DH..p * width + (h + 1) * DH;
             for j in 0..len {
+                let (c, l) = (j / LANES, j % LANES);
                 for (d, &x) in k[head(j)].iter().enumerate() {
-                    keys[d * stride + j] = x;
+                    keys[(c * DH + d) * LANES + l] = x;
                 }
             }
-            for p in 0..positions {
-                let query = &q[head(p)];
-                for (c, scores) in probs.chunks_exact_mut(LANES).enumerate() {
-                    let mut acc = [F::zero(); LANES];
-                    for (d, &x) in query.iter().enumerate() {
-                        let keys = &keys[d * stride + c * LANES..][..LANES];
-                        for (a, &y) in acc.iter_mut().zip(keys) {
-                            *a += x * y;
+            for first in (0..positions).step_by(QUERIES) {
+                let n = QUERIES.min(positions - first);
+                // The block's queries; past the last position, the last one again (its scores
+                // are computed and not used).
+                let query: [&[F; DH]; QUERIES] = std::array::from_fn(|i| {
+                    let p = first + i.min(n - 1);
+                    q[head(p)].try_into().expect("a head is DH wide")
+                });
+                for (c, vector) in keys.chunks_exact(DH * LANES).enumerate() {
+                    let mut acc = [[F::zero(); LANES]; QUERIES];
+                    for (d, keys) in vector.chunks_exact(LANES).enumerate() {
+                        for (acc, query) in acc.iter_mut().zip(&query) {
+                            let x = query[d];
+                            for (a, &y) in acc.iter_mut().zip(keys) {
+                                *a = x.mul_add(y, *a);
+                            }
                         }
                     }
-                    scores.copy_from_slice(&acc);
-                }
-                let probs = &mut probs[..len];
-                let max = reduce(probs, F::neg_infinity(), |a| a, F::max) * scale;
-                for s in probs.iter_mut() {
-                    let d = *s * scale - max;
-                    let e = d.exp_shifted();
-                    *s = if d < floor { F::zero() } else { e };
-                }
-                let inv = reduce(probs, F::zero(), |a| a, |a, b| a + b).recip();
-                let mut acc = [F::zero(); DH];
-                for (j, &s) in probs.iter().enumerate() {
-                    let w = s * inv;
-                    for (a, &x) in acc.iter_mut().zip(&v[head(j)]) {
-                        *a += w * x;
+                    for (i, acc) in acc.iter().enumerate() {
+                        scores[i * stride + c * LANES..][..LANES].copy_from_slice(acc);
                     }
                 }
-                out[head(p)].copy_from_slice(&acc);
+                for (i, probs) in scores.chunks_exact_mut(stride).take(n).enumerate() {
+                    let probs = &mut probs[..len];
+                    let max = reduce(probs, F::neg_infinity(), |a| a, F::max) * scale;
+                    for s in probs.iter_mut() {
+                        let d = *s * scale - max;
+                        let e = d.exp_shifted();
+                        *s = if d < floor { F::zero() } else { e };
+                    }
+                    let inv = reduce(probs, F::zero(), |a| a, |a, b| a + b).recip();
+                    let mut acc = [F::zero(); DH];
+                    for (j, &s) in probs.iter().enumerate() {
+                        let w = s * inv;
+                        for (a, &x) in acc.iter_mut().zip(&v[head(j)]) {
+                            *a = w.mul_add(x, *a);
+                        }
+                    }
+                    out[head(first + i)].copy_from_slice(&acc);
+                }
             }
         }
     }
@@ -1312,3 +1331,4 @@ mod tests {
         assert!(g.get(&down.weight).as_vec().iter().any(|v| *v != 0.0));
     }
 }
+
