@@ -201,17 +201,17 @@ impl Fast for f32 {
         let x = self.clamp(-4.0, 4.0);
         let x2 = x * x;
         let mut p = -2.726_142_3e-10_f32;
-        p = p * x2 + 2.770_681_4e-8;
-        p = p * x2 - 2.101_024e-6;
-        p = p * x2 - 5.692_506_4e-5;
-        p = p * x2 - 7.349_906_3e-4;
-        p = p * x2 - 2.954_6e-3;
-        p = p * x2 - 1.609_603_3e-2;
+        p = p.mul_add(x2, 2.770_681_4e-8);
+        p = p.mul_add(x2, -2.101_024e-6);
+        p = p.mul_add(x2, -5.692_506_4e-5);
+        p = p.mul_add(x2, -7.349_906_3e-4);
+        p = p.mul_add(x2, -2.954_6e-3);
+        p = p.mul_add(x2, -1.609_603_3e-2);
         let mut q = -1.456_607_2e-5_f32;
-        q = q * x2 - 2.133_740_6e-4;
-        q = q * x2 - 1.682_827e-3;
-        q = q * x2 - 7.373_329e-3;
-        q = q * x2 - 1.426_474e-2;
+        q = q.mul_add(x2, -2.133_740_6e-4);
+        q = q.mul_add(x2, -1.682_827e-3);
+        q = q.mul_add(x2, -7.373_329e-3);
+        q = q.mul_add(x2, -1.426_474e-2);
         x * p / q
     }
 
@@ -231,14 +231,14 @@ impl Fast for f32 {
         let n = shifted - ROUND;
         let bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
         let r = x - n * LN2_HI - n * LN2_LO;
-        let mut p = 1.0 / 5040.0;
-        p = p * r + 1.0 / 720.0;
-        p = p * r + 1.0 / 120.0;
-        p = p * r + 1.0 / 24.0;
-        p = p * r + 1.0 / 6.0;
-        p = p * r + 0.5;
-        p = p * r + 1.0;
-        p = p * r + 1.0;
+        let mut p = 1.0_f32 / 5040.0;
+        p = p.mul_add(r, 1.0 / 720.0);
+        p = p.mul_add(r, 1.0 / 120.0);
+        p = p.mul_add(r, 1.0 / 24.0);
+        p = p.mul_add(r, 1.0 / 6.0);
+        p = p.mul_add(r, 0.5);
+        p = p.mul_add(r, 1.0);
+        p = p.mul_add(r, 1.0);
         p * f32::from_bits(bits.wrapping_add(127) << 23)
     }
 }
