@@ -1262,6 +1262,32 @@ mod tests {
     }
 
     #[test]
+    fn fused_blocks_step_aside_while_calibration_records() {
+        use crate::calibrate::{Capture, Recording};
+        let dev: Cpu = Default::default();
+        let x: Tensor<(usize, Const<24>), f32, Cpu> = dev.sample_normal_like(&(5, Const));
+        let cfg = crate::config::FactorizeConfig::default();
+        let up: FactorizedLinear<24, 6, 40, f32, Cpu> = FactorizedLinear::from_linear(
+            &dev.build_module::<builders::Linear<24, 40>, f32>(),
+            &cfg,
+        )
+        .unwrap();
+        let down = dev.build_module::<builders::Linear<40, 24>, f32>();
+        let norm = normal_norm::<24>(&dev);
+        let recording = Recording::start(Capture::All);
+        let y = try_feed_forward(&up, &down, &norm, x.clone()).unwrap();
+        let calls = recording.take();
+        drop(recording);
+        // The factorized layer saw `x` and recorded it, as its own forward does.
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].0, &up as *const _ as usize);
+        let recorded: Vec<f32> = calls[0].1.values.iter().map(|&v| v as f32).collect();
+        assert_eq!(recorded, x.as_vec());
+        let fused = try_feed_forward(&up, &down, &norm, x).unwrap();
+        close(&y.as_vec(), &fused.as_vec(), 1e-5);
+    }
+
+    #[test]
     fn fused_self_attention_equals_its_composition() {
         let dev: Cpu = Default::default();
         let (lengths, positions) = ([3usize, 11, 1, 16, 8], 16);
@@ -1331,4 +1357,3 @@ mod tests {
         assert!(g.get(&down.weight).as_vec().iter().any(|v| *v != 0.0));
     }
 }
-
