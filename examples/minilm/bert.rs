@@ -58,8 +58,6 @@ pub struct Batch<E: Dtype, D: Device<E>> {
     pub lengths: Vec<usize>,
     /// Token ids `(b, s)`; padding is `[PAD]` = 0.
     pub ids: Tensor<(usize, usize), usize, D>,
-    /// Position ids `(b, s)`: `0..s` on every row.
-    pub position_ids: Tensor<(usize, usize), usize, D>,
     /// 1 on real tokens, 0 on padding `(b, s)`.
     pub mask: Tensor<(usize, usize), E, D>,
     /// 0 on real tokens, a large negative number on padding, added to attention scores.
@@ -90,13 +88,11 @@ impl<E: Dtype, D: Device<E>> Batch<E, D> {
                 bias[row * s + col] = E::from_f32(0.0).unwrap();
             }
         }
-        let positions = (0..b * s).map(|i| i % s).collect();
         Self {
             sentences: b,
             positions: s,
             lengths: sentences.iter().map(Vec::len).collect(),
             ids: dev.tensor_from_vec(ids, (b, s)),
-            position_ids: dev.tensor_from_vec(positions, (b, s)),
             mask: dev.tensor_from_vec(mask, (b, s)),
             attention_bias: dev.tensor_from_vec(bias, (b, s)),
         }
@@ -129,19 +125,25 @@ pub struct Embeddings<E: Dtype, D: Device<E>> {
 impl<E: Dtype, D: Device<E>> Embeddings<E, D> {
     /// `LayerNorm(word[id] + position[i] + token_type[0])`, one row per position.
     pub fn try_forward(&self, batch: &Batch<E, D>) -> Result<Hidden<E, D>, D::Err> {
-        let rows = batch.sentences * batch.positions;
+        let (b, s) = (batch.sentences, batch.positions);
         let words = self.word.try_forward(batch.ids.clone())?;
-        let positions = self.position.try_forward(batch.position_ids.clone())?;
+        // Every sentence has the same position and token-type rows: summed once, `s × HIDDEN`,
+        // then added to all sentences' words in one op.
         let token_type = self
             .token_type
             .weight
             .clone()
             .try_slice((0..1, ..))?
             .try_reshape_like(&(Const::<HIDDEN>,))?;
+        let positions = self
+            .position
+            .weight
+            .clone()
+            .try_slice((0..s, ..))?
+            .try_add(token_type.try_broadcast_like(&(s, Const::<HIDDEN>))?)?;
         let x = words
-            .try_add(positions)?
-            .try_reshape_like(&(rows, Const::<HIDDEN>))?;
-        let x = x.try_add(token_type.try_broadcast_like(&(rows, Const::<HIDDEN>))?)?;
+            .try_add(positions.try_broadcast_like::<_, Axis<0>>(&(b, s, Const::<HIDDEN>))?)?
+            .try_reshape_like(&(b * s, Const::<HIDDEN>))?;
         self.norm.try_forward_fast(x)
     }
 }
