@@ -412,7 +412,7 @@ enum HostLinear<F: Fast> {
 }
 
 impl<F: Fast> HostLinear<F> {
-    /// A `Linear<I, O, F, Cpu>`'s, boxed for [`Routed::host`]; `None` for other tensors.
+    /// A `Linear<I, O, F, Cpu>`'s weights; `None` for other tensors.
     fn dense<const I: usize, const O: usize>(weight: &dyn Any, bias: &dyn Any) -> Option<Self> {
         Some(Self::Dense {
             weight: HostCopy::of(weight.downcast_ref::<Tensor<Rank2<O, I>, F, Cpu>>()?),
@@ -420,7 +420,7 @@ impl<F: Fast> HostLinear<F> {
         })
     }
 
-    /// A `FactorizedLinear<I, L, O, F, Cpu>`'s; `None` for other tensors.
+    /// A `FactorizedLinear<I, L, O, F, Cpu>`'s factors and bias; `None` for other tensors.
     fn pair<const I: usize, const L: usize, const O: usize>(
         first: &dyn Any,
         second: &dyn Any,
