@@ -474,22 +474,21 @@ fn linear_route<F: Fast, X: RecordInput + 'static, Out: 'static, const I: usize,
 ) -> Option<Out> {
     let input = as_cpu::<(usize, Const<I>), F, X>(x)?;
     let rows = input.shape().0;
-    let (residual, norm) = match *epilogue {
+    // The add+norm epilogue's residual and parameters on the host, owned here.
+    let add_norm = match *epilogue {
         Epilogue::AddNorm { residual, norm } => {
             let residual = residual.downcast_ref::<Tensor<(usize, Const<O>), F, Cpu>>()?;
             if residual.shape().0 != rows {
                 return None;
             }
-            (Some(HostCopy::of(residual)), Some(HostNorm::of::<O>(norm)?))
+            Some((HostCopy::of(residual), HostNorm::of::<O>(norm)?))
         }
-        _ => (None, None),
+        Epilogue::Identity | Epilogue::Gelu => None,
     };
-    let epilogue = match (epilogue, &residual, &norm) {
-        (Epilogue::Gelu, ..) => HostEpilogue::Gelu,
-        (Epilogue::AddNorm { .. }, Some(residual), Some(norm)) => {
-            HostEpilogue::AddNorm { residual, norm }
-        }
-        _ => HostEpilogue::Identity,
+    let epilogue = match &add_norm {
+        Some((residual, norm)) => HostEpilogue::AddNorm { residual, norm },
+        None if matches!(epilogue, Epilogue::Gelu) => HostEpilogue::Gelu,
+        None => HostEpilogue::Identity,
     };
     let weights = host_linear::<F>(layer)?;
     let mut y = Vec::new();
