@@ -1130,3 +1130,36 @@ fn the_deprecated_gelu_is_carried_over() {
     let x: Tensor<Rank1<4>, f32, Dev> = dev.sample_normal();
     assert_eq!(carried.forward(x.clone()).array(), GeLU.forward(x).array());
 }
+
+/// Every dfdx module without a `Linear` inside is carried over, a learned tensor included: the
+/// variant holds the same values, builds, and counts the same parameters but the pair's.
+#[derive(Factorizable, TensorCollection)]
+pub struct CarriedOver<E: Dtype, D: Device<E>> {
+    pub fc: Linear<512, 512, E, D>,
+    pub scale: Tensor<Rank1<512>, E, D>,
+    pub bn: dfdx::nn::modules::BatchNorm2D<3, E, D>,
+    pub bias: dfdx::nn::modules::Bias2D<3, E, D>,
+    pub prelu: dfdx::nn::prelu::PReLU<E, D>,
+    pub prelu_1d: dfdx::nn::prelu::PReLU1D<Const<4>, E, D>,
+    pub log_softmax: dfdx::nn::modules::LogSoftmax,
+}
+
+#[test]
+fn modules_without_linears_are_carried_over() {
+    let dev: Dev = Default::default();
+    let mut model = CarriedOver::<f32, Dev>::build(&dev);
+    model.scale = dev.sample_normal();
+    model.prelu_1d.a = dev.sample_normal();
+    let small = model.factorize(&FactorizeConfig::default()).unwrap();
+    let _: &FactorizedLinear<512, 128, 512, f32, Dev> = &small.fc;
+    assert_eq!(small.scale.array(), model.scale.array());
+    assert_eq!(small.prelu_1d.a.array(), model.prelu_1d.a.array());
+    assert_eq!(small.bn.running_var.array(), model.bn.running_var.array());
+    let pair = 512 * 128 + 128 * 512 + 512;
+    assert_eq!(
+        small.num_trainable_params(),
+        model.num_trainable_params() - (512 * 512 + 512) + pair
+    );
+    let rebuilt = CarriedOverFactorized::<f32, Dev>::build(&dev);
+    assert_eq!(rebuilt.num_trainable_params(), small.num_trainable_params());
+}

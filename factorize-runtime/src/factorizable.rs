@@ -2,13 +2,14 @@
 //!
 //! `#[derive(Factorizable)]` implements it for a dfdx model struct (see the crate docs for an
 //! example). It is also implemented here for the dfdx modules that are carried over unchanged
-//! (activations, normalisations, embeddings, dropout, `UnbiasedLinear`), for this crate's
+//! (activations, normalisations, embeddings, dropout, biases, `PReLU`, `UnbiasedLinear`, and
+//! tensors held as fields), for this crate's
 //! factorized layers, and for dfdx tuples, `Repeated` stacks and the residual/split/add
 //! wrappers of such modules, so that they can be fields of a derived model or parts of a
 //! nested one.
 
 use dfdx::nn::modules::*;
-use dfdx::prelude::{Device, Dtype};
+use dfdx::prelude::{ConstDim, ConstShape, Device, Dtype, Tensor};
 
 use crate::calibrate::{
     calibrate, evaluate_heldout, DenseVisitor, FactorizedVisitor, VisitDense, VisitFactorized,
@@ -287,12 +288,19 @@ carried_over! {
     [] Sqrt;
     [] Abs;
     [] Softmax;
+    [] LogSoftmax;
     [] Dropout;
     [const N: usize] DropoutOneIn<N>;
     [const M: usize, E: Dtype, D: Device<E>] LayerNorm1D<M, E, D>;
     [const C: usize, E: Dtype, D: Device<E>] BatchNorm1D<C, E, D>;
     [const V: usize, const M: usize, E: Dtype, D: Device<E>] Embedding<V, M, E, D>;
     [const I: usize, const O: usize, E: Dtype, D: Device<E>] UnbiasedLinear<I, O, E, D>;
+    [const C: usize, E: Dtype, D: Device<E>] BatchNorm2D<C, E, D>;
+    [const C: usize, E: Dtype, D: Device<E>] Bias2D<C, E, D>;
+    [E: Dtype, D: Device<E>] dfdx::nn::prelu::PReLU<E, D>;
+    [C: ConstDim, E: Dtype, D: Device<E>] dfdx::nn::prelu::PReLU1D<C, E, D>;
+    // A learned tensor held as a field (a scale, a class token): dfdx visits it as a module.
+    [S: ConstShape, E: Dtype, D: Device<E>] Tensor<S, E, D>;
 }
 
 macro_rules! tuples {
