@@ -38,7 +38,9 @@ fn expand_derive(input: &DeriveInput, derive: Derive) -> syn::Result<proc_macro2
         (None, _) => proc_macro2::TokenStream::new(),
         (Some(cont), Derive::Factorizable) => codegen::expand(&cont),
         (Some(cont), Derive::TensorCollection) => {
-            codegen::collection::expand(&cont, &cont.input.ident)
+            let fields =
+                codegen::carried::Carried::of(&cont, codegen::carried::Role::TensorCollection);
+            codegen::collection::expand(&cont, &cont.input.ident, &fields)
         }
     })
 }

@@ -13,7 +13,7 @@ pub use crate::report::{join, FactorizeReport, LayerReport, Status};
 pub use dfdx::nn::modules::{AddInto, GeneralizedResidual, Linear, Repeated, Residual, SplitInto};
 pub use dfdx::nn::{BuildModule, BuildOnDevice};
 pub use dfdx::nn::{ModuleVisitor, TensorCollection};
-pub use dfdx::prelude::{Device, Dtype};
+pub use dfdx::prelude::{Cpu, Device, Dtype};
 pub use num_traits::Float;
 pub use rand_distr::uniform::SampleUniform;
 
@@ -90,3 +90,36 @@ pub fn forced<const L: usize, M: DenseLayer>(
 ) -> Result<M::Pair<L>, FactorizeError> {
     <Pick<true> as Choose<L, M>>::build(path, dense, Decision::Replace { latent: L }, cfg, report)
 }
+
+/// Checks, in the hidden const the derive emits, that a carried-over field type (at one
+/// instance: dtype `f32`, device `Cpu`) is `Factorizable`. A failure is that const's error.
+pub const fn carried<T: Factorizable + ?Sized>() {}
+
+/// Checks, in the hidden const of `#[derive(TensorCollection)]`, that a field type (at dtype
+/// `f32`, device `Cpu`) is a dfdx module.
+pub const fn collected<T: Collected + ?Sized>() {}
+
+/// A dfdx module: what `#[derive(TensorCollection)]` needs of each field.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a dfdx module (`TensorCollection`), so `#[derive(TensorCollection)]` cannot visit it",
+    label = "not a module",
+    note = "implement or derive `TensorCollection` for it, or hold it outside the model"
+)]
+pub trait Collected {}
+
+impl<T: TensorCollection<f32, Cpu>> Collected for T {}
+
+/// `T` itself once `OK` (the hidden const above) has been evaluated. Generated code names a
+/// carried-over type as `Check<T, { CONST }>`: when the const failed, the type is an error
+/// and rustc reports nothing more about it, so one unknown field type is one error.
+pub trait Checked<const OK: bool> {
+    /// `Self`.
+    type Is: ?Sized;
+}
+
+impl<T: ?Sized> Checked<true> for T {
+    type Is = T;
+}
+
+/// `T`, after the derive's check of its carried-over types (see [`Checked`]).
+pub type Check<T, const OK: bool> = <T as Checked<OK>>::Is;

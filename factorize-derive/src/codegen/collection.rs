@@ -2,9 +2,11 @@
 //! `#[derive(TensorCollection)]`: build, reset, device and dtype moves, optimizers, safetensors.
 
 use proc_macro2::{Ident, TokenStream};
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
 use syn::GenericParam;
 
+use super::carried::Carried;
 use crate::internals::ast::Container;
 
 /// dfdx implements `ModuleFields` for tuples of up to six elements; larger structs nest them.
@@ -25,7 +27,9 @@ fn nest(items: Vec<TokenStream>) -> TokenStream {
 }
 
 /// The impl for `target`: the struct itself or its variant, which share generics and field names.
-pub fn expand(cont: &Container<'_>, target: &Ident) -> TokenStream {
+/// Fields are named through `carried` (see `carried.rs`): the struct's own impl checks its
+/// fields once; the variant's fields are already checked types.
+pub fn expand(cont: &Container<'_>, target: &Ident, carried: &Carried) -> TokenStream {
     let pv = quote!(::factorize_runtime::__private);
     let input = cont.input;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
@@ -49,12 +53,20 @@ pub fn expand(cont: &Container<'_>, target: &Ident) -> TokenStream {
         }
     });
     let names: Vec<&Ident> = cont.fields.iter().map(|f| f.ident).collect();
+    // Spanned at the field's type, so that a field that is not a module is an error there.
     let visits = nest(
-        names
+        cont.fields
             .iter()
-            .map(|n| {
-                let s = n.to_string();
-                quote!(Self::module(#s, |s| &s.#n, |s| &mut s.#n))
+            .map(|f| {
+                let (n, s, ty) = (f.ident, f.ident.to_string(), &f.original.ty);
+                let field = if carried.checks(ty) {
+                    let named = carried.leaf(ty);
+                    quote!(::<_, _, #named>)
+                } else {
+                    TokenStream::new()
+                };
+                quote_spanned!(super::at(ty.span())=>
+                    Self::module #field(#s, |s| &s.#n, |s| &mut s.#n))
             })
             .collect(),
     );
@@ -63,7 +75,9 @@ pub fn expand(cont: &Container<'_>, target: &Ident) -> TokenStream {
         .map(|w| w.predicates.iter().map(|p| quote!(#p)).collect())
         .unwrap_or_default();
     predicates.push(quote!(#e: #pv::Float + #pv::SampleUniform));
+    let check = carried.item(cont);
     quote! {
+        #check
         impl #impl_generics #pv::TensorCollection<#e, #d> for #target #ty_generics
         where #(#predicates,)*
         {

@@ -3,11 +3,12 @@
 use proc_macro2::TokenStream;
 use quote::quote;
 
+use super::carried::Carried;
 use super::types::{field_params, forced_ranks, node_value};
 use super::variant_ident;
 use crate::internals::ast::Container;
 
-pub fn expand(cont: &Container<'_>) -> TokenStream {
+pub fn expand(cont: &Container<'_>, carried: &Carried) -> TokenStream {
     let pv = quote!(::factorize_runtime::__private);
     let input = cont.input;
     let ident = &input.ident;
@@ -22,6 +23,7 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
             &params,
             f.attrs.skip.is_some(),
             &forced_ranks(cont, f),
+            carried,
             quote!(&self.#name),
             quote!(&#pv::join(__path, #s)),
         );

@@ -1,5 +1,6 @@
 //! Code generation, split by what it emits.
 
+pub mod carried;
 pub mod collection;
 mod factorize;
 pub mod mirror;
@@ -55,10 +56,16 @@ pub fn fallback(input: &syn::DeriveInput) -> TokenStream {
 pub fn expand(cont: &Container<'_>) -> TokenStream {
     let params = params_ident(&cont.input.ident);
     let params_value = cont.attrs.params_tokens();
-    let variant = variant::expand(cont);
-    let collection = collection::expand(cont, &variant_ident(&cont.input.ident));
-    let factorize = factorize::expand(cont);
-    let visits = visits::expand(cont);
+    let carried = carried::Carried::of(cont, carried::Role::Factorizable);
+    let check = carried.item(cont);
+    let variant = variant::expand(cont, &carried);
+    let collection = collection::expand(
+        cont,
+        &variant_ident(&cont.input.ident),
+        &carried::Carried::none(),
+    );
+    let factorize = factorize::expand(cont, &carried);
+    let visits = visits::expand(cont, &carried);
     let checks = types::literal_rank_checks(cont);
     let tracked = crate::internals::ranks::track(cont);
     quote! {
@@ -67,6 +74,7 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]
         const #params: ::factorize_runtime::__private::FactorizeParams = #params_value;
+        #check
         #variant
         #collection
         #factorize

@@ -12,6 +12,7 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{GenericArgument, ItemType, PathArguments, Type};
 
+use super::carried::Carried;
 use super::types::{node_type, node_value, ForcedRanks};
 use super::{params_ident, variant_ident};
 use crate::internals::ast::classify;
@@ -89,12 +90,15 @@ fn generate(item: &ItemType, attrs: &ContainerAttrs, built: &Type) -> TokenStrea
     let kept_attrs = item.attrs.iter().filter(|a| !a.path().is_ident(FACTORIZE));
     let ty = &item.ty;
     let pv = quote!(::factorize_runtime::__private);
-    let factorized = node_type(&node, &quote!(#params), false, &ForcedRanks::none());
+    // Its parts are builders' `Built` types, whose own errors name the part once.
+    let (forced, carried) = (ForcedRanks::none(), Carried::none());
+    let factorized = node_type(&node, &quote!(#params), false, &forced, &carried);
     let value = node_value(
         &node,
         &quote!(#params),
         false,
-        &ForcedRanks::none(),
+        &forced,
+        &carried,
         quote!(__dense),
         quote!(__path),
     );

@@ -4,6 +4,7 @@ use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 
+use super::carried::Carried;
 use super::params_ident;
 use crate::internals::ast::{Container, Field, Node, Wrapper, WrapperKind};
 use crate::internals::attr::LatentValue;
@@ -131,6 +132,7 @@ pub fn node_type(
     params: &TokenStream,
     skip: bool,
     forced: &ForcedRanks,
+    carried: &Carried,
 ) -> TokenStream {
     let pv = private();
     match node {
@@ -151,18 +153,24 @@ pub fn node_type(
             }
         }
         Node::Tuple(items) => {
-            let items = items.iter().map(|n| node_type(n, params, skip, forced));
+            let items = items
+                .iter()
+                .map(|n| node_type(n, params, skip, forced, carried));
             quote!(( #(#items,)* ))
         }
         Node::Wrapper(w) => {
             let name = quote::format_ident!("{}", wrapper_name(w.kind));
-            let parts = w.parts.iter().map(|n| node_type(n, params, skip, forced));
+            let parts = w
+                .parts
+                .iter()
+                .map(|n| node_type(n, params, skip, forced, carried));
             let count = w.count.map(|c| quote!(#c));
             quote!(#pv::#name<#(#parts,)* #count>)
         }
         Node::Other(ty) if skip => quote!(#ty),
         Node::Other(ty) => {
-            quote_spanned!(super::at(ty.span())=> <#ty as #pv::Factorizable>::Factorized)
+            let named = carried.leaf(ty);
+            quote_spanned!(super::at(ty.span())=> <#named as #pv::Factorizable>::Factorized)
         }
     }
 }
@@ -174,6 +182,7 @@ pub fn node_value(
     params: &TokenStream,
     skip: bool,
     forced: &ForcedRanks,
+    carried: &Carried,
     access: TokenStream,
     path: TokenStream,
 ) -> TokenStream {
@@ -215,17 +224,21 @@ pub fn node_value(
                     params,
                     skip,
                     forced,
+                    carried,
                     quote!(&(#access).#index),
                     quote!(&#pv::join(#path, #name)),
                 )
             });
             quote!(( #(#items,)* ))
         }
-        Node::Wrapper(w) => wrapper_value(w, params, skip, forced, access, path),
+        Node::Wrapper(w) => wrapper_value(w, params, skip, forced, carried, access, path),
         Node::Other(_) if skip => quote!(::core::clone::Clone::clone(#access)),
-        Node::Other(ty) => quote_spanned! {super::at(ty.span())=>
-            #pv::Factorizable::factorize_into(#access, #path, __cfg, __report)?
-        },
+        Node::Other(ty) => {
+            let named = carried.leaf(ty);
+            quote_spanned! {super::at(ty.span())=>
+                <#named as #pv::Factorizable>::factorize_into(#access, #path, __cfg, __report)?
+            }
+        }
     }
 }
 
@@ -245,6 +258,7 @@ fn wrapper_value(
     params: &TokenStream,
     skip: bool,
     forced: &ForcedRanks,
+    carried: &Carried,
     access: TokenStream,
     path: TokenStream,
 ) -> TokenStream {
@@ -255,6 +269,7 @@ fn wrapper_value(
             params,
             skip,
             forced,
+            carried,
             quote!(&(#access).#field),
             quote!(&#pv::join(#path, #name)),
         )
@@ -277,7 +292,15 @@ fn wrapper_value(
                 quote::format_ident!("__block"),
                 quote::format_ident!("__block_path"),
             );
-            let value = node_value(block, params, skip, forced, quote!(#module), quote!(&#here));
+            let value = node_value(
+                block,
+                params,
+                skip,
+                forced,
+                carried,
+                quote!(#module),
+                quote!(&#here),
+            );
             quote! {
                 #pv::Repeated {
                     modules: (#access)

@@ -3,11 +3,12 @@
 use proc_macro2::TokenStream;
 use quote::quote;
 
+use super::carried::Carried;
 use super::types::{field_params, forced_ranks, node_type, wrapper_name};
 use super::variant_ident;
 use crate::internals::ast::{Container, Node};
 
-pub fn expand(cont: &Container<'_>) -> TokenStream {
+pub fn expand(cont: &Container<'_>, carried: &Carried) -> TokenStream {
     let input = cont.input;
     let vis = &input.vis;
     let ident = &input.ident;
@@ -21,6 +22,7 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
             &params,
             f.attrs.skip.is_some(),
             &forced_ranks(cont, f),
+            carried,
         );
         let fvis = &f.original.vis;
         let name = f.ident;

@@ -5,10 +5,11 @@ use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 
+use super::carried::Carried;
 use super::variant_ident;
 use crate::internals::ast::Container;
 
-pub fn expand(cont: &Container<'_>) -> TokenStream {
+pub fn expand(cont: &Container<'_>, carried: &Carried) -> TokenStream {
     let pv = quote!(::factorize_runtime::__private);
     let input = cont.input;
     let ident = &input.ident;
@@ -22,8 +23,10 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
     let dense = walked.iter().map(|f| {
         let name = f.ident;
         let s = name.to_string();
-        quote_spanned!(super::at(f.original.ty.span())=>
-            #pv::VisitDense::visit_dense(&self.#name, &#pv::join(__path, #s), __f);)
+        let ty = &f.original.ty;
+        let named = carried.holding(ty, &f.node);
+        quote_spanned!(super::at(ty.span())=>
+            <#named as #pv::VisitDense>::visit_dense(&self.#name, &#pv::join(__path, #s), __f);)
     });
     let factorized = walked.iter().map(|f| {
         let name = f.ident;

@@ -6,6 +6,7 @@ use super::ctxt::Ctxt;
 
 pub fn check(cx: &mut Ctxt, cont: &Container<'_>) {
     check_rank_params(cx, cont);
+    check_builders(cx, cont);
     for field in &cont.fields {
         if field.attrs.skip.is_some() {
             continue;
@@ -74,26 +75,81 @@ fn check_generic_dims(
         }
         Node::Other(_) => return,
     };
-    {
-        {
-            let Some(param) = generic_dim else {
-                return;
-            };
-            match latent {
-                Some(LatentValue::Count(..) | LatentValue::Param(_)) => {}
-                Some(LatentValue::Fraction(_, span)) => cx.syn_error(syn::Error::new(
-                    *span,
-                    format!(
-                        "field `{field}` has dims that use the struct's const generic `{param}`: a fractional latent cannot be turned into a rank in a type on stable Rust; give an integer rank, e.g. `#[factorize(latent = 64)]`"
-                    ),
-                )),
-                None => cx.error_spanned_by(
-                    ty,
-                    format!(
-                        "field `{field}`: the cost rule cannot read the const generic `{param}` in a type on stable Rust; add `#[factorize(latent = <rank>)]` (checked per instantiation) or `#[factorize(skip)]`"
-                    ),
-                ),
+    let Some(param) = generic_dim else {
+        return;
+    };
+    match latent {
+        Some(LatentValue::Count(..) | LatentValue::Param(_)) => {}
+        Some(LatentValue::Fraction(_, span)) => cx.syn_error(syn::Error::new(
+            *span,
+            format!(
+                "field `{field}` has dims that use the struct's const generic `{param}`: a fractional latent cannot be turned into a rank in a type on stable Rust; give an integer rank, e.g. `#[factorize(latent = 64)]`"
+            ),
+        )),
+        None => cx.error_spanned_by(
+            ty,
+            format!(
+                "field `{field}`: the cost rule cannot read the const generic `{param}` in a type on stable Rust; add `#[factorize(latent = <rank>)]` (checked per instantiation) or `#[factorize(skip)]`"
+            ),
+        ),
+    }
+}
+
+/// dfdx's builders that share their module's name, with the builder's number of generic
+/// arguments; the module adds the dtype and device.
+const BUILDERS: &[(&str, usize)] = &[
+    ("Linear", 2),
+    ("UnbiasedLinear", 2),
+    ("Embedding", 2),
+    ("LayerNorm1D", 1),
+    ("BatchNorm1D", 1),
+    ("BatchNorm2D", 1),
+    ("Bias2D", 1),
+];
+
+/// A builder (`Linear<128, 256>`, what `dev.build_module` takes) written where the struct
+/// holds a module: one error at it, with the module's form, instead of an error about traits.
+fn check_builders(cx: &mut Ctxt, cont: &Container<'_>) {
+    fn walk(cx: &mut Ctxt, ty: &syn::Type, (e, d): (&syn::Ident, &syn::Ident)) {
+        match ty {
+            syn::Type::Paren(p) => walk(cx, &p.elem, (e, d)),
+            syn::Type::Group(g) => walk(cx, &g.elem, (e, d)),
+            syn::Type::Tuple(t) => t.elems.iter().for_each(|t| walk(cx, t, (e, d))),
+            syn::Type::Path(p) if p.qself.is_none() => {
+                let Some(last) = p.path.segments.last() else {
+                    return;
+                };
+                let args: Vec<&syn::GenericArgument> = match &last.arguments {
+                    syn::PathArguments::AngleBracketed(a) => a.args.iter().collect(),
+                    _ => Vec::new(),
+                };
+                let name = last.ident.to_string();
+                if let Some((_, n)) = BUILDERS.iter().find(|(b, _)| *b == name) {
+                    if args.len() == *n {
+                        let written: Vec<String> = args
+                            .iter()
+                            .map(|a| quote::quote!(#a).to_string().replace(' ', ""))
+                            .collect();
+                        let written = written.join(", ");
+                        cx.error_spanned_by(
+                            ty,
+                            format!(
+                                "`{name}<{written}>` is dfdx's builder (what `dev.build_module` takes); a struct field holds the module: write `{name}<{written}, {e}, {d}>`"
+                            ),
+                        );
+                        return;
+                    }
+                }
+                for arg in args {
+                    if let syn::GenericArgument::Type(t) = arg {
+                        walk(cx, t, (e, d));
+                    }
+                }
             }
+            _ => {}
         }
+    }
+    for field in cont.fields.iter().filter(|f| f.attrs.skip.is_none()) {
+        walk(cx, &field.original.ty, (&cont.dtype, &cont.device));
     }
 }
