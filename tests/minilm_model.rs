@@ -4,6 +4,9 @@
 //! Needs `../shared/data/minilm-model` (or `$FACTORIZE_MINILM_MODEL_DIR`): skipped with a printed
 //! line where it is absent, failed under CI.
 
+#[path = "../examples/minilm/augment.rs"]
+#[allow(dead_code)]
+mod augment;
 #[path = "../examples/minilm/bert.rs"]
 #[allow(dead_code)]
 mod bert;
@@ -373,6 +376,82 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
         is.ffn.up.first.weight.as_vec(),
         was.ffn.up.first.weight.as_vec()
     );
+}
+
+/// The varied copies keep each sentence's length, `[CLS]`/`[SEP]` and special tokens, replace
+/// about the asked share of word pieces, each by one of its nearest in the model's own word
+/// embeddings, and are the same for the same seed.
+#[test]
+fn augmented_sentences_replace_words_by_their_neighbours() {
+    let Some(dir) = data("minilm augmentation") else {
+        return;
+    };
+    let dev: Cpu = Default::default();
+    let ids = token_ids(&dir);
+    let sentences = &ids[..4];
+    let dense = Dense::load(dir.checkpoint(), &dev).unwrap();
+    let words = dense.embeddings.word.weight.as_vec();
+    let params = augment::AugmentParams {
+        copies: 8,
+        ..Default::default()
+    };
+    let all = augment::augmented(sentences, &words, &params);
+    assert_eq!(all.len(), sentences.len() * (1 + params.copies));
+    assert_eq!(&all[..sentences.len()], sentences);
+    assert_eq!(all, augment::augmented(sentences, &words, &params));
+    let mut replacements = std::collections::BTreeMap::<u32, Vec<u32>>::new();
+    let (mut inner, mut replaced) = (0, 0);
+    for (k, varied) in all[sentences.len()..].iter().enumerate() {
+        let original = &sentences[k % sentences.len()];
+        assert_eq!(varied.len(), original.len());
+        assert_eq!(varied[0], original[0]);
+        assert_eq!(varied.last(), original.last());
+        for (&v, &o) in varied.iter().zip(original) {
+            if o < 999 {
+                assert_eq!(v, o, "a special token was replaced");
+                continue;
+            }
+            inner += 1;
+            if v != o {
+                replaced += 1;
+                replacements.entry(o).or_default().push(v);
+            }
+        }
+    }
+    let share = replaced as f64 / inner as f64;
+    assert!(
+        (0.25..0.55).contains(&share),
+        "replaced {share:.3} of word pieces"
+    );
+    // Each replacement is among the 15 nearest: fewer than 15 word pieces are nearer to the
+    // original than the farthest replacement chosen for it (cosines, brute force).
+    let unit: Vec<f32> = words
+        .chunks(HIDDEN)
+        .flat_map(|row| {
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            row.iter().map(move |v| v / norm)
+        })
+        .collect();
+    let dot = |a: u32, b: u32| -> f32 {
+        let (a, b) = (a as usize * HIDDEN, b as usize * HIDDEN);
+        (unit[a..a + HIDDEN].iter())
+            .zip(&unit[b..b + HIDDEN])
+            .map(|(x, y)| x * y)
+            .sum()
+    };
+    for (&o, chosen) in &replacements {
+        let farthest = chosen
+            .iter()
+            .map(|&v| dot(o, v))
+            .fold(f32::INFINITY, f32::min);
+        let nearer = (999..bert::VOCAB as u32)
+            .filter(|&c| c != o && dot(o, c) > farthest + 1e-5)
+            .count();
+        assert!(
+            nearer < params.neighbours,
+            "{o}: {nearer} word pieces nearer than {chosen:?}"
+        );
+    }
 }
 
 /// A safetensors file holding `tensors` (name, dtype, shape), zero-filled.

@@ -9,20 +9,25 @@
 //! cargo run --release --example minilm -- planned     # the committed plans, compiled
 //! cargo run --release --example minilm -- --macs 25 embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- --macs 50 --distill 100 embed in.txt out.safetensors
+//! cargo run --release --example minilm -- --macs 50 --distill 1000 --augment 20 --lr 3e-4 embed in.txt out.safetensors
 //! cargo run --release --example minilm -- recovery    # train after factorizing: before/after
 //! cargo run --release --example minilm -- recovery --steps 500 --lr 1e-4 --on embeddings
+//! cargo run --release --example minilm -- recovery --macs 50 --augment 20 --steps 1000 --lr 3e-4
 //! ```
 //!
 //! `embed` writes `embeddings` (`[n, 384]`, float32, normalised, in line order) for one sentence
 //! per line, with the dense model or, after `--rank R --fit svd|data|correcting`, with that
 //! variant (`data` and `correcting` are calibrated on sentences 0–119), or after `--macs 25|50`
 //! with the planned variant of `planned.rs` (correcting fit); `--distill STEPS` then trains the
-//! variant's factors for that many Adam steps towards the dense model (`recovery.rs`). The
+//! variant's factors for that many Adam steps towards the dense model (`recovery.rs`), on the
+//! calibration sentences and, with `--augment COPIES`, that many varied copies of each
+//! (`augment.rs`: words replaced by their neighbours in the model's word embeddings). The
 //! data comes from `../shared/data/minilm-model` or `$FACTORIZE_MINILM_MODEL_DIR`.
 //!
 //! The model (`bert.rs`), its loader (`checkpoint.rs`) and the tokenizer (`text.rs`) are meant
 //! to be copied as a template.
 
+mod augment;
 mod bert;
 mod checkpoint;
 mod frontier;
@@ -36,8 +41,8 @@ mod text;
 use dfdx::prelude::*;
 
 use bert::{Batch, Bert, FFN, HIDDEN, LAYERS};
-use pipeline::{by_length, distillation_targets, embed_all, factorize, median, recover, seconds};
-use pipeline::{Error, FitKind};
+use pipeline::{by_length, embed_all, factorize, median, recover, seconds};
+use pipeline::{training_targets, Error, FitKind, Training};
 
 /// The ranks of the table, applied to all 36 `Linear`s.
 const RANKS: [usize; 5] = [32, 64, 96, 128, 160];
@@ -250,7 +255,7 @@ fn planned_table() -> Result<(), Error> {
 /// `embed <sentences.txt> <out.safetensors>` with the dense model or a variant.
 fn embed(
     variant: Option<Variant>,
-    distill_steps: usize,
+    training: &Training,
     input: &str,
     output: &str,
 ) -> Result<(), Error> {
@@ -279,14 +284,20 @@ fn embed(
                 .map(|s| tokenizer.encode(s))
                 .collect::<Result<Vec<_>, _>>()?;
             let calibration = by_length(&dev, &calibration_ids);
-            planned::embed_planned(macs, &dense, &calibration, &ids, distill_steps)?
+            planned::embed_planned(
+                macs,
+                &dense,
+                &calibration,
+                (&ids, &calibration_ids),
+                training,
+            )?
         }
         Some(Variant::Rank(rank, fit)) => match rank {
-            32 => embed_variant::<32>(&dev, &dir, &tokenizer, (fit, distill_steps), &ids)?,
-            64 => embed_variant::<64>(&dev, &dir, &tokenizer, (fit, distill_steps), &ids)?,
-            96 => embed_variant::<96>(&dev, &dir, &tokenizer, (fit, distill_steps), &ids)?,
-            128 => embed_variant::<128>(&dev, &dir, &tokenizer, (fit, distill_steps), &ids)?,
-            160 => embed_variant::<160>(&dev, &dir, &tokenizer, (fit, distill_steps), &ids)?,
+            32 => embed_variant::<32>(&dev, &dir, &tokenizer, (fit, training), &ids)?,
+            64 => embed_variant::<64>(&dev, &dir, &tokenizer, (fit, training), &ids)?,
+            96 => embed_variant::<96>(&dev, &dir, &tokenizer, (fit, training), &ids)?,
+            128 => embed_variant::<128>(&dev, &dir, &tokenizer, (fit, training), &ids)?,
+            160 => embed_variant::<160>(&dev, &dir, &tokenizer, (fit, training), &ids)?,
             other => return Err(format!("--rank takes one of {RANKS:?}, not {other}").into()),
         },
     };
@@ -307,7 +318,7 @@ fn embed_variant<const R: usize>(
     dev: &Cpu,
     dir: &text::ModelDir,
     tokenizer: &text::Tokenizer,
-    (fit, distill_steps): (FitKind, usize),
+    (fit, training): (FitKind, &Training),
     ids: &[Vec<u32>],
 ) -> Result<Vec<f32>, Error> {
     let dense = Bert::<R, f32, Cpu>::load(dir.checkpoint(), dev)?;
@@ -318,19 +329,20 @@ fn embed_variant<const R: usize>(
         .collect::<Result<Vec<_>, _>>()?;
     let calibration = by_length(dev, &calibration_ids);
     let (mut small, _, _) = factorize(&dense, fit, &calibration)?;
-    if distill_steps > 0 {
-        let targets = distillation_targets(&dense, &calibration, pipeline::Objective::Hidden)?;
+    if training.steps > 0 {
+        let objective = pipeline::Objective::Hidden;
+        let targets = training_targets(&dense, &calibration_ids, training, objective)?;
         recover(
             &mut small,
             &targets,
-            (distill_steps, pipeline::DISTILL_LEARNING_RATE),
+            (training.steps, training.learning_rate),
         )?;
     }
     embed_all(dev, ids, |b| small.try_embed(b))
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--distill STEPS] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--on hidden|embeddings]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--distill STEPS [--augment COPIES] [--lr X]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--on hidden|embeddings] [--augment COPIES] [--macs 25|50]";
 
 /// The integer value `n` of the option `flag`.
 fn count(flag: &str, n: &str) -> Result<usize, String> {
@@ -349,7 +361,11 @@ fn run(args: Vec<String>) -> Result<(), Error> {
     let mut rank = None;
     let mut fit = None;
     let mut macs = None;
-    let mut distill_steps = 0;
+    let mut training = Training {
+        steps: 0,
+        learning_rate: pipeline::DISTILL_LEARNING_RATE,
+        copies: 0,
+    };
     let mut rest = args.as_slice();
     loop {
         match rest {
@@ -362,9 +378,19 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                 rest = tail;
             }
             [flag, value, tail @ ..] if flag == "--distill" => {
-                distill_steps = value
+                training.steps = value
                     .parse::<usize>()
                     .map_err(|_| format!("--distill takes a number of steps, not `{value}`"))?;
+                rest = tail;
+            }
+            [flag, value, tail @ ..] if flag == "--augment" => {
+                training.copies = count(flag, value)?;
+                rest = tail;
+            }
+            [flag, value, tail @ ..] if flag == "--lr" => {
+                training.learning_rate = value
+                    .parse()
+                    .map_err(|_| format!("--lr takes a number, not `{value}`"))?;
                 rest = tail;
             }
             [flag, value, tail @ ..] if flag == "--macs" => {
@@ -401,30 +427,38 @@ fn run(args: Vec<String>) -> Result<(), Error> {
             frontier::frontier(sentences, steps)
         }
         [cmd, options @ ..] if cmd == "recovery" && variant.is_none() => {
-            let (mut steps, mut learning_rate) = (100, pipeline::DISTILL_LEARNING_RATE);
-            let mut objective = pipeline::Objective::Hidden;
+            let mut how = Training {
+                steps: 100,
+                ..training
+            };
+            let (mut objective, mut budgets) = (pipeline::Objective::Hidden, vec![25, 50]);
             for pair in options.chunks(2) {
                 match pair {
-                    [flag, n] if flag == "--steps" => steps = count(flag, n)?,
+                    [flag, n] if flag == "--steps" => how.steps = count(flag, n)?,
+                    [flag, n] if flag == "--augment" => how.copies = count(flag, n)?,
+                    [flag, m] if flag == "--macs" => match count(flag, m)? {
+                        m @ (25 | 50) => budgets = vec![m],
+                        m => return Err(format!("--macs takes 25 or 50, not {m}").into()),
+                    },
                     [flag, on] if flag == "--on" => objective = on.parse()?,
                     [flag, x] if flag == "--lr" => {
-                        learning_rate = x
+                        how.learning_rate = x
                             .parse()
                             .map_err(|_| format!("--lr takes a number, not `{x}`"))?;
                     }
                     _ => return Err(USAGE.into()),
                 }
             }
-            recovery::recovery(steps, learning_rate, objective)
+            recovery::recovery(&how, objective, &budgets)
         }
         [cmd, input, output] if cmd == "embed" => {
-            if distill_steps > 0 && variant.is_none() {
+            if training.steps > 0 && variant.is_none() {
                 return Err(format!(
                     "--distill trains a variant: add --rank and --fit, or --macs\n{USAGE}"
                 )
                 .into());
             }
-            embed(variant, distill_steps, input, output)
+            embed(variant, &training, input, output)
         }
         _ => Err(USAGE.into()),
     }

@@ -10,6 +10,7 @@ use factorize_runtime::distill::{distill, DistillConfig, DistillLog};
 use factorize_runtime::Fit;
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeReport};
 
+use crate::augment::{augmented_targets, AugmentParams};
 use crate::bert::{pool, Batch, Bert, BertFactorized, Hidden, Pooled, HIDDEN};
 
 /// Sentences 0–119 calibrate data-aware fits; 120–159 are held out for every measurement.
@@ -165,6 +166,36 @@ pub fn distillation_targets<const R: usize>(
         })
         .collect::<Result<_, Error>>()?;
     Ok(Targets { objective, batches })
+}
+
+/// Distillation after factorizing, as the command line asks (`--distill`, `--augment`,
+/// `--lr`).
+#[derive(Debug, Clone, Copy)]
+pub struct Training {
+    /// Adam steps; none when 0.
+    pub steps: usize,
+    pub learning_rate: f64,
+    /// Varied copies of each calibration sentence beside it (`augment.rs`); none when 0.
+    pub copies: usize,
+}
+
+/// The dense model's targets for `objective` on the calibration sentences `ids`, and on
+/// `training.copies` varied copies of each (its rank parameter is unused).
+pub fn training_targets<const R: usize>(
+    dense: &Bert<R, f32, Cpu>,
+    ids: &[Vec<u32>],
+    training: &Training,
+    objective: Objective,
+) -> Result<Targets, Error> {
+    if training.copies == 0 {
+        let dev = dense.embeddings.word.weight.device().clone();
+        return distillation_targets(dense, &by_length(&dev, ids), objective);
+    }
+    let params = AugmentParams {
+        copies: training.copies,
+        ..Default::default()
+    };
+    augmented_targets(dense, ids, &params, objective)
 }
 
 /// A variant that recovery trains and measures: its inference embedding, and its encoder on

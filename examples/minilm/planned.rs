@@ -21,8 +21,8 @@ use crate::metrics::{self, Fidelity};
 use factorize_runtime::distill::DistillLog;
 
 use crate::pipeline::Error;
-use crate::pipeline::{distillation_targets, embed_all, median, recover, recovered, seconds};
-use crate::pipeline::{Objective, Targets, DISTILL_LEARNING_RATE};
+use crate::pipeline::{embed_all, median, recover, recovered, seconds, training_targets};
+use crate::pipeline::{Objective, Targets, Training};
 
 use crate::bert::{attention_block, feed_forward_block, pool, Batch, Bert, Embeddings, Hidden};
 use crate::bert::{FFN, HIDDEN};
@@ -248,20 +248,25 @@ macro_rules! with_planned {
     };
 }
 
-/// The embeddings of `ids` by the planned variant at `macs`% (25 or 50).
+/// The embeddings of `ids` by the planned variant at `macs`% (25 or 50), fitted on the
+/// `calibration` batches of the sentences `calibration_ids`, then trained as `training` says.
 pub fn embed_planned(
     macs: usize,
     dense: &Bert<0, f32, Cpu>,
     calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
-    ids: &[Vec<u32>],
-    distill_steps: usize,
+    (ids, calibration_ids): (&[Vec<u32>], &[Vec<u32>]),
+    training: &Training,
 ) -> Result<Vec<f32>, Error> {
     let dev = dense.embeddings.word.weight.device().clone();
     with_planned!(macs, dense, calibration, |small, _report| {
         let mut small = small;
-        if distill_steps > 0 {
-            let targets = distillation_targets(dense, calibration, Objective::Hidden)?;
-            recover(&mut small, &targets, (distill_steps, DISTILL_LEARNING_RATE))?;
+        if training.steps > 0 {
+            let targets = training_targets(dense, calibration_ids, training, Objective::Hidden)?;
+            recover(
+                &mut small,
+                &targets,
+                (training.steps, training.learning_rate),
+            )?;
         }
         embed_all(&dev, ids, |b| small.try_embed(b))
     })

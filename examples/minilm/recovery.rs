@@ -8,7 +8,7 @@ use dfdx::prelude::*;
 
 use crate::bert::Bert;
 use crate::metrics::{self, Fidelity};
-use crate::pipeline::{self, distillation_targets, factorize, recovered, Error, FitKind};
+use crate::pipeline::{self, factorize, recovered, training_targets, Error, FitKind, Training};
 use crate::pipeline::{Objective, Targets};
 use crate::{planned, Setup};
 use factorize_runtime::distill::DistillLog;
@@ -78,13 +78,17 @@ pub fn planned(
     Ok(Recovered::of(setup, trained))
 }
 
-/// `minilm recovery [--steps N] [--lr X] [--on hidden|embeddings]`: the table.
-pub fn recovery(steps: usize, learning_rate: f64, objective: Objective) -> Result<(), Error> {
+/// `minilm recovery [--steps N] [--lr X] [--on hidden|embeddings] [--augment COPIES]
+/// [--macs 25|50]`: the table, at the given budgets; with `how.copies`, distillation also sees
+/// that many varied copies of each calibration sentence (`augment.rs`).
+pub fn recovery(how: &Training, objective: Objective, budgets: &[usize]) -> Result<(), Error> {
+    let (steps, learning_rate, copies) = (how.steps, how.learning_rate, how.copies);
     let training = (steps, learning_rate);
     let setup = Setup::new()?;
-    let targets = distillation_targets(&setup.dense, &setup.calibration, objective)?;
+    let calibration = &setup.ids[pipeline::CALIBRATION];
+    let targets = training_targets(&setup.dense, calibration, how, objective)?;
     println!(
-        "Recovery by distillation: {steps} Adam steps (learning rate {}, the factors only) towards the dense {} of sentences {}–{}; held-out sentences {}–{}",
+        "Recovery by distillation: {steps} Adam steps (learning rate {}, the factors only) towards the dense {} of sentences {}–{}{}; held-out sentences {}–{}",
         learning_rate,
         match objective {
             Objective::Hidden => "last hidden states",
@@ -92,6 +96,10 @@ pub fn recovery(steps: usize, learning_rate: f64, objective: Objective) -> Resul
         },
         pipeline::CALIBRATION.start,
         pipeline::CALIBRATION.end - 1,
+        match copies {
+            0 => String::new(),
+            n => format!(" and {n} varied copies of each"),
+        },
         pipeline::HELD_OUT.start,
         pipeline::HELD_OUT.end - 1,
     );
@@ -99,7 +107,8 @@ pub fn recovery(steps: usize, learning_rate: f64, objective: Objective) -> Resul
         "\n| MACs | variant | mean cos / NN before | mean cos / NN after | train loss (first → last 10 steps) | train time |"
     );
     println!("|---|---|---|---|---|---|");
-    for (macs, rank) in [(25, 64), (50, 128)] {
+    for macs in budgets.iter().copied() {
+        let rank = if macs == 25 { 64 } else { 128 };
         // Weight SVD, the correcting fit at one rank, then the plan (`None`).
         for fit in [Some(FitKind::Svd), Some(FitKind::Correcting), None] {
             let (what, r) = match fit {
