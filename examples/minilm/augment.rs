@@ -10,7 +10,7 @@
 use dfdx::prelude::*;
 
 use crate::bert::{Batch, Bert, HIDDEN, VOCAB};
-use crate::pipeline::{Error, Objective, Targets};
+use crate::pipeline::{target, Error, Objective, Targets};
 
 /// How the calibration sentences are varied.
 #[derive(Debug, Clone, Copy)]
@@ -142,10 +142,7 @@ pub fn augmented_targets<const R: usize>(
         let group: Vec<Vec<u32>> = all.iter().filter(|s| s.len() == len).cloned().collect();
         for chunk in group.chunks(params.batch.max(1)) {
             let batch = Batch::new(&dev, chunk);
-            let target = match objective {
-                Objective::Hidden => dense.try_hidden_states(&batch)?,
-                Objective::Embeddings => dense.try_embed(&batch)?,
-            };
+            let target = target(dense, &batch, objective)?;
             batches.push((batch, target));
         }
     }

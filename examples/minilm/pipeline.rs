@@ -157,15 +157,21 @@ pub fn distillation_targets<const R: usize>(
     objective: Objective,
 ) -> Result<Targets, Error> {
     let batches = (calibration.iter())
-        .map(|(_, batch)| {
-            let target = match objective {
-                Objective::Hidden => dense.try_hidden_states(batch)?,
-                Objective::Embeddings => dense.try_embed(batch)?,
-            };
-            Ok((batch.clone(), target))
-        })
+        .map(|(_, batch)| Ok((batch.clone(), target(dense, batch, objective)?)))
         .collect::<Result<_, Error>>()?;
     Ok(Targets { objective, batches })
+}
+
+/// The dense model's rows for `objective` on `batch`: what distillation matches.
+pub fn target<const R: usize>(
+    dense: &Bert<R, f32, Cpu>,
+    batch: &Batch<f32, Cpu>,
+    objective: Objective,
+) -> Result<Hidden<f32, Cpu>, CpuError> {
+    match objective {
+        Objective::Hidden => dense.try_hidden_states(batch),
+        Objective::Embeddings => dense.try_embed(batch),
+    }
 }
 
 /// Distillation after factorizing, as the command line asks (`--distill`, `--augment`,
