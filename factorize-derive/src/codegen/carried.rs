@@ -2,11 +2,11 @@
 //! not a dfdx module), instead of one per generated item.
 //!
 //! Every generated impl and every use of the variant names the field's type, so a type that is
-//! not `Factorizable` used to fail each of them in turn (19 errors for one field). Instead, a
-//! hidden const checks each carried-over type once, and generated code names those types
-//! through `__private::Check<T, { CONST }>`, which is `T` when the check holds. When it fails,
-//! the const is an error, so is every type that names it, and rustc reports nothing further
-//! about them: the check's own error is the only one.
+//! not `Factorizable` would fail each of them in turn. Instead, a hidden const checks each
+//! carried-over type once, and generated code names those types through
+//! `__private::Check<T, { CONST }>`, which is `T` when the check holds. When it fails, the
+//! const is an error, so is every type that names it, and rustc reports nothing further about
+//! them: the check's own error is the only one.
 //!
 //! A const cannot name the struct's generics, so the check is made at one instance: the dtype
 //! as `f32`, the device as `Cpu`, const generics as zero. That instance exists whenever the
