@@ -9,8 +9,8 @@
 
 use dfdx::prelude::*;
 
-use crate::bert::{Batch, Bert, HIDDEN, VOCAB};
-use crate::pipeline::{target, Error, Objective, Targets};
+use crate::bert::{Bert, HIDDEN, VOCAB};
+use crate::pipeline::{by_length_at_most, distillation_targets, Error, Objective, Targets};
 
 /// How the calibration sentences are varied.
 #[derive(Debug, Clone, Copy)]
@@ -134,25 +134,15 @@ pub fn augmented_targets<const R: usize>(
     let dev: Cpu = Default::default();
     let words = dense.embeddings.word.weight.as_vec();
     let all = augmented(sentences, &words, params);
-    let mut lengths: Vec<usize> = all.iter().map(Vec::len).collect();
-    lengths.sort_unstable();
-    lengths.dedup();
-    let mut batches = Vec::new();
-    for len in lengths {
-        let group: Vec<Vec<u32>> = all.iter().filter(|s| s.len() == len).cloned().collect();
-        for chunk in group.chunks(params.batch.max(1)) {
-            let batch = Batch::new(&dev, chunk);
-            let target = target(dense, &batch, objective)?;
-            batches.push((batch, target));
-        }
-    }
+    let batches = by_length_at_most(&dev, &all, params.batch);
+    let mut targets = distillation_targets(dense, &batches, objective)?;
     // Distillation takes the batches in turn: interleave lengths, so that a run of steps is
     // not all short or all long sentences.
     let mut rng = SplitMix(params.seed ^ 0x5eed);
-    for i in (1..batches.len()).rev() {
-        batches.swap(i, rng.below(i + 1));
+    for i in (1..targets.batches.len()).rev() {
+        targets.batches.swap(i, rng.below(i + 1));
     }
-    Ok(Targets { objective, batches })
+    Ok(targets)
 }
 
 /// SplitMix64: a small seeded generator, enough for these choices.

@@ -51,17 +51,28 @@ impl std::str::FromStr for FitKind {
 /// Sentences grouped into batches of equal length, so that no batch has padding: the
 /// calibration then records only real tokens. Each batch comes with the sentences' indices.
 pub fn by_length(dev: &Cpu, ids: &[Vec<u32>]) -> Vec<(Vec<usize>, Batch<f32, Cpu>)> {
+    by_length_at_most(dev, ids, usize::MAX)
+}
+
+/// As [`by_length`], with at most `most` sentences in a batch: a longer group of one length is
+/// split, in order.
+pub fn by_length_at_most(
+    dev: &Cpu,
+    ids: &[Vec<u32>],
+    most: usize,
+) -> Vec<(Vec<usize>, Batch<f32, Cpu>)> {
     let mut lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
     lengths.sort_unstable();
     lengths.dedup();
-    lengths
-        .into_iter()
-        .map(|len| {
-            let members: Vec<usize> = (0..ids.len()).filter(|&i| ids[i].len() == len).collect();
-            let group: Vec<Vec<u32>> = members.iter().map(|&i| ids[i].clone()).collect();
-            (members, Batch::new(dev, &group))
-        })
-        .collect()
+    let mut batches = Vec::new();
+    for len in lengths {
+        let members: Vec<usize> = (0..ids.len()).filter(|&i| ids[i].len() == len).collect();
+        for chunk in members.chunks(most.max(1)) {
+            let group: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+            batches.push((chunk.to_vec(), Batch::new(dev, &group)));
+        }
+    }
+    batches
 }
 
 /// The embeddings of `ids`, row-major `[n, HIDDEN]` in the order of `ids`, computed by
@@ -157,21 +168,15 @@ pub fn distillation_targets<const R: usize>(
     objective: Objective,
 ) -> Result<Targets, Error> {
     let batches = (calibration.iter())
-        .map(|(_, batch)| Ok((batch.clone(), target(dense, batch, objective)?)))
+        .map(|(_, batch)| {
+            let target = match objective {
+                Objective::Hidden => dense.try_hidden_states(batch)?,
+                Objective::Embeddings => dense.try_embed(batch)?,
+            };
+            Ok((batch.clone(), target))
+        })
         .collect::<Result<_, Error>>()?;
     Ok(Targets { objective, batches })
-}
-
-/// The dense model's rows for `objective` on `batch`: what distillation matches.
-pub fn target<const R: usize>(
-    dense: &Bert<R, f32, Cpu>,
-    batch: &Batch<f32, Cpu>,
-    objective: Objective,
-) -> Result<Hidden<f32, Cpu>, CpuError> {
-    match objective {
-        Objective::Hidden => dense.try_hidden_states(batch),
-        Objective::Embeddings => dense.try_embed(batch),
-    }
 }
 
 /// Distillation after factorizing, as the command line asks (`--distill`, `--augment`,
