@@ -123,6 +123,24 @@ fn neighbours(
         .collect()
 }
 
+/// `sentences` and `copies` varied copies of each (the other parameters as
+/// [`AugmentParams::default`]), neighbours from `dense`'s word embeddings; `sentences` alone
+/// when `copies` is 0.
+pub fn with_copies<const R: usize>(
+    dense: &Bert<R, f32, Cpu>,
+    sentences: &[Vec<u32>],
+    copies: usize,
+) -> Vec<Vec<u32>> {
+    if copies == 0 {
+        return sentences.to_vec();
+    }
+    let params = AugmentParams {
+        copies,
+        ..Default::default()
+    };
+    augmented(sentences, &dense.embeddings.word.weight.as_vec(), &params)
+}
+
 /// Distillation data from `sentences` and their varied copies: batches of one length, at most
 /// `params.batch` sentences each, labelled by `dense` for `objective`.
 pub fn augmented_targets<const R: usize>(

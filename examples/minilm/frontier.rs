@@ -15,7 +15,8 @@
 //! variants, without their speed).
 //! Training needs compiled factors, so the distilled points are the compiled variants at a
 //! quarter and half: one rank by weight SVD (Composer's way), and the committed block plans of
-//! `planned.rs` with the correcting fit.
+//! `planned.rs` with the correcting fit, trained by [`Training::MEASURED`] unless `--steps`,
+//! `--augment` or `--lr` say otherwise.
 
 use std::time::Instant;
 
@@ -27,7 +28,7 @@ use factorize_runtime::{Factorizable, FactorizeConfig, Fit};
 use crate::bert::{Batch, Bert, HIDDEN};
 use crate::metrics::{self, Fidelity};
 use crate::pipeline::Objective;
-use crate::pipeline::{self, by_length, distillation_targets, embed_all, Error, FitKind};
+use crate::pipeline::{self, by_length, embed_all, training_targets, Error, FitKind, Training};
 use crate::plot::{self, Curve};
 use crate::{recovery, Setup};
 
@@ -150,8 +151,8 @@ fn rows(
 }
 
 /// Runs the route and prints its tables; `sentences`: how many calibration sentences the
-/// sensitivity uses; `steps`: Adam steps of the distilled points (0: none).
-pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
+/// sensitivity uses; `training`: how the distilled points train (no steps: none).
+pub fn frontier(sentences: usize, training: &Training) -> Result<(), Error> {
     if sentences == 0 {
         return Err("--sentences takes at least 1".into());
     }
@@ -217,8 +218,8 @@ pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
         ];
         rows(&setup, &probe, (rank, plans), &mut curves)?;
     }
-    if steps > 0 {
-        curves.extend(distilled(&setup, steps)?);
+    if training.steps > 0 {
+        curves.extend(distilled(&setup, training)?);
     }
     let figure = dir.join("frontier.svg");
     plot::frontier(
@@ -234,15 +235,23 @@ pub fn frontier(sentences: usize, steps: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// The compiled variants at [`DISTILLED`] before and after `steps` Adam steps towards the dense
-/// model's hidden states: one rank by weight SVD (Composer's way), and the committed block plan
-/// with the correcting fit (ours). Prints their table; returns their points for the figure.
-fn distilled(setup: &Setup, steps: usize) -> Result<Vec<Curve>, Error> {
-    let training = (steps, pipeline::DISTILL_LEARNING_RATE);
-    let targets = distillation_targets(&setup.dense, &setup.calibration, Objective::Hidden)?;
+/// The compiled variants at [`DISTILLED`] before and after `training` towards the dense model's
+/// hidden states: one rank by weight SVD (Composer's way), and the committed block plan with the
+/// correcting fit (ours). Prints their table; returns their points for the figure.
+fn distilled(setup: &Setup, training: &Training) -> Result<Vec<Curve>, Error> {
+    let Training {
+        steps,
+        learning_rate,
+        copies,
+    } = *training;
+    let calibration = &setup.ids[pipeline::CALIBRATION];
+    let targets = training_targets(&setup.dense, calibration, training, Objective::Hidden)?;
     println!(
-        "\nDistilled: {steps} Adam steps (learning rate {}, the factors only) towards the dense model's last hidden states of the calibration sentences\n",
-        pipeline::DISTILL_LEARNING_RATE
+        "\nDistilled: {steps} Adam steps (learning rate {learning_rate}, the factors only) towards the dense model's last hidden states of the calibration sentences{}\n",
+        match copies {
+            0 => String::new(),
+            n => format!(" and {n} varied copies of each"),
+        },
     );
     println!("| linear MACs | variant | before | after | train time |");
     println!("|---|---|---|---|---|");
@@ -256,8 +265,9 @@ fn distilled(setup: &Setup, steps: usize) -> Result<Vec<Curve>, Error> {
         line: false,
     });
     for (macs, rank) in DISTILLED {
-        let composer = recovery::uniform(setup, (rank, FitKind::Svd), &targets, training)?;
-        let ours = recovery::planned(setup, macs, &targets, training)?;
+        let how = (steps, learning_rate);
+        let composer = recovery::uniform(setup, (rank, FitKind::Svd), &targets, how)?;
+        let ours = recovery::planned(setup, macs, &targets, how)?;
         for (curve, (name, r)) in curves.iter_mut().zip([
             (format!("rank {rank}, weight SVD"), composer),
             ("block ranks (committed), correcting fit".into(), ours),

@@ -10,6 +10,7 @@
 //! cargo run --release --example minilm -- --macs 25 embed sentences.txt out.safetensors
 //! cargo run --release --example minilm -- --macs 50 --distill 100 embed in.txt out.safetensors
 //! cargo run --release --example minilm -- --macs 50 --distill 1000 --augment 20 --lr 3e-4 embed in.txt out.safetensors
+//! cargo run --release --example minilm -- --macs 25 --fit-copies 20 --distill 2000 --augment 20 --lr 3e-4 embed in.txt out.safetensors
 //! cargo run --release --example minilm -- recovery    # train after factorizing: before/after
 //! cargo run --release --example minilm -- recovery --steps 500 --lr 1e-4 --on embeddings
 //! cargo run --release --example minilm -- recovery --macs 50 --augment 20 --steps 1000 --lr 3e-4
@@ -18,11 +19,13 @@
 //! `embed` writes `embeddings` (`[n, 384]`, float32, normalised, in line order) for one sentence
 //! per line, with the dense model or, after `--rank R --fit svd|data|correcting`, with that
 //! variant (`data` and `correcting` are calibrated on sentences 0–119), or after `--macs 25|50`
-//! with the planned variant of `planned.rs` (correcting fit); `--distill STEPS` then trains the
-//! variant's factors for that many Adam steps towards the dense model (`recovery.rs`), on the
-//! calibration sentences and, with `--augment COPIES`, that many varied copies of each
-//! (`augment.rs`: words replaced by their neighbours in the model's word embeddings). The
-//! data comes from `../shared/data/minilm-model` or `$FACTORIZE_MINILM_MODEL_DIR`.
+//! with the planned variant of `planned.rs` (correcting fit). `--fit-copies COPIES` calibrates
+//! the data-aware fits on that many varied copies of each calibration sentence too
+//! (`augment.rs`: words replaced by their neighbours in the model's word embeddings).
+//! `--distill STEPS` then trains the variant's factors for that many Adam steps towards the
+//! dense model (`recovery.rs`), on the calibration sentences and, with `--augment COPIES`, that
+//! many varied copies of each. The data comes from `../shared/data/minilm-model` or
+//! `$FACTORIZE_MINILM_MODEL_DIR`.
 //!
 //! The model (`bert.rs`), its loader (`checkpoint.rs`) and the tokenizer (`text.rs`) are meant
 //! to be copied as a template.
@@ -254,7 +257,7 @@ fn planned_table() -> Result<(), Error> {
 
 /// `embed <sentences.txt> <out.safetensors>` with the dense model or a variant.
 fn embed(
-    variant: Option<Variant>,
+    (variant, fit_copies): (Option<Variant>, usize),
     training: &Training,
     input: &str,
     output: &str,
@@ -278,12 +281,9 @@ fn embed(
         }
         Some(Variant::Planned(macs)) => {
             let dense = Dense::load(dir.checkpoint(), &dev)?;
-            let (sentences, _) = dir.sentences()?;
-            let calibration_ids = sentences[pipeline::CALIBRATION]
-                .iter()
-                .map(|s| tokenizer.encode(s))
-                .collect::<Result<Vec<_>, _>>()?;
-            let calibration = by_length(&dev, &calibration_ids);
+            let calibration_ids = calibration_ids(&dir, &tokenizer)?;
+            let fitted_on = augment::with_copies(&dense, &calibration_ids, fit_copies);
+            let calibration = by_length(&dev, &fitted_on);
             planned::embed_planned(
                 macs,
                 &dense,
@@ -293,11 +293,11 @@ fn embed(
             )?
         }
         Some(Variant::Rank(rank, fit)) => match rank {
-            32 => embed_variant::<32>(&dev, &dir, &tokenizer, (fit, training), &ids)?,
-            64 => embed_variant::<64>(&dev, &dir, &tokenizer, (fit, training), &ids)?,
-            96 => embed_variant::<96>(&dev, &dir, &tokenizer, (fit, training), &ids)?,
-            128 => embed_variant::<128>(&dev, &dir, &tokenizer, (fit, training), &ids)?,
-            160 => embed_variant::<160>(&dev, &dir, &tokenizer, (fit, training), &ids)?,
+            32 => embed_variant::<32>(&dev, &dir, &tokenizer, (fit, fit_copies, training), &ids)?,
+            64 => embed_variant::<64>(&dev, &dir, &tokenizer, (fit, fit_copies, training), &ids)?,
+            96 => embed_variant::<96>(&dev, &dir, &tokenizer, (fit, fit_copies, training), &ids)?,
+            128 => embed_variant::<128>(&dev, &dir, &tokenizer, (fit, fit_copies, training), &ids)?,
+            160 => embed_variant::<160>(&dev, &dir, &tokenizer, (fit, fit_copies, training), &ids)?,
             other => return Err(format!("--rank takes one of {RANKS:?}, not {other}").into()),
         },
     };
@@ -314,20 +314,30 @@ fn embed(
     Ok(())
 }
 
+/// The token ids of the calibration sentences (0–119).
+fn calibration_ids(
+    dir: &text::ModelDir,
+    tokenizer: &text::Tokenizer,
+) -> Result<Vec<Vec<u32>>, Error> {
+    let (sentences, _) = dir.sentences()?;
+    Ok(sentences[pipeline::CALIBRATION]
+        .iter()
+        .map(|s| tokenizer.encode(s))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
 fn embed_variant<const R: usize>(
     dev: &Cpu,
     dir: &text::ModelDir,
     tokenizer: &text::Tokenizer,
-    (fit, training): (FitKind, &Training),
+    (fit, fit_copies, training): (FitKind, usize, &Training),
     ids: &[Vec<u32>],
 ) -> Result<Vec<f32>, Error> {
     let dense = Bert::<R, f32, Cpu>::load(dir.checkpoint(), dev)?;
-    let (sentences, _) = dir.sentences()?;
-    let calibration_ids = sentences[pipeline::CALIBRATION]
-        .iter()
-        .map(|s| tokenizer.encode(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let calibration = by_length(dev, &calibration_ids);
+    let calibration_ids = calibration_ids(dir, tokenizer)?;
+    // Weight SVD reads no data: no copies to make.
+    let copies = if fit == FitKind::Svd { 0 } else { fit_copies };
+    let calibration = by_length(dev, &augment::with_copies(&dense, &calibration_ids, copies));
     let (mut small, _, _) = factorize(&dense, fit, &calibration)?;
     if training.steps > 0 {
         let objective = pipeline::Objective::Hidden;
@@ -342,12 +352,18 @@ fn embed_variant<const R: usize>(
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--distill STEPS [--augment COPIES] [--lr X]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--on hidden|embeddings] [--augment COPIES] [--macs 25|50]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--distill STEPS [--augment COPIES] [--lr X]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N] [--augment COPIES] [--lr X]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--on hidden|embeddings] [--augment COPIES] [--macs 25|50]";
 
 /// The integer value `n` of the option `flag`.
 fn count(flag: &str, n: &str) -> Result<usize, String> {
     n.parse()
         .map_err(|_| format!("{flag} takes an integer, not `{n}`"))
+}
+
+/// The learning rate `x` of `--lr`.
+fn rate(x: &str) -> Result<f64, String> {
+    x.parse()
+        .map_err(|_| format!("--lr takes a number, not `{x}`"))
 }
 
 fn main() {
@@ -361,6 +377,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
     let mut rank = None;
     let mut fit = None;
     let mut macs = None;
+    let mut fit_copies = 0;
     let mut training = Training {
         steps: 0,
         learning_rate: pipeline::DISTILL_LEARNING_RATE,
@@ -387,10 +404,12 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                 training.copies = count(flag, value)?;
                 rest = tail;
             }
+            [flag, value, tail @ ..] if flag == "--fit-copies" => {
+                fit_copies = count(flag, value)?;
+                rest = tail;
+            }
             [flag, value, tail @ ..] if flag == "--lr" => {
-                training.learning_rate = value
-                    .parse()
-                    .map_err(|_| format!("--lr takes a number, not `{value}`"))?;
+                training.learning_rate = rate(value)?;
                 rest = tail;
             }
             [flag, value, tail @ ..] if flag == "--macs" => {
@@ -416,15 +435,17 @@ fn run(args: Vec<String>) -> Result<(), Error> {
         [] if variant.is_none() => table(),
         [cmd] if cmd == "planned" && variant.is_none() => planned_table(),
         [cmd, options @ ..] if cmd == "frontier" && variant.is_none() => {
-            let (mut sentences, mut steps) = (40, 500);
+            let (mut sentences, mut how) = (40, Training::MEASURED);
             for pair in options.chunks(2) {
                 match pair {
                     [flag, n] if flag == "--sentences" => sentences = count(flag, n)?,
-                    [flag, n] if flag == "--steps" => steps = count(flag, n)?,
+                    [flag, n] if flag == "--steps" => how.steps = count(flag, n)?,
+                    [flag, n] if flag == "--augment" => how.copies = count(flag, n)?,
+                    [flag, x] if flag == "--lr" => how.learning_rate = rate(x)?,
                     _ => return Err(USAGE.into()),
                 }
             }
-            frontier::frontier(sentences, steps)
+            frontier::frontier(sentences, &how)
         }
         [cmd, options @ ..] if cmd == "recovery" && variant.is_none() => {
             let mut how = Training {
@@ -441,11 +462,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                         m => return Err(format!("--macs takes 25 or 50, not {m}").into()),
                     },
                     [flag, on] if flag == "--on" => objective = on.parse()?,
-                    [flag, x] if flag == "--lr" => {
-                        how.learning_rate = x
-                            .parse()
-                            .map_err(|_| format!("--lr takes a number, not `{x}`"))?;
-                    }
+                    [flag, x] if flag == "--lr" => how.learning_rate = rate(x)?,
                     _ => return Err(USAGE.into()),
                 }
             }
@@ -458,7 +475,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                 )
                 .into());
             }
-            embed(variant, &training, input, output)
+            embed((variant, fit_copies), &training, input, output)
         }
         _ => Err(USAGE.into()),
     }

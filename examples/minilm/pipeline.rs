@@ -190,6 +190,16 @@ pub struct Training {
     pub copies: usize,
 }
 
+impl Training {
+    /// The recipe `frontier` trains with unless told otherwise: the best measured for its time
+    /// (docs/performance.md, "distillation on varied calibration sentences").
+    pub const MEASURED: Self = Self {
+        steps: 1000,
+        learning_rate: 3e-4,
+        copies: 20,
+    };
+}
+
 /// The dense model's targets for `objective` on the calibration sentences `ids`, and on
 /// `training.copies` varied copies of each (its rank parameter is unused).
 pub fn training_targets<const R: usize>(
