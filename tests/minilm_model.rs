@@ -399,6 +399,9 @@ fn augmented_sentences_replace_words_by_their_neighbours() {
     assert_eq!(all.len(), sentences.len() * (1 + params.copies));
     assert_eq!(&all[..sentences.len()], sentences);
     assert_eq!(all, augment::augmented(sentences, &words, &params));
+    // The fits calibrate on the copies distillation trains on (`--fit-copies`, `--augment`).
+    assert_eq!(augment::with_copies(&dense, sentences, params.copies), all);
+    assert_eq!(augment::with_copies(&dense, sentences, 0), sentences);
     let mut replacements = std::collections::BTreeMap::<u32, Vec<u32>>::new();
     let (mut inner, mut replaced) = (0, 0);
     for (k, varied) in all[sentences.len()..].iter().enumerate() {
