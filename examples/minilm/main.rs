@@ -469,11 +469,14 @@ fn run(args: Vec<String>) -> Result<(), Error> {
             recovery::recovery(&how, objective, &budgets)
         }
         [cmd, input, output] if cmd == "embed" => {
-            if training.steps > 0 && variant.is_none() {
-                return Err(format!(
-                    "--distill trains a variant: add --rank and --fit, or --macs\n{USAGE}"
-                )
-                .into());
+            let flag = match (training.steps, fit_copies) {
+                (0, 0) => None,
+                (0, _) => Some("--fit-copies calibrates a variant's fit"),
+                _ => Some("--distill trains a variant"),
+            };
+            if let (Some(flag), None) = (flag, &variant) {
+                let reason = format!("{flag}: add --rank and --fit, or --macs\n{USAGE}");
+                return Err(reason.into());
             }
             embed((variant, fit_copies), &training, input, output)
         }
