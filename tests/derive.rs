@@ -900,7 +900,7 @@ fn fine_tuning_the_factorized_variant_lowers_its_loss() {
 mod distillation {
     use super::finetune::{Mlp, MlpFactorized, BATCH, TEACHER_GAIN, WIDTH};
     use dfdx::prelude::*;
-    use factorize_runtime::distill::{distill, DistillConfig, DistillLog, Trained};
+    use factorize_runtime::distill::{distill, DistillConfig, DistillLog, Schedule, Trained};
     use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeError};
 
     type Input = Tensor<Rank2<BATCH, WIDTH>, f32, Cpu>;
@@ -1011,7 +1011,40 @@ mod distillation {
         };
         let err = run(&mut small, &batches, &backwards).unwrap_err();
         assert!(err.to_string().contains("`learning_rate`"), "{err}");
+        let all_warmup = DistillConfig {
+            schedule: Schedule::Cosine { warmup: 40 },
+            learning_rate: 1e-3,
+            ..diverging
+        };
+        let err = run(&mut small, &batches, &all_warmup).unwrap_err();
+        assert!(err.to_string().contains("`schedule`"), "{err}");
         assert_eq!(small.forward(x).as_vec(), output);
+    }
+
+    #[test]
+    fn the_schedule_sets_each_steps_learning_rate() {
+        let dev = Cpu::seed_from_u64(13);
+        let (_, small, batches) = setup(&dev, 4);
+        let peak = 1e-3;
+        let losses = |learning_rate, schedule| {
+            let cfg = DistillConfig {
+                steps: 10,
+                learning_rate,
+                schedule,
+                progress: false,
+                ..Default::default()
+            };
+            run(&mut small.clone(), &batches, &cfg).unwrap().losses
+        };
+        let cosine = losses(peak, Schedule::Cosine { warmup: 4 });
+        // The warm-up's first step takes a quarter of the peak, as a constant quarter does
+        // (each step's loss is measured before its update)...
+        let quarter = losses(peak / 4.0, Schedule::Constant);
+        assert_eq!(cosine[..2], quarter[..2]);
+        // ...and its second half of it.
+        assert_ne!(cosine[2], quarter[2]);
+        let full = losses(peak, Schedule::Constant);
+        assert_ne!(cosine[1], full[1]);
     }
 }
 

@@ -360,7 +360,13 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
     assert!(worst < 1e-3, "traced forward differs by {worst}");
     let before = small.clone();
     let steps = 3 * targets.batches.len();
-    let log = pipeline::recover(&mut small, &targets, (steps, 1e-3)).unwrap();
+    let training = pipeline::Training {
+        steps,
+        learning_rate: 1e-3,
+        copies: 0,
+        cosine: false,
+    };
+    let log = pipeline::recover(&mut small, &targets, &training).unwrap();
     // The same batches, first epoch against last.
     let window = targets.batches.len();
     assert!(

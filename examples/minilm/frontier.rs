@@ -239,15 +239,12 @@ pub fn frontier(sentences: usize, training: &Training) -> Result<(), Error> {
 /// hidden states: one rank by weight SVD (Composer's way), and the committed block plan with the
 /// correcting fit (ours). Prints their table; returns their points for the figure.
 fn distilled(setup: &Setup, training: &Training) -> Result<Vec<Curve>, Error> {
-    let Training {
-        steps,
-        learning_rate,
-        copies,
-    } = *training;
+    let (steps, copies) = (training.steps, training.copies);
     let calibration = &setup.ids[pipeline::CALIBRATION];
     let targets = training_targets(&setup.dense, calibration, training, Objective::Hidden)?;
     println!(
-        "\nDistilled: {steps} Adam steps (learning rate {learning_rate}, the factors only) towards the dense model's last hidden states of the calibration sentences{}\n",
+        "\nDistilled: {steps} Adam steps ({}, the factors only) towards the dense model's last hidden states of the calibration sentences{}\n",
+        training.caption(),
         match copies {
             0 => String::new(),
             n => format!(" and {n} varied copies of each"),
@@ -265,7 +262,7 @@ fn distilled(setup: &Setup, training: &Training) -> Result<Vec<Curve>, Error> {
         line: false,
     });
     for (macs, rank) in DISTILLED {
-        let how = (steps, learning_rate);
+        let how = training;
         let composer = recovery::uniform(setup, (rank, FitKind::Svd), &targets, how)?;
         let ours = recovery::planned(setup, macs, &targets, how)?;
         for (curve, (name, r)) in curves.iter_mut().zip([

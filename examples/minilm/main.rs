@@ -342,17 +342,13 @@ fn embed_variant<const R: usize>(
     if training.steps > 0 {
         let objective = pipeline::Objective::Hidden;
         let targets = training_targets(&dense, &calibration_ids, training, objective)?;
-        recover(
-            &mut small,
-            &targets,
-            (training.steps, training.learning_rate),
-        )?;
+        recover(&mut small, &targets, training)?;
     }
     embed_all(dev, ids, |b| small.try_embed(b))
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--distill STEPS [--augment COPIES] [--lr X]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N] [--augment COPIES] [--lr X]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--on hidden|embeddings] [--augment COPIES] [--macs 25|50]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--distill STEPS [--augment COPIES] [--lr X] [--schedule constant|cosine]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N] [--augment COPIES] [--lr X] [--schedule constant|cosine]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--on hidden|embeddings] [--augment COPIES] [--macs 25|50]";
 
 /// The integer value `n` of the option `flag`.
 fn count(flag: &str, n: &str) -> Result<usize, String> {
@@ -364,6 +360,17 @@ fn count(flag: &str, n: &str) -> Result<usize, String> {
 fn rate(x: &str) -> Result<f64, String> {
     x.parse()
         .map_err(|_| format!("--lr takes a number, not `{x}`"))
+}
+
+/// Whether `--schedule` asks for the cosine schedule.
+fn cosine(schedule: &str) -> Result<bool, String> {
+    match schedule {
+        "cosine" => Ok(true),
+        "constant" => Ok(false),
+        _ => Err(format!(
+            "--schedule takes `constant` or `cosine`, not `{schedule}`"
+        )),
+    }
 }
 
 fn main() {
@@ -382,6 +389,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
         steps: 0,
         learning_rate: pipeline::DISTILL_LEARNING_RATE,
         copies: 0,
+        cosine: false,
     };
     let mut rest = args.as_slice();
     loop {
@@ -410,6 +418,10 @@ fn run(args: Vec<String>) -> Result<(), Error> {
             }
             [flag, value, tail @ ..] if flag == "--lr" => {
                 training.learning_rate = rate(value)?;
+                rest = tail;
+            }
+            [flag, value, tail @ ..] if flag == "--schedule" => {
+                training.cosine = cosine(value)?;
                 rest = tail;
             }
             [flag, value, tail @ ..] if flag == "--macs" => {
@@ -442,6 +454,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                     [flag, n] if flag == "--steps" => how.steps = count(flag, n)?,
                     [flag, n] if flag == "--augment" => how.copies = count(flag, n)?,
                     [flag, x] if flag == "--lr" => how.learning_rate = rate(x)?,
+                    [flag, s] if flag == "--schedule" => how.cosine = cosine(s)?,
                     _ => return Err(USAGE.into()),
                 }
             }
@@ -463,6 +476,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                     },
                     [flag, on] if flag == "--on" => objective = on.parse()?,
                     [flag, x] if flag == "--lr" => how.learning_rate = rate(x)?,
+                    [flag, s] if flag == "--schedule" => how.cosine = cosine(s)?,
                     _ => return Err(USAGE.into()),
                 }
             }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use dfdx::prelude::*;
 use factorize_runtime::calibrate::VisitFactorized;
-use factorize_runtime::distill::{distill, DistillConfig, DistillLog};
+use factorize_runtime::distill::{distill, DistillConfig, DistillLog, Schedule};
 use factorize_runtime::Fit;
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeReport};
 
@@ -180,15 +180,22 @@ pub fn distillation_targets<const R: usize>(
 }
 
 /// Distillation after factorizing, as the command line asks (`--distill`, `--augment`,
-/// `--lr`).
+/// `--lr`, `--schedule`).
 #[derive(Debug, Clone, Copy)]
 pub struct Training {
     /// Adam steps; none when 0.
     pub steps: usize,
+    /// The learning rate (its peak under the cosine schedule).
     pub learning_rate: f64,
     /// Varied copies of each calibration sentence beside it (`augment.rs`); none when 0.
     pub copies: usize,
+    /// A cosine schedule with a warm-up of [`WARMUP_PER_STEPS`]-th of the steps, else a
+    /// constant rate.
+    pub cosine: bool,
 }
+
+/// Under `--schedule cosine`, one step in this many warms up.
+pub const WARMUP_PER_STEPS: usize = 20;
 
 impl Training {
     /// The recipe `frontier` trains with unless told otherwise: the best measured for its time
@@ -197,7 +204,32 @@ impl Training {
         steps: 1000,
         learning_rate: 3e-4,
         copies: 20,
+        cosine: false,
     };
+
+    /// `distill`'s configuration for this training, with progress.
+    pub fn config(&self) -> DistillConfig {
+        let schedule = match self.cosine {
+            true => Schedule::Cosine {
+                warmup: self.steps / WARMUP_PER_STEPS,
+            },
+            false => Schedule::Constant,
+        };
+        DistillConfig {
+            steps: self.steps,
+            learning_rate: self.learning_rate,
+            schedule,
+            ..Default::default()
+        }
+    }
+
+    /// The learning rate and how it moves, for table captions.
+    pub fn caption(&self) -> String {
+        match self.cosine {
+            true => format!("learning rate {}, cosine schedule", self.learning_rate),
+            false => format!("learning rate {}", self.learning_rate),
+        }
+    }
 }
 
 /// The dense model's targets for `objective` on the calibration sentences `ids`, and on
@@ -270,18 +302,14 @@ pub(crate) use trainable;
 
 trainable!([const R: usize] BertFactorized<R, f32, Cpu>);
 
-/// Trains the factorized pairs of `small` for `steps` Adam steps at `learning_rate` towards
-/// the dense model's `targets`.
+/// Trains the factorized pairs of `small` as `training` says towards the dense model's
+/// `targets` (their copies are `targets`' business).
 pub fn recover<M: Trainable>(
     small: &mut M,
     targets: &Targets,
-    (steps, learning_rate): (usize, f64),
+    training: &Training,
 ) -> Result<DistillLog, Error> {
-    let cfg = DistillConfig {
-        steps,
-        learning_rate,
-        ..Default::default()
-    };
+    let cfg = training.config();
     let objective = targets.objective;
     Ok(distill(
         small,
@@ -302,7 +330,7 @@ pub fn recovered<M: Trainable>(
     small: &mut M,
     heldout: &[Vec<u32>],
     targets: &Targets,
-    training: (usize, f64),
+    training: &Training,
 ) -> Result<(Vec<f32>, Vec<f32>, DistillLog), Error> {
     let dev: Cpu = Default::default();
     let before = embed_all(&dev, heldout, |b| small.embed(b))?;

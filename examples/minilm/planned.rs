@@ -262,11 +262,7 @@ pub fn embed_planned(
         let mut small = small;
         if training.steps > 0 {
             let targets = training_targets(dense, calibration_ids, training, Objective::Hidden)?;
-            recover(
-                &mut small,
-                &targets,
-                (training.steps, training.learning_rate),
-            )?;
+            recover(&mut small, &targets, training)?;
         }
         embed_all(&dev, ids, |b| small.try_embed(b))
     })
@@ -279,7 +275,7 @@ pub fn distilled(
     dense: &Bert<0, f32, Cpu>,
     calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
     targets: &Targets,
-    training: (usize, f64),
+    training: &Training,
     heldout: &[Vec<u32>],
 ) -> Result<(Vec<f32>, Vec<f32>, DistillLog), Error> {
     with_planned!(macs, dense, calibration, |small, _report| {

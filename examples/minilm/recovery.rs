@@ -43,13 +43,13 @@ pub fn uniform(
     setup: &Setup,
     (rank, fit): (usize, FitKind),
     targets: &Targets,
-    training: (usize, f64),
+    training: &Training,
 ) -> Result<Recovered, Error> {
     fn at<const R: usize>(
         setup: &Setup,
         fit: FitKind,
         targets: &Targets,
-        training: (usize, f64),
+        training: &Training,
     ) -> Result<Recovered, Error> {
         let dense = Bert::<R, f32, Cpu>::load(setup.dir.checkpoint(), &setup.dev)?;
         let (mut small, _, _) = factorize(&dense, fit, &setup.calibration)?;
@@ -70,7 +70,7 @@ pub fn planned(
     setup: &Setup,
     macs: usize,
     targets: &Targets,
-    training: (usize, f64),
+    training: &Training,
 ) -> Result<Recovered, Error> {
     let heldout = &setup.ids[pipeline::HELD_OUT];
     let (dense, calibration) = (&setup.dense, &setup.calibration);
@@ -82,14 +82,14 @@ pub fn planned(
 /// [--macs 25|50]`: the table, at the given budgets; with `how.copies`, distillation also sees
 /// that many varied copies of each calibration sentence (`augment.rs`).
 pub fn recovery(how: &Training, objective: Objective, budgets: &[usize]) -> Result<(), Error> {
-    let (steps, learning_rate, copies) = (how.steps, how.learning_rate, how.copies);
-    let training = (steps, learning_rate);
+    let (steps, copies) = (how.steps, how.copies);
+    let training = how;
     let setup = Setup::new()?;
     let calibration = &setup.ids[pipeline::CALIBRATION];
     let targets = training_targets(&setup.dense, calibration, how, objective)?;
     println!(
-        "Recovery by distillation: {steps} Adam steps (learning rate {}, the factors only) towards the dense {} of sentences {}–{}{}; held-out sentences {}–{}",
-        learning_rate,
+        "Recovery by distillation: {steps} Adam steps ({}, the factors only) towards the dense {} of sentences {}–{}{}; held-out sentences {}–{}",
+        how.caption(),
         match objective {
             Objective::Hidden => "last hidden states",
             Objective::Embeddings => "sentence embeddings",

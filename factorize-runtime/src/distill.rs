@@ -73,14 +73,55 @@ pub enum Trained {
     All,
 }
 
+/// How the learning rate moves over the steps of [`distill`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Schedule {
+    /// The learning rate at every step.
+    #[default]
+    Constant,
+    /// A linear warm-up to the learning rate over the first `warmup` steps, then a cosine decay
+    /// towards zero at the last step: the schedule BERT-style models are fine-tuned with, which
+    /// lets the last steps settle instead of jumping around the optimum at full rate.
+    Cosine {
+        /// Steps of the warm-up; fewer than the training's steps.
+        warmup: usize,
+    },
+}
+
+impl Schedule {
+    /// The learning rate at `step` (counted from 0) of `steps`, for a peak rate `peak`.
+    ///
+    /// ```
+    /// use factorize_runtime::distill::Schedule;
+    /// let cosine = Schedule::Cosine { warmup: 10 };
+    /// assert_eq!(cosine.rate(1e-3, 4, 110), 5e-4); // half-way up
+    /// assert_eq!(cosine.rate(1e-3, 9, 110), 1e-3); // the peak
+    /// assert!((cosine.rate(1e-3, 60, 110) - 5e-4).abs() < 1e-12); // half-way down
+    /// assert_eq!(Schedule::Constant.rate(1e-3, 60, 110), 1e-3);
+    /// ```
+    pub fn rate(&self, peak: f64, step: usize, steps: usize) -> f64 {
+        match *self {
+            Self::Constant => peak,
+            Self::Cosine { warmup } if step < warmup => peak * (step + 1) as f64 / warmup as f64,
+            Self::Cosine { warmup } => {
+                let decay = (steps - warmup).max(1) as f64;
+                let done = (step - warmup) as f64 / decay;
+                peak * 0.5 * (1.0 + (std::f64::consts::PI * done).cos())
+            }
+        }
+    }
+}
+
 /// How [`distill`] trains: Adam (dfdx's, its default betas and epsilon) on the mean squared
 /// error against the dense model's outputs, one batch per step, the batches in turn.
 #[derive(Debug, Clone)]
 pub struct DistillConfig {
     /// Optimizer steps.
     pub steps: usize,
-    /// Adam's learning rate.
+    /// Adam's learning rate (its peak under a [`Schedule::Cosine`]).
     pub learning_rate: f64,
+    /// How the learning rate moves over the steps.
+    pub schedule: Schedule,
     /// What is trained.
     pub trained: Trained,
     /// A progress line with the step and the loss (on terminals only).
@@ -88,11 +129,13 @@ pub struct DistillConfig {
 }
 
 impl Default for DistillConfig {
-    /// 100 steps at learning rate 1e-4, the factors only: a short recovery after a good fit.
+    /// 100 steps at learning rate 1e-4, constant, the factors only: a short recovery after a
+    /// good fit.
     fn default() -> Self {
         Self {
             steps: 100,
             learning_rate: 1e-4,
+            schedule: Schedule::Constant,
             trained: Trained::Factors,
             progress: true,
         }
@@ -131,7 +174,8 @@ impl DistillLog {
 /// output stored beside it: `forward(model, input, grads)` runs the model on the input traced
 /// into `grads`. `model` is only changed when training succeeds; on an error it is as it was.
 ///
-/// Errors: no batch, a learning rate that is not positive, no factorized layer when training
+/// Errors: no batch, a learning rate that is not positive, a warm-up not shorter than the
+/// training, no factorized layer when training
 /// [`Trained::Factors`], a non-finite loss (the learning rate is too high), or a device error.
 pub fn distill<M, B, S, E, D, F>(
     model: &mut M,
@@ -157,6 +201,12 @@ where
     if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
         let reason = format!("must be positive and finite, not {}", cfg.learning_rate);
         return Err(parameter("learning_rate", reason));
+    }
+    if let Schedule::Cosine { warmup } = cfg.schedule {
+        if warmup >= cfg.steps.max(1) {
+            let reason = format!("a warm-up of {warmup} steps leaves none of {}", cfg.steps);
+            return Err(parameter("schedule", reason));
+        }
     }
     // Cloning shares the tensors' buffers; the optimizer's first write to each copies it, so
     // `model` keeps its weights until the end.
@@ -193,6 +243,7 @@ where
     );
     let mut losses = Vec::with_capacity(cfg.steps);
     for step in 0..cfg.steps {
+        opt.cfg.lr = cfg.schedule.rate(cfg.learning_rate, step, cfg.steps);
         let (input, target) = &batches[step % batches.len()];
         // Backward keeps the gradients of these tensors only; the optimizer leaves the others.
         let mut grads = Gradients::leaky();
