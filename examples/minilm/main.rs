@@ -11,6 +11,7 @@
 //! cargo run --release --example minilm -- --macs 50 --distill 100 embed in.txt out.safetensors
 //! cargo run --release --example minilm -- --macs 50 --distill 1000 --augment 20 --lr 3e-4 embed in.txt out.safetensors
 //! cargo run --release --example minilm -- --macs 25 --fit-copies 20 --distill 2000 --augment 20 --lr 3e-4 embed in.txt out.safetensors
+//! cargo run --release --example minilm -- --macs 50 --fit-copies 20 --distill 2000 --augment 20 --lr 3e-4 --schedule cosine embed in.txt out.safetensors
 //! cargo run --release --example minilm -- recovery    # train after factorizing: before/after
 //! cargo run --release --example minilm -- recovery --steps 500 --lr 1e-4 --on embeddings
 //! cargo run --release --example minilm -- recovery --macs 50 --augment 20 --steps 1000 --lr 3e-4
@@ -24,7 +25,8 @@
 //! (`augment.rs`: words replaced by their neighbours in the model's word embeddings).
 //! `--distill STEPS` then trains the variant's factors for that many Adam steps towards the
 //! dense model (`recovery.rs`), on the calibration sentences and, with `--augment COPIES`, that
-//! many varied copies of each. The data comes from `../shared/data/minilm-model` or
+//! many varied copies of each; `--lr` sets the learning rate, `--schedule cosine` puts it on a
+//! cosine schedule with warm-up. The data comes from `../shared/data/minilm-model` or
 //! `$FACTORIZE_MINILM_MODEL_DIR`.
 //!
 //! The model (`bert.rs`), its loader (`checkpoint.rs`) and the tokenizer (`text.rs`) are meant
