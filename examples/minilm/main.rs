@@ -11,7 +11,7 @@
 //! cargo run --release --example minilm -- --macs 50 --distill 100 embed in.txt out.safetensors
 //! cargo run --release --example minilm -- --macs 50 --distill 1000 --augment 20 --lr 3e-4 embed in.txt out.safetensors
 //! cargo run --release --example minilm -- --macs 25 --fit-copies 20 --distill 2000 --augment 20 --lr 3e-4 embed in.txt out.safetensors
-//! cargo run --release --example minilm -- --macs 50 --fit-copies 20 --distill 2000 --augment 20 --lr 3e-4 --schedule cosine embed in.txt out.safetensors
+//! cargo run --release --example minilm -- --macs 50 --fit-copies 20 --distill 3000 --augment 40 --lr 3e-4 --schedule cosine embed in.txt out.safetensors
 //! cargo run --release --example minilm -- recovery    # train after factorizing: before/after
 //! cargo run --release --example minilm -- recovery --steps 500 --lr 1e-4 --on embeddings
 //! cargo run --release --example minilm -- recovery --macs 50 --augment 20 --steps 1000 --lr 3e-4
