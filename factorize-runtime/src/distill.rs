@@ -89,7 +89,8 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    /// The learning rate at `step` (counted from 0) of `steps`, for a peak rate `peak`.
+    /// The learning rate at `step` (counted from 0) of `steps`, for a peak rate `peak`; zero
+    /// from `steps` on under the cosine.
     ///
     /// ```
     /// use factorize_runtime::distill::Schedule;
@@ -97,6 +98,7 @@ impl Schedule {
     /// assert_eq!(cosine.rate(1e-3, 4, 110), 5e-4); // half-way up
     /// assert_eq!(cosine.rate(1e-3, 9, 110), 1e-3); // the peak
     /// assert!((cosine.rate(1e-3, 60, 110) - 5e-4).abs() < 1e-12); // half-way down
+    /// assert_eq!(cosine.rate(1e-3, 200, 110), 0.0);
     /// assert_eq!(Schedule::Constant.rate(1e-3, 60, 110), 1e-3);
     /// ```
     pub fn rate(&self, peak: f64, step: usize, steps: usize) -> f64 {
@@ -104,8 +106,9 @@ impl Schedule {
             Self::Constant => peak,
             Self::Cosine { warmup } if step < warmup => peak * (step + 1) as f64 / warmup as f64,
             Self::Cosine { warmup } => {
-                let decay = (steps - warmup).max(1) as f64;
-                let done = (step - warmup) as f64 / decay;
+                // Past the last step (or with no decay steps) the rate stays at zero.
+                let decay = steps.saturating_sub(warmup).max(1) as f64;
+                let done = ((step - warmup) as f64 / decay).min(1.0);
                 peak * 0.5 * (1.0 + (std::f64::consts::PI * done).cos())
             }
         }
