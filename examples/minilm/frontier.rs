@@ -262,9 +262,8 @@ fn distilled(setup: &Setup, training: &Training) -> Result<Vec<Curve>, Error> {
         line: false,
     });
     for (macs, rank) in DISTILLED {
-        let how = training;
-        let composer = recovery::uniform(setup, (rank, FitKind::Svd), &targets, how)?;
-        let ours = recovery::planned(setup, macs, &targets, how)?;
+        let composer = recovery::uniform(setup, (rank, FitKind::Svd), &targets, training)?;
+        let ours = recovery::planned(setup, macs, &targets, training)?;
         for (curve, (name, r)) in curves.iter_mut().zip([
             (format!("rank {rank}, weight SVD"), composer),
             ("block ranks (committed), correcting fit".into(), ours),

@@ -83,7 +83,6 @@ pub fn planned(
 /// that many varied copies of each calibration sentence (`augment.rs`).
 pub fn recovery(how: &Training, objective: Objective, budgets: &[usize]) -> Result<(), Error> {
     let (steps, copies) = (how.steps, how.copies);
-    let training = how;
     let setup = Setup::new()?;
     let calibration = &setup.ids[pipeline::CALIBRATION];
     let targets = training_targets(&setup.dense, calibration, how, objective)?;
@@ -118,12 +117,12 @@ pub fn recovery(how: &Training, objective: Objective, budgets: &[usize]) -> Resu
                         FitKind::Data => "data-aware fit",
                         FitKind::Correcting => "correcting fit",
                     };
-                    let r = uniform(&setup, (rank, fit), &targets, training)?;
+                    let r = uniform(&setup, (rank, fit), &targets, how)?;
                     (format!("rank {rank}, {name}"), r)
                 }
                 None => (
                     "planned ranks, correcting fit".to_string(),
-                    planned(&setup, macs, &targets, training)?,
+                    planned(&setup, macs, &targets, how)?,
                 ),
             };
             println!(
