@@ -358,21 +358,35 @@ fn count(flag: &str, n: &str) -> Result<usize, String> {
         .map_err(|_| format!("{flag} takes an integer, not `{n}`"))
 }
 
-/// The learning rate `x` of `--lr`.
-fn rate(x: &str) -> Result<f64, String> {
-    x.parse()
-        .map_err(|_| format!("--lr takes a number, not `{x}`"))
-}
-
-/// Whether `--schedule` asks for the cosine schedule.
-fn cosine(schedule: &str) -> Result<bool, String> {
-    match schedule {
-        "cosine" => Ok(true),
-        "constant" => Ok(false),
-        _ => Err(format!(
-            "--schedule takes `constant` or `cosine`, not `{schedule}`"
-        )),
+/// Sets the option `flag` of `how` to `value` when it is one of the training options
+/// (`steps`, the name the command gives the step count, `--augment`, `--lr`, `--schedule`);
+/// false when it is none of them.
+fn training_option(
+    how: &mut Training,
+    steps: &str,
+    flag: &str,
+    value: &str,
+) -> Result<bool, String> {
+    match flag {
+        _ if flag == steps => how.steps = count(flag, value)?,
+        "--augment" => how.copies = count(flag, value)?,
+        "--lr" => {
+            let reason = || format!("--lr takes a number, not `{value}`");
+            how.learning_rate = value.parse().map_err(|_| reason())?
+        }
+        "--schedule" => {
+            how.cosine = match value {
+                "cosine" => true,
+                "constant" => false,
+                _ => {
+                    let reason = format!("--schedule takes `constant` or `cosine`, not `{value}`");
+                    return Err(reason);
+                }
+            }
+        }
+        _ => return Ok(false),
     }
+    Ok(true)
 }
 
 fn main() {
@@ -404,26 +418,13 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                 fit = Some(value.parse::<FitKind>()?);
                 rest = tail;
             }
-            [flag, value, tail @ ..] if flag == "--distill" => {
-                training.steps = value
-                    .parse::<usize>()
-                    .map_err(|_| format!("--distill takes a number of steps, not `{value}`"))?;
-                rest = tail;
-            }
-            [flag, value, tail @ ..] if flag == "--augment" => {
-                training.copies = count(flag, value)?;
-                rest = tail;
-            }
             [flag, value, tail @ ..] if flag == "--fit-copies" => {
                 fit_copies = count(flag, value)?;
                 rest = tail;
             }
-            [flag, value, tail @ ..] if flag == "--lr" => {
-                training.learning_rate = rate(value)?;
-                rest = tail;
-            }
-            [flag, value, tail @ ..] if flag == "--schedule" => {
-                training.cosine = cosine(value)?;
+            [flag, value, tail @ ..]
+                if training_option(&mut training, "--distill", flag, value)? =>
+            {
                 rest = tail;
             }
             [flag, value, tail @ ..] if flag == "--macs" => {
@@ -453,10 +454,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
             for pair in options.chunks(2) {
                 match pair {
                     [flag, n] if flag == "--sentences" => sentences = count(flag, n)?,
-                    [flag, n] if flag == "--steps" => how.steps = count(flag, n)?,
-                    [flag, n] if flag == "--augment" => how.copies = count(flag, n)?,
-                    [flag, x] if flag == "--lr" => how.learning_rate = rate(x)?,
-                    [flag, s] if flag == "--schedule" => how.cosine = cosine(s)?,
+                    [flag, v] if training_option(&mut how, "--steps", flag, v)? => {}
                     _ => return Err(USAGE.into()),
                 }
             }
@@ -470,15 +468,12 @@ fn run(args: Vec<String>) -> Result<(), Error> {
             let (mut objective, mut budgets) = (pipeline::Objective::Hidden, vec![25, 50]);
             for pair in options.chunks(2) {
                 match pair {
-                    [flag, n] if flag == "--steps" => how.steps = count(flag, n)?,
-                    [flag, n] if flag == "--augment" => how.copies = count(flag, n)?,
+                    [flag, v] if training_option(&mut how, "--steps", flag, v)? => {}
                     [flag, m] if flag == "--macs" => match count(flag, m)? {
                         m @ (25 | 50) => budgets = vec![m],
                         m => return Err(format!("--macs takes 25 or 50, not {m}").into()),
                     },
                     [flag, on] if flag == "--on" => objective = on.parse()?,
-                    [flag, x] if flag == "--lr" => how.learning_rate = rate(x)?,
-                    [flag, s] if flag == "--schedule" => how.cosine = cosine(s)?,
                     _ => return Err(USAGE.into()),
                 }
             }
