@@ -364,6 +364,7 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
         steps,
         learning_rate: 1e-3,
         copies: 0,
+        corpus: 0,
         cosine: false,
     };
     let log = pipeline::recover(&mut small, &targets, &training).unwrap();
@@ -461,6 +462,70 @@ fn augmented_sentences_replace_words_by_their_neighbours() {
             "{o}: {nearer} word pieces nearer than {chosen:?}"
         );
     }
+}
+
+/// The lowercase words of `s` (letters, digits, apostrophes), as `corpus/extract.py` keys them.
+fn words(s: &str) -> Vec<String> {
+    s.to_lowercase()
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '\''))
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_shipped_corpus_keeps_the_held_out_sentences_out() {
+    let Some(dir) = data("minilm corpus") else {
+        return;
+    };
+    let (sentences, _) = dir.sentences().unwrap();
+    let held_out: std::collections::HashSet<Vec<String>> = sentences[120..]
+        .iter()
+        .flat_map(|s| {
+            words(s)
+                .windows(4)
+                .map(<[String]>::to_vec)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let lines: Vec<&str> = text::CORPUS.lines().collect();
+    assert_eq!(lines.len(), 4727);
+    for line in &lines {
+        assert!(words(line).len() >= 6, "{line:?} is shorter than 6 words");
+        if let Some(run) = words(line).windows(4).find(|w| held_out.contains(*w)) {
+            panic!("{line:?} shares {run:?} with a held-out sentence");
+        }
+    }
+    // Training sees the calibration sentences, their copies and the corpus lines, each once.
+    let dev: Cpu = Default::default();
+    let dense = Dense::load(dir.checkpoint(), &dev).unwrap();
+    let tokenizer = dir.tokenizer().unwrap();
+    let (calibration, more) = (
+        &token_ids(&dir)[..3],
+        text::corpus_ids(&tokenizer, 5).unwrap(),
+    );
+    assert_eq!(more[0], tokenizer.encode(lines[0]).unwrap());
+    let params = augment::AugmentParams {
+        copies: 2,
+        ..Default::default()
+    };
+    let objective = pipeline::Objective::Embeddings;
+    let targets = augment::augmented_targets(&dense, (calibration, &more), &params, objective);
+    let mut seen: Vec<Vec<u32>> = (targets.unwrap().batches.iter())
+        .flat_map(|(batch, _)| {
+            let ids = batch.ids.as_vec();
+            let rows: Vec<Vec<u32>> = (ids.chunks(batch.positions).zip(&batch.lengths))
+                .map(|(row, &len)| row[..len].iter().map(|&t| t as u32).collect())
+                .collect();
+            rows
+        })
+        .collect();
+    let mut expected =
+        augment::augmented(calibration, &dense.embeddings.word.weight.as_vec(), &params);
+    expected.extend(more);
+    seen.sort();
+    expected.sort();
+    assert_eq!(seen, expected);
 }
 
 /// A safetensors file holding `tensors` (name, dtype, shape), zero-filled.

@@ -141,17 +141,18 @@ pub fn with_copies<const R: usize>(
     augmented(sentences, &dense.embeddings.word.weight.as_vec(), &params)
 }
 
-/// Distillation data from `sentences` and their varied copies: batches of one length, at most
-/// `params.batch` sentences each, labelled by `dense` for `objective`.
+/// Distillation data from `sentences`, their varied copies and the unvaried `more`: batches
+/// of one length, at most `params.batch` sentences each, labelled by `dense` for `objective`.
 pub fn augmented_targets<const R: usize>(
     dense: &Bert<R, f32, Cpu>,
-    sentences: &[Vec<u32>],
+    (sentences, more): (&[Vec<u32>], &[Vec<u32>]),
     params: &AugmentParams,
     objective: Objective,
 ) -> Result<Targets, Error> {
     let dev: Cpu = Default::default();
     let words = dense.embeddings.word.weight.as_vec();
-    let all = augmented(sentences, &words, params);
+    let mut all = augmented(sentences, &words, params);
+    all.extend_from_slice(more);
     let batches = by_length_at_most(&dev, &all, params.batch);
     let mut targets = distillation_targets(dense, &batches, objective)?;
     // Distillation takes the batches in turn: interleave lengths, so that a run of steps is

@@ -350,7 +350,7 @@ fn embed_variant<const R: usize>(
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--distill STEPS [--augment COPIES] [--lr X] [--schedule constant|cosine]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N] [--augment COPIES] [--lr X] [--schedule constant|cosine]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--on hidden|embeddings] [--augment COPIES] [--macs 25|50]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--distill STEPS [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N] [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--on hidden|embeddings] [--augment COPIES] [--corpus LINES] [--macs 25|50]";
 
 /// The integer value `n` of the option `flag`.
 fn count(flag: &str, n: &str) -> Result<usize, String> {
@@ -359,7 +359,8 @@ fn count(flag: &str, n: &str) -> Result<usize, String> {
 }
 
 /// Sets the option `flag` of `how` to `value` when it is one of the training options
-/// (`steps`, the name the command gives the step count, `--augment`, `--lr`, `--schedule`);
+/// (`steps`, the name the command gives the step count, `--augment`, `--corpus`, `--lr`,
+/// `--schedule`);
 /// false when it is none of them.
 fn training_option(
     how: &mut Training,
@@ -370,6 +371,7 @@ fn training_option(
     match flag {
         _ if flag == steps => how.steps = count(flag, value)?,
         "--augment" => how.copies = count(flag, value)?,
+        "--corpus" => how.corpus = count(flag, value)?,
         "--lr" => {
             let reason = || format!("--lr takes a number, not `{value}`");
             how.learning_rate = value.parse().map_err(|_| reason())?
@@ -405,6 +407,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
         steps: 0,
         learning_rate: pipeline::DISTILL_LEARNING_RATE,
         copies: 0,
+        corpus: 0,
         cosine: false,
     };
     let mut rest = args.as_slice();

@@ -12,6 +12,7 @@ use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeReport};
 
 use crate::augment::{augmented_targets, AugmentParams};
 use crate::bert::{pool, Batch, Bert, BertFactorized, Hidden, Pooled, HIDDEN};
+use crate::text;
 
 /// Sentences 0–119 calibrate data-aware fits; 120–159 are held out for every measurement.
 pub const CALIBRATION: std::ops::Range<usize> = 0..120;
@@ -180,7 +181,7 @@ pub fn distillation_targets<const R: usize>(
 }
 
 /// Distillation after factorizing, as the command line asks (`--distill`, `--augment`,
-/// `--lr`, `--schedule`).
+/// `--corpus`, `--lr`, `--schedule`).
 #[derive(Debug, Clone, Copy)]
 pub struct Training {
     /// Adam steps; none when 0.
@@ -189,6 +190,8 @@ pub struct Training {
     pub learning_rate: f64,
     /// Varied copies of each calibration sentence beside it (`augment.rs`); none when 0.
     pub copies: usize,
+    /// Lines of [`text::CORPUS`] beside the calibration sentences, unvaried; none when 0.
+    pub corpus: usize,
     /// A cosine schedule with a warm-up of [`WARMUP_PER_STEPS`]-th of the steps, else a
     /// constant rate.
     pub cosine: bool,
@@ -204,6 +207,7 @@ impl Training {
         steps: 1000,
         learning_rate: 3e-4,
         copies: 20,
+        corpus: 0,
         cosine: false,
     };
 
@@ -232,23 +236,28 @@ impl Training {
     }
 }
 
-/// The dense model's targets for `objective` on the calibration sentences `ids`, and on
-/// `training.copies` varied copies of each (its rank parameter is unused).
+/// The dense model's targets for `objective` on the calibration sentences `ids`, on
+/// `training.copies` varied copies of each, and on the first `training.corpus` lines of
+/// [`text::CORPUS`], tokenized by the checkpoint's tokenizer (its rank parameter is unused).
 pub fn training_targets<const R: usize>(
     dense: &Bert<R, f32, Cpu>,
     ids: &[Vec<u32>],
     training: &Training,
     objective: Objective,
 ) -> Result<Targets, Error> {
-    if training.copies == 0 {
+    if training.copies == 0 && training.corpus == 0 {
         let dev = dense.embeddings.word.weight.device().clone();
         return distillation_targets(dense, &by_length(&dev, ids), objective);
     }
+    let corpus = match training.corpus {
+        0 => Vec::new(),
+        n => text::corpus_ids(&text::ModelDir::locate().tokenizer()?, n)?,
+    };
     let params = AugmentParams {
         copies: training.copies,
         ..Default::default()
     };
-    augmented_targets(dense, ids, &params, objective)
+    augmented_targets(dense, (ids, &corpus), &params, objective)
 }
 
 /// A variant that recovery trains and measures: its inference embedding, and its encoder on

@@ -36,6 +36,20 @@ impl Tokenizer {
     }
 }
 
+/// Real text that distillation may see beside the calibration sentences: 4,727 usage examples
+/// from WordNet 3.0, one per line (`corpus/README.md`: provenance, licence, selection). None
+/// shares a run of four words with a held-out sentence (`tests/minilm_model.rs` checks).
+pub const CORPUS: &str = include_str!("corpus/wordnet-examples.txt");
+
+/// The first `n` lines of [`CORPUS`] (all when there are fewer), tokenized by `tokenizer`.
+pub fn corpus_ids(tokenizer: &Tokenizer, n: usize) -> Result<Vec<Vec<u32>>, String> {
+    CORPUS
+        .lines()
+        .take(n)
+        .map(|s| tokenizer.encode(s))
+        .collect()
+}
+
 /// The files of `../shared/data/minilm-model`.
 pub struct ModelDir(pub PathBuf);
 
