@@ -47,7 +47,7 @@ use dfdx::prelude::*;
 
 use bert::{Batch, Bert, FFN, HIDDEN, LAYERS};
 use pipeline::{by_length, embed_all, factorize, median, recover, seconds};
-use pipeline::{training_targets, Error, FitKind, Training};
+use pipeline::{training_targets, Error, FitData, FitKind, Training};
 
 /// The ranks of the table, applied to all 36 `Linear`s.
 const RANKS: [usize; 5] = [32, 64, 96, 128, 160];
@@ -259,7 +259,7 @@ fn planned_table() -> Result<(), Error> {
 
 /// `embed <sentences.txt> <out.safetensors>` with the dense model or a variant.
 fn embed(
-    (variant, fit_copies): (Option<Variant>, usize),
+    (variant, fit_data): (Option<Variant>, FitData),
     training: &Training,
     input: &str,
     output: &str,
@@ -284,7 +284,7 @@ fn embed(
         Some(Variant::Planned(macs)) => {
             let dense = Dense::load(dir.checkpoint(), &dev)?;
             let calibration_ids = calibration_ids(&dir, &tokenizer)?;
-            let fitted_on = augment::with_copies(&dense, &calibration_ids, fit_copies);
+            let fitted_on = fit_data.sentences(&dense, &calibration_ids, &tokenizer)?;
             let calibration = by_length(&dev, &fitted_on);
             planned::embed_planned(
                 macs,
@@ -295,11 +295,11 @@ fn embed(
             )?
         }
         Some(Variant::Rank(rank, fit)) => match rank {
-            32 => embed_variant::<32>(&dev, &dir, &tokenizer, (fit, fit_copies, training), &ids)?,
-            64 => embed_variant::<64>(&dev, &dir, &tokenizer, (fit, fit_copies, training), &ids)?,
-            96 => embed_variant::<96>(&dev, &dir, &tokenizer, (fit, fit_copies, training), &ids)?,
-            128 => embed_variant::<128>(&dev, &dir, &tokenizer, (fit, fit_copies, training), &ids)?,
-            160 => embed_variant::<160>(&dev, &dir, &tokenizer, (fit, fit_copies, training), &ids)?,
+            32 => embed_variant::<32>(&dev, &dir, &tokenizer, (fit, fit_data, training), &ids)?,
+            64 => embed_variant::<64>(&dev, &dir, &tokenizer, (fit, fit_data, training), &ids)?,
+            96 => embed_variant::<96>(&dev, &dir, &tokenizer, (fit, fit_data, training), &ids)?,
+            128 => embed_variant::<128>(&dev, &dir, &tokenizer, (fit, fit_data, training), &ids)?,
+            160 => embed_variant::<160>(&dev, &dir, &tokenizer, (fit, fit_data, training), &ids)?,
             other => return Err(format!("--rank takes one of {RANKS:?}, not {other}").into()),
         },
     };
@@ -332,14 +332,21 @@ fn embed_variant<const R: usize>(
     dev: &Cpu,
     dir: &text::ModelDir,
     tokenizer: &text::Tokenizer,
-    (fit, fit_copies, training): (FitKind, usize, &Training),
+    (fit, fit_data, training): (FitKind, FitData, &Training),
     ids: &[Vec<u32>],
 ) -> Result<Vec<f32>, Error> {
     let dense = Bert::<R, f32, Cpu>::load(dir.checkpoint(), dev)?;
     let calibration_ids = calibration_ids(dir, tokenizer)?;
-    // Weight SVD reads no data: no copies to make.
-    let copies = if fit == FitKind::Svd { 0 } else { fit_copies };
-    let calibration = by_length(dev, &augment::with_copies(&dense, &calibration_ids, copies));
+    // Weight SVD reads no data: nothing more to make.
+    let fit_data = if fit == FitKind::Svd {
+        FitData::default()
+    } else {
+        fit_data
+    };
+    let calibration = by_length(
+        dev,
+        &fit_data.sentences(&dense, &calibration_ids, tokenizer)?,
+    );
     let (mut small, _, _) = factorize(&dense, fit, &calibration)?;
     if training.steps > 0 {
         let objective = pipeline::Objective::Hidden;
@@ -350,7 +357,7 @@ fn embed_variant<const R: usize>(
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--distill STEPS [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N] [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--on hidden|embeddings] [--augment COPIES] [--corpus LINES] [--macs 25|50]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--fit-corpus LINES] [--distill STEPS [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N] [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--on hidden|embeddings] [--augment COPIES] [--corpus LINES] [--macs 25|50]";
 
 /// The integer value `n` of the option `flag`.
 fn count(flag: &str, n: &str) -> Result<usize, String> {
@@ -402,7 +409,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
     let mut rank = None;
     let mut fit = None;
     let mut macs = None;
-    let mut fit_copies = 0;
+    let mut fit_data = FitData::default();
     let mut training = Training {
         steps: 0,
         learning_rate: pipeline::DISTILL_LEARNING_RATE,
@@ -422,7 +429,11 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                 rest = tail;
             }
             [flag, value, tail @ ..] if flag == "--fit-copies" => {
-                fit_copies = count(flag, value)?;
+                fit_data.copies = count(flag, value)?;
+                rest = tail;
+            }
+            [flag, value, tail @ ..] if flag == "--fit-corpus" => {
+                fit_data.corpus = count(flag, value)?;
                 rest = tail;
             }
             [flag, value, tail @ ..]
@@ -483,16 +494,16 @@ fn run(args: Vec<String>) -> Result<(), Error> {
             recovery::recovery(&how, objective, &budgets)
         }
         [cmd, input, output] if cmd == "embed" => {
-            let flag = match (training.steps, fit_copies) {
-                (0, 0) => None,
-                (0, _) => Some("--fit-copies calibrates a variant's fit"),
+            let flag = match (training.steps, fit_data.is_none()) {
+                (0, true) => None,
+                (0, false) => Some("--fit-copies and --fit-corpus calibrate a variant's fit"),
                 _ => Some("--distill trains a variant"),
             };
             if let (Some(flag), None) = (flag, &variant) {
                 let reason = format!("{flag}: add --rank and --fit, or --macs\n{USAGE}");
                 return Err(reason.into());
             }
-            embed((variant, fit_copies), &training, input, output)
+            embed((variant, fit_data), &training, input, output)
         }
         _ => Err(USAGE.into()),
     }

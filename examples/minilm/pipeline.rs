@@ -10,7 +10,7 @@ use factorize_runtime::distill::{distill, DistillConfig, DistillLog, Schedule};
 use factorize_runtime::Fit;
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeReport};
 
-use crate::augment::{augmented_targets, AugmentParams};
+use crate::augment::{self, augmented_targets, AugmentParams};
 use crate::bert::{pool, Batch, Bert, BertFactorized, Hidden, Pooled, HIDDEN};
 use crate::text;
 
@@ -178,6 +178,36 @@ pub fn distillation_targets<const R: usize>(
         })
         .collect::<Result<_, Error>>()?;
     Ok(Targets { objective, batches })
+}
+
+/// What the data-aware fits calibrate on beside sentences 0–119, as the command line asks
+/// (`--fit-copies`, `--fit-corpus`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FitData {
+    /// Varied copies of each calibration sentence (`augment.rs`); none when 0.
+    pub copies: usize,
+    /// Lines of [`text::CORPUS`]; none when 0.
+    pub corpus: usize,
+}
+
+impl FitData {
+    /// Whether the fits calibrate on the calibration sentences alone.
+    pub fn is_none(&self) -> bool {
+        self.copies == 0 && self.corpus == 0
+    }
+
+    /// The calibration sentences `ids`, their copies and the corpus lines, tokenized by
+    /// `tokenizer` (`dense` finds the copies' words).
+    pub fn sentences<const R: usize>(
+        &self,
+        dense: &Bert<R, f32, Cpu>,
+        ids: &[Vec<u32>],
+        tokenizer: &text::Tokenizer,
+    ) -> Result<Vec<Vec<u32>>, Error> {
+        let mut all = augment::with_copies(dense, ids, self.copies);
+        all.extend(text::corpus_ids(tokenizer, self.corpus)?);
+        Ok(all)
+    }
 }
 
 /// Distillation after factorizing, as the command line asks (`--distill`, `--augment`,
