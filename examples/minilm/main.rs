@@ -367,8 +367,7 @@ fn count(flag: &str, n: &str) -> Result<usize, String> {
 
 /// Sets the option `flag` of `how` to `value` when it is one of the training options
 /// (`steps`, the name the command gives the step count, `--augment`, `--corpus`, `--lr`,
-/// `--schedule`);
-/// false when it is none of them.
+/// `--schedule`); false when it is none of them.
 fn training_option(
     how: &mut Training,
     steps: &str,
