@@ -241,7 +241,7 @@ pub fn frontier(sentences: usize, training: &Training) -> Result<(), Error> {
 fn distilled(setup: &Setup, training: &Training) -> Result<Vec<Curve>, Error> {
     let (steps, copies) = (training.steps, training.copies);
     let calibration = &setup.ids[pipeline::CALIBRATION];
-    let targets = training_targets(&setup.dense, calibration, training, Objective::Hidden)?;
+    let targets = training_targets(setup.models(), calibration, training, Objective::Hidden)?;
     println!(
         "\nDistilled: {steps} Adam steps ({}, the factors only) towards the dense model's last hidden states of the calibration sentences{}\n",
         training.caption(),

@@ -63,6 +63,7 @@ type Dense = Bert<0, f32, Cpu>;
 struct Setup {
     dev: Cpu,
     dir: text::ModelDir,
+    tokenizer: text::Tokenizer,
     ids: Vec<Vec<u32>>,
     dense: Dense,
     dense_heldout: Vec<f32>,
@@ -95,12 +96,18 @@ impl Setup {
         Ok(Self {
             dev,
             dir,
+            tokenizer,
             ids,
             dense,
             dense_heldout,
             timed,
             calibration,
         })
+    }
+
+    /// The dense model and the tokenizer, as [`training_targets`] takes them.
+    fn models(&self) -> (&Dense, &text::Tokenizer) {
+        (&self.dense, &self.tokenizer)
     }
 }
 
@@ -288,7 +295,7 @@ fn embed(
             let calibration = by_length(&dev, &fitted_on);
             planned::embed_planned(
                 macs,
-                &dense,
+                (&dense, &tokenizer),
                 &calibration,
                 (&ids, &calibration_ids),
                 training,
@@ -350,7 +357,7 @@ fn embed_variant<const R: usize>(
     let (mut small, _, _) = factorize(&dense, fit, &calibration)?;
     if training.steps > 0 {
         let objective = pipeline::Objective::Hidden;
-        let targets = training_targets(&dense, &calibration_ids, training, objective)?;
+        let targets = training_targets((&dense, tokenizer), &calibration_ids, training, objective)?;
         recover(&mut small, &targets, training)?;
     }
     embed_all(dev, ids, |b| small.try_embed(b))

@@ -268,9 +268,9 @@ impl Training {
 
 /// The dense model's targets for `objective` on the calibration sentences `ids`, on
 /// `training.copies` varied copies of each, and on the first `training.corpus` lines of
-/// [`text::CORPUS`], tokenized by the checkpoint's tokenizer (its rank parameter is unused).
+/// [`text::CORPUS`], tokenized by `tokenizer` (`dense`'s rank parameter is unused).
 pub fn training_targets<const R: usize>(
-    dense: &Bert<R, f32, Cpu>,
+    (dense, tokenizer): (&Bert<R, f32, Cpu>, &text::Tokenizer),
     ids: &[Vec<u32>],
     training: &Training,
     objective: Objective,
@@ -281,7 +281,7 @@ pub fn training_targets<const R: usize>(
     }
     let corpus = match training.corpus {
         0 => Vec::new(),
-        n => text::corpus_ids(&text::ModelDir::locate().tokenizer()?, n)?,
+        n => text::corpus_ids(tokenizer, n)?,
     };
     let params = AugmentParams {
         copies: training.copies,

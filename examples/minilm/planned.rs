@@ -26,6 +26,7 @@ use crate::pipeline::{Objective, Targets, Training};
 
 use crate::bert::{attention_block, feed_forward_block, pool, Batch, Bert, Embeddings, Hidden};
 use crate::bert::{FFN, HIDDEN};
+use crate::text::Tokenizer;
 
 /// The planned model for the ranks file `$file`: `Planned`, its six layers and their blocks.
 macro_rules! planned_model {
@@ -249,10 +250,11 @@ macro_rules! with_planned {
 }
 
 /// The embeddings of `ids` by the planned variant at `macs`% (25 or 50), fitted on the
-/// `calibration` batches of the sentences `calibration_ids`, then trained as `training` says.
+/// `calibration` batches of the sentences `calibration_ids`, then trained as `training` says
+/// (`tokenizer` reads its corpus lines).
 pub fn embed_planned(
     macs: usize,
-    dense: &Bert<0, f32, Cpu>,
+    (dense, tokenizer): (&Bert<0, f32, Cpu>, &Tokenizer),
     calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
     (ids, calibration_ids): (&[Vec<u32>], &[Vec<u32>]),
     training: &Training,
@@ -261,7 +263,12 @@ pub fn embed_planned(
     with_planned!(macs, dense, calibration, |small, _report| {
         let mut small = small;
         if training.steps > 0 {
-            let targets = training_targets(dense, calibration_ids, training, Objective::Hidden)?;
+            let targets = training_targets(
+                (dense, tokenizer),
+                calibration_ids,
+                training,
+                Objective::Hidden,
+            )?;
             recover(&mut small, &targets, training)?;
         }
         embed_all(&dev, ids, |b| small.try_embed(b))

@@ -85,7 +85,7 @@ pub fn recovery(how: &Training, objective: Objective, budgets: &[usize]) -> Resu
     let (steps, copies) = (how.steps, how.copies);
     let setup = Setup::new()?;
     let calibration = &setup.ids[pipeline::CALIBRATION];
-    let targets = training_targets(&setup.dense, calibration, how, objective)?;
+    let targets = training_targets(setup.models(), calibration, how, objective)?;
     println!(
         "Recovery by distillation: {steps} Adam steps ({}, the factors only) towards the dense {} of sentences {}–{}{}; held-out sentences {}–{}",
         how.caption(),
