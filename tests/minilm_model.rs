@@ -627,3 +627,27 @@ fn a_bad_checkpoint_is_an_error_naming_the_tensor() {
     let _ = std::fs::remove_file(&not_safetensors);
     assert!(e.to_string().contains("not a safetensors file"), "{e}");
 }
+
+#[test]
+fn the_corpus_comes_from_the_named_file_without_its_blank_lines() {
+    let Some(dir) = data("minilm corpus file") else {
+        return;
+    };
+    let tokenizer = dir.tokenizer().unwrap();
+    assert_eq!(text::corpus_from(None).unwrap(), text::CORPUS);
+    let path = std::env::temp_dir().join(format!("factorize-corpus-{}.txt", std::process::id()));
+    std::fs::write(
+        &path,
+        "The first line.\n\n  \nThe second line.\nThe third.\n",
+    )
+    .unwrap();
+    let read = text::corpus_from(Some(path.clone().into()));
+    std::fs::remove_file(&path).unwrap();
+    let ids = text::lines_ids(&read.unwrap(), &tokenizer, 2).unwrap();
+    let expected = ["The first line.", "The second line."].map(|s| tokenizer.encode(s).unwrap());
+    assert_eq!(ids, expected);
+    // A file that is not there is an error that names it and the variable, not the shipped text.
+    let missing = text::corpus_from(Some(path.clone().into())).unwrap_err();
+    let named = missing.contains(&path.display().to_string()) && missing.contains(text::CORPUS_VAR);
+    assert!(named, "{missing}");
+}

@@ -186,7 +186,7 @@ pub fn distillation_targets<const R: usize>(
 pub struct FitData {
     /// Varied copies of each calibration sentence (`augment.rs`); none when 0.
     pub copies: usize,
-    /// Lines of [`text::CORPUS`]; none when 0.
+    /// Lines of [`text::corpus`]; none when 0.
     pub corpus: usize,
 }
 
@@ -220,7 +220,7 @@ pub struct Training {
     pub learning_rate: f64,
     /// Varied copies of each calibration sentence beside it (`augment.rs`); none when 0.
     pub copies: usize,
-    /// Lines of [`text::CORPUS`] beside the calibration sentences, unvaried; none when 0.
+    /// Lines of [`text::corpus`] beside the calibration sentences, unvaried; none when 0.
     pub corpus: usize,
     /// A cosine schedule with a warm-up of [`WARMUP_PER_STEPS`]-th of the steps, else a
     /// constant rate.
@@ -268,7 +268,7 @@ impl Training {
 
 /// The dense model's targets for `objective` on the calibration sentences `ids`, on
 /// `training.copies` varied copies of each, and on the first `training.corpus` lines of
-/// [`text::CORPUS`], tokenized by `tokenizer` (`dense`'s rank parameter is unused).
+/// [`text::corpus`], tokenized by `tokenizer` (`dense`'s rank parameter is unused).
 pub fn training_targets<const R: usize>(
     (dense, tokenizer): (&Bert<R, f32, Cpu>, &text::Tokenizer),
     ids: &[Vec<u32>],

@@ -1,6 +1,8 @@
 //! Text in: the checkpoint's own tokenizer (`tokenizer.json`, Hugging Face's `tokenizers`), and
 //! the data set of `../shared/data/minilm-model` (sentences and reference outputs).
 
+use std::borrow::Cow;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 /// Sentences are cut at this many tokens, as sentence-transformers does for this model.
@@ -41,10 +43,38 @@ impl Tokenizer {
 /// shares a run of four words with a held-out sentence (`tests/minilm_model.rs` checks).
 pub const CORPUS: &str = include_str!("corpus/wordnet-examples.txt");
 
-/// The first `n` lines of [`CORPUS`] (all when there are fewer), tokenized by `tokenizer`.
+/// Names a text file (one sentence per line) that `--corpus` and `--fit-corpus` take their
+/// lines from in place of [`CORPUS`]: your own text, or more of WordNet's (`corpus/extract.py
+/// --every 1`). Keep the held-out sentences out of it when comparing on them.
+pub const CORPUS_VAR: &str = "FACTORIZE_MINILM_CORPUS";
+
+/// The text that `--corpus` and `--fit-corpus` draw on: the file `$FACTORIZE_MINILM_CORPUS`
+/// names, else [`CORPUS`].
+pub fn corpus() -> Result<Cow<'static, str>, String> {
+    corpus_from(std::env::var_os(CORPUS_VAR))
+}
+
+/// The file at `path`, else [`CORPUS`] ([`corpus`] without the environment).
+pub fn corpus_from(path: Option<OsString>) -> Result<Cow<'static, str>, String> {
+    let Some(path) = path else {
+        return Ok(Cow::Borrowed(CORPUS));
+    };
+    let path = PathBuf::from(path);
+    std::fs::read_to_string(&path)
+        .map(Cow::Owned)
+        .map_err(|e| format!("cannot read {} (${CORPUS_VAR}): {e}", path.display()))
+}
+
+/// The first `n` non-blank lines of [`corpus`] (all when there are fewer), tokenized by
+/// `tokenizer`.
 pub fn corpus_ids(tokenizer: &Tokenizer, n: usize) -> Result<Vec<Vec<u32>>, String> {
-    CORPUS
-        .lines()
+    lines_ids(&corpus()?, tokenizer, n)
+}
+
+/// The first `n` non-blank lines of `text`, tokenized by `tokenizer`.
+pub fn lines_ids(text: &str, tokenizer: &Tokenizer, n: usize) -> Result<Vec<Vec<u32>>, String> {
+    (text.lines())
+        .filter(|line| !line.trim().is_empty())
         .take(n)
         .map(|s| tokenizer.encode(s))
         .collect()
