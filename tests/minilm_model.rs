@@ -31,6 +31,7 @@ use bert::{Batch, Bert, BertFactorized, HIDDEN};
 use checkpoint::CheckpointError;
 use dfdx::nn::modules::Linear;
 use dfdx::prelude::*;
+use factorize_runtime::distill::Trained;
 use factorize_runtime::sensitivity::{damage, Cost, Grouping, RankGrid, RankPlan};
 use factorize_runtime::sensitivity::{SensitivityParams, Truncation};
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizedLinear};
@@ -366,6 +367,7 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
         copies: 0,
         corpus: 0,
         cosine: false,
+        trained: Trained::Factors,
     };
     let log = pipeline::recover(&mut small, &targets, &training).unwrap();
     // The same batches, first epoch against last.
@@ -383,6 +385,16 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
         is.ffn.up.first.weight.as_vec(),
         was.ffn.up.first.weight.as_vec()
     );
+    // `--train all`: the LayerNorms train too.
+    let mut all = before.clone();
+    let training = pipeline::Training {
+        steps: 1,
+        trained: Trained::All,
+        ..training
+    };
+    pipeline::recover(&mut all, &targets, &training).unwrap();
+    let is = &all.layers.modules[0];
+    assert_ne!(is.ffn.norm.gamma.as_vec(), was.ffn.norm.gamma.as_vec());
 }
 
 /// The varied copies keep each sentence's length, `[CLS]`/`[SEP]` and special tokens, replace
@@ -643,9 +655,13 @@ fn the_corpus_comes_from_the_named_file_without_its_blank_lines() {
     .unwrap();
     let read = text::corpus_from(Some(path.clone().into()));
     std::fs::remove_file(&path).unwrap();
-    let ids = text::lines_ids(&read.unwrap(), &tokenizer, 2).unwrap();
+    let read = read.unwrap();
+    let ids = text::lines_ids(&read, &tokenizer, 2).unwrap();
     let expected = ["The first line.", "The second line."].map(|s| tokenizer.encode(s).unwrap());
     assert_eq!(ids, expected);
+    // More lines than the file has is an error that says how many it has, not fewer lines.
+    let short = text::lines_ids(&read, &tokenizer, 4).unwrap_err();
+    assert!(short.contains("4 lines asked for, it has 3"), "{short}");
     // A file that is not there is an error that names it and the variable, not the shipped text.
     let missing = text::corpus_from(Some(path.clone().into())).unwrap_err();
     let named = missing.contains(&path.display().to_string()) && missing.contains(text::CORPUS_VAR);

@@ -26,7 +26,8 @@
 //! `--distill STEPS` then trains the variant's factors for that many Adam steps towards the
 //! dense model (`recovery.rs`), on the calibration sentences and, with `--augment COPIES`, that
 //! many varied copies of each; `--lr` sets the learning rate, `--schedule cosine` puts it on a
-//! cosine schedule with warm-up. `--corpus LINES` (training) and `--fit-corpus LINES` (the
+//! cosine schedule with warm-up, `--train all` trains every tensor instead of the factors
+//! alone (Composer trains the whole model after factorizing). `--corpus LINES` (training) and `--fit-corpus LINES` (the
 //! fits) add that many lines of real text: the WordNet examples shipped in `corpus/`, or the
 //! file `$FACTORIZE_MINILM_CORPUS` names. The data comes from `../shared/data/minilm-model` or
 //! `$FACTORIZE_MINILM_MODEL_DIR`.
@@ -46,6 +47,7 @@ mod recovery;
 mod text;
 
 use dfdx::prelude::*;
+use factorize_runtime::distill::Trained;
 
 use bert::{Batch, Bert, FFN, HIDDEN, LAYERS};
 use pipeline::{by_length, embed_all, factorize, median, recover, seconds};
@@ -366,7 +368,7 @@ fn embed_variant<const R: usize>(
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--fit-corpus LINES] [--distill STEPS [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N] [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--on hidden|embeddings] [--augment COPIES] [--corpus LINES] [--macs 25|50]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--fit-corpus LINES] [--distill STEPS [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N] [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--train factors|all] [--on hidden|embeddings] [--augment COPIES] [--corpus LINES] [--macs 25|50]";
 
 /// The integer value `n` of the option `flag`.
 fn count(flag: &str, n: &str) -> Result<usize, String> {
@@ -374,9 +376,18 @@ fn count(flag: &str, n: &str) -> Result<usize, String> {
         .map_err(|_| format!("{flag} takes an integer, not `{n}`"))
 }
 
+/// Checks that the corpus has the lines `--corpus` and `--fit-corpus` ask for, before hours
+/// of fitting and training reach them.
+fn check_corpus(training: &Training, fit_corpus: usize) -> Result<(), String> {
+    for (flag, n) in [("--corpus", training.corpus), ("--fit-corpus", fit_corpus)] {
+        text::check_corpus(n).map_err(|e| format!("{flag}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Sets the option `flag` of `how` to `value` when it is one of the training options
 /// (`steps`, the name the command gives the step count, `--augment`, `--corpus`, `--lr`,
-/// `--schedule`); false when it is none of them.
+/// `--schedule`, `--train`); false when it is none of them.
 fn training_option(
     how: &mut Training,
     steps: &str,
@@ -399,6 +410,13 @@ fn training_option(
                     let reason = format!("--schedule takes `constant` or `cosine`, not `{value}`");
                     return Err(reason);
                 }
+            }
+        }
+        "--train" => {
+            how.trained = match value {
+                "factors" => Trained::Factors,
+                "all" => Trained::All,
+                _ => return Err(format!("--train takes `factors` or `all`, not `{value}`")),
             }
         }
         _ => return Ok(false),
@@ -424,6 +442,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
         copies: 0,
         corpus: 0,
         cosine: false,
+        trained: Trained::Factors,
     };
     let mut rest = args.as_slice();
     loop {
@@ -480,6 +499,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                     _ => return Err(USAGE.into()),
                 }
             }
+            check_corpus(&how, 0)?;
             frontier::frontier(sentences, &how)
         }
         [cmd, options @ ..] if cmd == "recovery" && variant.is_none() => {
@@ -499,6 +519,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                     _ => return Err(USAGE.into()),
                 }
             }
+            check_corpus(&how, 0)?;
             recovery::recovery(&how, objective, &budgets)
         }
         [cmd, input, output] if cmd == "embed" => {
@@ -511,6 +532,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                 let reason = format!("{flag}: add --rank and --fit, or --macs\n{USAGE}");
                 return Err(reason.into());
             }
+            check_corpus(&training, fit_data.corpus)?;
             embed((variant, fit_data), &training, input, output)
         }
         _ => Err(USAGE.into()),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use dfdx::prelude::*;
 use factorize_runtime::calibrate::VisitFactorized;
-use factorize_runtime::distill::{distill, DistillConfig, DistillLog, Schedule};
+use factorize_runtime::distill::{distill, DistillConfig, DistillLog, Schedule, Trained};
 use factorize_runtime::Fit;
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeReport};
 
@@ -205,7 +205,8 @@ impl FitData {
         tokenizer: &text::Tokenizer,
     ) -> Result<Vec<Vec<u32>>, Error> {
         let mut all = augment::with_copies(dense, ids, self.copies);
-        all.extend(text::corpus_ids(tokenizer, self.corpus)?);
+        let corpus = text::corpus_ids(tokenizer, self.corpus);
+        all.extend(corpus.map_err(|e| format!("--fit-corpus: {e}"))?);
         Ok(all)
     }
 }
@@ -225,6 +226,8 @@ pub struct Training {
     /// A cosine schedule with a warm-up of [`WARMUP_PER_STEPS`]-th of the steps, else a
     /// constant rate.
     pub cosine: bool,
+    /// The factorized pairs alone, or every tensor (Composer's way trains the whole model).
+    pub trained: Trained,
 }
 
 /// Under `--schedule cosine`, one step in this many warms up.
@@ -239,6 +242,7 @@ impl Training {
         copies: 20,
         corpus: 0,
         cosine: false,
+        trained: Trained::Factors,
     };
 
     /// `distill`'s configuration for this training, with progress.
@@ -253,16 +257,22 @@ impl Training {
             steps: self.steps,
             learning_rate: self.learning_rate,
             schedule,
+            trained: self.trained,
             ..Default::default()
         }
     }
 
-    /// The learning rate and how it moves, for table captions.
+    /// The learning rate, how it moves and what it trains, for table captions.
     pub fn caption(&self) -> String {
-        match self.cosine {
-            true => format!("learning rate {}, cosine schedule", self.learning_rate),
-            false => format!("learning rate {}", self.learning_rate),
-        }
+        let schedule = match self.cosine {
+            true => ", cosine schedule",
+            false => "",
+        };
+        let trained = match self.trained {
+            Trained::Factors => "",
+            Trained::All => ", every tensor trained",
+        };
+        format!("learning rate {}{schedule}{trained}", self.learning_rate)
     }
 }
 
@@ -281,7 +291,7 @@ pub fn training_targets<const R: usize>(
     }
     let corpus = match training.corpus {
         0 => Vec::new(),
-        n => text::corpus_ids(tokenizer, n)?,
+        n => text::corpus_ids(tokenizer, n).map_err(|e| format!("--corpus: {e}"))?,
     };
     let params = AugmentParams {
         copies: training.copies,

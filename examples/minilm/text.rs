@@ -65,19 +65,44 @@ pub fn corpus_from(path: Option<OsString>) -> Result<Cow<'static, str>, String> 
         .map_err(|e| format!("cannot read {} (${CORPUS_VAR}): {e}", path.display()))
 }
 
-/// The first `n` non-blank lines of [`corpus`] (all when there are fewer), tokenized by
-/// `tokenizer`.
+/// The first `n` non-blank lines of [`corpus`], tokenized by `tokenizer`; an error naming the
+/// file when it has fewer.
 pub fn corpus_ids(tokenizer: &Tokenizer, n: usize) -> Result<Vec<Vec<u32>>, String> {
-    lines_ids(&corpus()?, tokenizer, n)
+    lines_ids(&corpus()?, tokenizer, n).map_err(name_corpus)
 }
 
-/// The first `n` non-blank lines of `text`, tokenized by `tokenizer`.
+/// Whether [`corpus`] has `n` non-blank lines: [`corpus_ids`]'s error, without tokenizing, for
+/// the command line to check before it fits and trains.
+pub fn check_corpus(n: usize) -> Result<(), String> {
+    first_lines(&corpus()?, n).map(drop).map_err(name_corpus)
+}
+
+/// `e`, prefixed with the corpus file it is about.
+fn name_corpus(e: String) -> String {
+    match std::env::var_os(CORPUS_VAR) {
+        Some(path) => format!("{} (${CORPUS_VAR}): {e}", Path::new(&path).display()),
+        None => format!("the shipped corpus/wordnet-examples.txt: {e}"),
+    }
+}
+
+/// The first `n` non-blank lines of `text`, tokenized by `tokenizer`; an error when it has
+/// fewer.
 pub fn lines_ids(text: &str, tokenizer: &Tokenizer, n: usize) -> Result<Vec<Vec<u32>>, String> {
-    (text.lines())
-        .filter(|line| !line.trim().is_empty())
-        .take(n)
+    (first_lines(text, n)?.into_iter())
         .map(|s| tokenizer.encode(s))
         .collect()
+}
+
+/// The first `n` non-blank lines of `text`; an error when it has fewer.
+fn first_lines(text: &str, n: usize) -> Result<Vec<&str>, String> {
+    let lines: Vec<&str> = (text.lines())
+        .filter(|line| !line.trim().is_empty())
+        .take(n)
+        .collect();
+    match lines.len() {
+        found if found < n => Err(format!("{n} lines asked for, it has {found}")),
+        _ => Ok(lines),
+    }
 }
 
 /// The files of `../shared/data/minilm-model`.
