@@ -29,8 +29,8 @@
 //! cosine schedule with warm-up, `--train all` trains every tensor instead of the factors
 //! alone (Composer trains the whole model after factorizing). `--corpus LINES` (training) and
 //! `--fit-corpus LINES` (the fits) add that many lines of real text: the WordNet examples
-//! shipped in `corpus/`, or the file `$FACTORIZE_MINILM_CORPUS` names. The data comes from `../shared/data/minilm-model` or
-//! `$FACTORIZE_MINILM_MODEL_DIR`.
+//! shipped in `corpus/`, or the file `$FACTORIZE_MINILM_CORPUS` names. The data comes from
+//! `../shared/data/minilm-model` or `$FACTORIZE_MINILM_MODEL_DIR`.
 //!
 //! The model (`bert.rs`), its loader (`checkpoint.rs`) and the tokenizer (`text.rs`) are meant
 //! to be copied as a template.

@@ -289,10 +289,8 @@ pub fn training_targets<const R: usize>(
         let dev = dense.embeddings.word.weight.device().clone();
         return distillation_targets(dense, &by_length(&dev, ids), objective);
     }
-    let corpus = match training.corpus {
-        0 => Vec::new(),
-        n => text::corpus_ids(tokenizer, n).map_err(|e| format!("--corpus: {e}"))?,
-    };
+    let corpus = text::corpus_ids(tokenizer, training.corpus);
+    let corpus = corpus.map_err(|e| format!("--corpus: {e}"))?;
     let params = AugmentParams {
         copies: training.copies,
         ..Default::default()
