@@ -7,11 +7,10 @@ Python versions; README.md records the one measured.
 """
 import argparse
 import ast
-import json
 import os
 import re
 
-from extract import HELD_OUT, key, runs
+from extract import held_out_runs, key, runs
 
 MIN_WORDS, MAX_WORDS = 6, 30
 # Folders of tests, tools and third-party packages, not the library's own documentation.
@@ -49,8 +48,8 @@ def docstrings(lib):
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue  # a few files are templates or in other encodings
             for node in ast.walk(tree):
-                if isinstance(node, DOCUMENTED) and ast.get_docstring(node):
-                    yield ast.get_docstring(node)
+                if isinstance(node, DOCUMENTED) and (doc := ast.get_docstring(node)):
+                    yield doc
 
 
 def main():
@@ -58,9 +57,7 @@ def main():
     parser.add_argument("lib")
     parser.add_argument("--held-out", metavar="SENTENCES_JSON", required=True)
     args = parser.parse_args()
-    with open(args.held_out) as f:
-        held_out = json.load(f)["sentences"][HELD_OUT]
-    banned = set().union(*map(runs, held_out))
+    banned = held_out_runs(args.held_out)
     seen = set()
     for doc in docstrings(args.lib):
         for sentence in filter(prose, sentences(doc)):

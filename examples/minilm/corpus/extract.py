@@ -31,6 +31,13 @@ def runs(sentence):
     return {tuple(w[i : i + RUN]) for i in range(len(w) - RUN + 1)}
 
 
+def held_out_runs(path):
+    """The runs of RUN words of the held-out sentences of sentences.json at `path`."""
+    with open(path) as f:
+        held_out = json.load(f)["sentences"][HELD_OUT]
+    return set().union(*map(runs, held_out))
+
+
 def examples(folder):
     seen, found = set(), []
     for pos in ["noun", "verb", "adj", "adv"]:
@@ -55,9 +62,7 @@ def main():
     args = parser.parse_args()
     kept = examples(args.dir)[:: args.every]
     if args.held_out:
-        with open(args.held_out) as f:
-            held_out = json.load(f)["sentences"][HELD_OUT]
-        banned = set().union(*map(runs, held_out))
+        banned = held_out_runs(args.held_out)
         kept = [s for s in kept if not runs(s) & banned]
     for sentence in kept:
         print(sentence)
