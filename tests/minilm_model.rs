@@ -501,7 +501,7 @@ fn the_shipped_corpus_keeps_the_held_out_sentences_out() {
         })
         .collect();
     let lines: Vec<&str> = text::CORPUS.lines().collect();
-    assert_eq!(lines.len(), 4727);
+    assert_eq!(lines.len(), text::CORPUS_LINES);
     for line in &lines {
         assert!(words(line).len() >= 6, "{line:?} is shorter than 6 words");
         if let Some(run) = words(line).windows(4).find(|w| held_out.contains(*w)) {

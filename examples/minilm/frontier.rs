@@ -15,8 +15,9 @@
 //! variants, without their speed).
 //! Training needs compiled factors, so the distilled points are the compiled variants at a
 //! quarter and half: one rank by weight SVD (Composer's way), and the committed block plans of
-//! `planned.rs` with the correcting fit, trained by [`Training::MEASURED`] unless `--steps`,
-//! `--augment` or `--lr` say otherwise.
+//! `planned.rs` with the correcting fit calibrated on [`FitData::MEASURED`] unless
+//! `--fit-copies` says otherwise, trained by [`Training::MEASURED`] unless `--steps`,
+//! `--augment`, `--corpus`, `--lr`, `--schedule` or `--train` say otherwise.
 
 use std::time::Instant;
 
@@ -28,7 +29,8 @@ use factorize_runtime::{Factorizable, FactorizeConfig, Fit};
 use crate::bert::{Batch, Bert, HIDDEN};
 use crate::metrics::{self, Fidelity};
 use crate::pipeline::Objective;
-use crate::pipeline::{self, by_length, embed_all, training_targets, Error, FitKind, Training};
+use crate::pipeline::{self, by_length, embed_all, training_targets};
+use crate::pipeline::{Error, FitData, FitKind, Training};
 use crate::plot::{self, Curve};
 use crate::{recovery, Setup};
 
@@ -151,8 +153,9 @@ fn rows(
 }
 
 /// Runs the route and prints its tables; `sentences`: how many calibration sentences the
-/// sensitivity uses; `training`: how the distilled points train (no steps: none).
-pub fn frontier(sentences: usize, training: &Training) -> Result<(), Error> {
+/// sensitivity uses; `fit`: what the distilled block plans calibrate on; `training`: how the
+/// distilled points train (no steps: none).
+pub fn frontier(sentences: usize, (fit, training): (FitData, &Training)) -> Result<(), Error> {
     if sentences == 0 {
         return Err("--sentences takes at least 1".into());
     }
@@ -219,7 +222,7 @@ pub fn frontier(sentences: usize, training: &Training) -> Result<(), Error> {
         rows(&setup, &probe, (rank, plans), &mut curves)?;
     }
     if training.steps > 0 {
-        curves.extend(distilled(&setup, training)?);
+        curves.extend(distilled(&setup, (fit, training))?);
     }
     let figure = dir.join("frontier.svg");
     plot::frontier(
@@ -237,18 +240,18 @@ pub fn frontier(sentences: usize, training: &Training) -> Result<(), Error> {
 
 /// The compiled variants at [`DISTILLED`] before and after `training` towards the dense model's
 /// hidden states: one rank by weight SVD (Composer's way), and the committed block plan with the
-/// correcting fit (ours). Prints their table; returns their points for the figure.
-fn distilled(setup: &Setup, training: &Training) -> Result<Vec<Curve>, Error> {
-    let (steps, copies) = (training.steps, training.copies);
+/// correcting fit calibrated on `fit` (ours). Prints their table; returns their points for the
+/// figure.
+fn distilled(setup: &Setup, (fit, training): (FitData, &Training)) -> Result<Vec<Curve>, Error> {
+    let steps = training.steps;
     let calibration = &setup.ids[pipeline::CALIBRATION];
     let targets = training_targets(setup.models(), calibration, training, Objective::Hidden)?;
+    let fitted_on = fit.sentences(&setup.dense, calibration, &setup.tokenizer)?;
+    let fitted_on = by_length(&setup.dev, &fitted_on);
     println!(
-        "\nDistilled: {steps} Adam steps ({}, the factors only) towards the dense model's last hidden states of the calibration sentences{}\n",
+        "\nDistilled: {steps} Adam steps ({}) towards the dense model's last hidden states; the block plans' fit calibrated on the calibration sentences and {} varied copies of each\n",
         training.caption(),
-        match copies {
-            0 => String::new(),
-            n => format!(" and {n} varied copies of each"),
-        },
+        fit.copies,
     );
     println!("| linear MACs | variant | before | after | train time |");
     println!("|---|---|---|---|---|");
@@ -263,7 +266,7 @@ fn distilled(setup: &Setup, training: &Training) -> Result<Vec<Curve>, Error> {
     });
     for (macs, rank) in DISTILLED {
         let composer = recovery::uniform(setup, (rank, FitKind::Svd), &targets, training)?;
-        let ours = recovery::planned(setup, macs, &targets, training)?;
+        let ours = recovery::planned(setup, macs, &fitted_on, &targets, training)?;
         for (curve, (name, r)) in curves.iter_mut().zip([
             (format!("rank {rank}, weight SVD"), composer),
             ("block ranks (committed), correcting fit".into(), ours),

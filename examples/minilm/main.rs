@@ -368,7 +368,7 @@ fn embed_variant<const R: usize>(
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--fit-corpus LINES] [--distill STEPS [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--steps N] [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--train factors|all] [--on hidden|embeddings] [--augment COPIES] [--corpus LINES] [--macs 25|50]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--fit-corpus LINES] [--distill STEPS [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--fit-copies COPIES] [--steps N] [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--train factors|all] [--on hidden|embeddings] [--augment COPIES] [--corpus LINES] [--macs 25|50]";
 
 /// The integer value `n` of the option `flag`.
 fn count(flag: &str, n: &str) -> Result<usize, String> {
@@ -491,16 +491,17 @@ fn run(args: Vec<String>) -> Result<(), Error> {
         [] if variant.is_none() => table(),
         [cmd] if cmd == "planned" && variant.is_none() => planned_table(),
         [cmd, options @ ..] if cmd == "frontier" && variant.is_none() => {
-            let (mut sentences, mut how) = (40, Training::MEASURED);
+            let (mut sentences, mut fit, mut how) = (40, FitData::MEASURED, Training::MEASURED);
             for pair in options.chunks(2) {
                 match pair {
                     [flag, n] if flag == "--sentences" => sentences = count(flag, n)?,
+                    [flag, n] if flag == "--fit-copies" => fit.copies = count(flag, n)?,
                     [flag, v] if training_option(&mut how, "--steps", flag, v)? => {}
                     _ => return Err(USAGE.into()),
                 }
             }
             check_corpus(&how, 0)?;
-            frontier::frontier(sentences, &how)
+            frontier::frontier(sentences, (fit, &how))
         }
         [cmd, options @ ..] if cmd == "recovery" && variant.is_none() => {
             let mut how = Training {

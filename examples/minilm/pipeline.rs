@@ -191,6 +191,13 @@ pub struct FitData {
 }
 
 impl FitData {
+    /// What `frontier` calibrates its trained block plans on unless `--fit-copies` says
+    /// otherwise: the best measured (docs/performance.md, "fits calibrated on varied copies").
+    pub const MEASURED: Self = Self {
+        copies: 20,
+        corpus: 0,
+    };
+
     /// Whether the fits calibrate on the calibration sentences alone.
     pub fn is_none(&self) -> bool {
         self.copies == 0 && self.corpus == 0
@@ -234,15 +241,16 @@ pub struct Training {
 pub const WARMUP_PER_STEPS: usize = 20;
 
 impl Training {
-    /// The recipe `frontier` trains with unless told otherwise: the best measured for its time
-    /// (docs/performance.md, "distillation on varied calibration sentences").
+    /// The recipe `frontier` trains with unless told otherwise: the best measured with the
+    /// text this repository ships (docs/performance.md, "training every tensor"): every line
+    /// of [`text::CORPUS`] beside 40 varied copies of each calibration sentence.
     pub const MEASURED: Self = Self {
-        steps: 1000,
+        steps: 4000,
         learning_rate: 3e-4,
-        copies: 20,
-        corpus: 0,
-        cosine: false,
-        trained: Trained::Factors,
+        copies: 40,
+        corpus: text::CORPUS_LINES,
+        cosine: true,
+        trained: Trained::All,
     };
 
     /// `distill`'s configuration for this training, with progress.
@@ -262,17 +270,29 @@ impl Training {
         }
     }
 
-    /// The learning rate, how it moves and what it trains, for table captions.
+    /// The learning rate, how it moves, what it trains and on what beside the calibration
+    /// sentences, for table captions.
     pub fn caption(&self) -> String {
         let schedule = match self.cosine {
             true => ", cosine schedule",
             false => "",
         };
         let trained = match self.trained {
-            Trained::Factors => "",
-            Trained::All => ", every tensor trained",
+            Trained::Factors => "the factors only",
+            Trained::All => "every tensor",
         };
-        format!("learning rate {}{schedule}{trained}", self.learning_rate)
+        let copies = match self.copies {
+            0 => String::new(),
+            n => format!(", {n} varied copies of each calibration sentence"),
+        };
+        let corpus = match self.corpus {
+            0 => String::new(),
+            n => format!(", {n} corpus lines"),
+        };
+        format!(
+            "learning rate {}{schedule}, {trained}{copies}{corpus}",
+            self.learning_rate
+        )
     }
 }
 

@@ -6,7 +6,7 @@
 
 use dfdx::prelude::*;
 
-use crate::bert::Bert;
+use crate::bert::{Batch, Bert};
 use crate::metrics::{self, Fidelity};
 use crate::pipeline::{self, factorize, recovered, training_targets, Error, FitKind, Training};
 use crate::pipeline::{Objective, Targets};
@@ -65,15 +65,16 @@ pub fn uniform(
     }
 }
 
-/// The planned variant at `macs`% (correcting fit), then trained.
+/// The planned variant at `macs`% (correcting fit on the `calibration` batches), then trained.
 pub fn planned(
     setup: &Setup,
     macs: usize,
+    calibration: &[(Vec<usize>, Batch<f32, Cpu>)],
     targets: &Targets,
     training: &Training,
 ) -> Result<Recovered, Error> {
     let heldout = &setup.ids[pipeline::HELD_OUT];
-    let (dense, calibration) = (&setup.dense, &setup.calibration);
+    let dense = &setup.dense;
     let trained = planned::distilled(macs, dense, calibration, targets, training, heldout)?;
     Ok(Recovered::of(setup, trained))
 }
@@ -82,12 +83,12 @@ pub fn planned(
 /// [--macs 25|50]`: the table, at the given budgets; with `how.copies`, distillation also sees
 /// that many varied copies of each calibration sentence (`augment.rs`).
 pub fn recovery(how: &Training, objective: Objective, budgets: &[usize]) -> Result<(), Error> {
-    let (steps, copies) = (how.steps, how.copies);
+    let steps = how.steps;
     let setup = Setup::new()?;
     let calibration = &setup.ids[pipeline::CALIBRATION];
     let targets = training_targets(setup.models(), calibration, how, objective)?;
     println!(
-        "Recovery by distillation: {steps} Adam steps ({}, the factors only) towards the dense {} of sentences {}–{}{}; held-out sentences {}–{}",
+        "Recovery by distillation: {steps} Adam steps ({}) towards the dense {} of sentences {}–{}; held-out sentences {}–{}",
         how.caption(),
         match objective {
             Objective::Hidden => "last hidden states",
@@ -95,10 +96,6 @@ pub fn recovery(how: &Training, objective: Objective, budgets: &[usize]) -> Resu
         },
         pipeline::CALIBRATION.start,
         pipeline::CALIBRATION.end - 1,
-        match copies {
-            0 => String::new(),
-            n => format!(" and {n} varied copies of each"),
-        },
         pipeline::HELD_OUT.start,
         pipeline::HELD_OUT.end - 1,
     );
@@ -122,7 +119,7 @@ pub fn recovery(how: &Training, objective: Objective, budgets: &[usize]) -> Resu
                 }
                 None => (
                     "planned ranks, correcting fit".to_string(),
-                    planned(&setup, macs, &targets, how)?,
+                    planned(&setup, macs, &setup.calibration, &targets, how)?,
                 ),
             };
             println!(

@@ -43,6 +43,9 @@ impl Tokenizer {
 /// shares a run of four words with a held-out sentence (`tests/minilm_model.rs` checks).
 pub const CORPUS: &str = include_str!("corpus/wordnet-examples.txt");
 
+/// How many lines [`CORPUS`] has (`tests/minilm_model.rs` checks).
+pub const CORPUS_LINES: usize = 4727;
+
 /// Names a text file (one sentence per line) that `--corpus` and `--fit-corpus` take their
 /// lines from in place of [`CORPUS`]: your own text, or more of WordNet's (`corpus/extract.py
 /// --every 1`). Keep the held-out sentences out of it when comparing on them.
