@@ -3,7 +3,8 @@
 //! at the same multiply-adds, measured on the held-out sentences; written as tables, ranks files
 //! and two SVG figures (the frontier, and each layer's sensitivity curve).
 //!
-//! The sensitivity runs on calibration sentences (the first 40 unless `--sentences N`), twice,
+//! The sensitivity runs on the calibration sentences (all 120, the sentences the fits calibrate
+//! on; the first N with `--sentences N`: 40 made plans worse, docs/performance.md), twice,
 //! to every multiple of 16 that saves multiply-adds: each of the 36 `Linear`s truncated alone
 //! (exact data-aware fit on the dense model's inputs, one decomposition per layer), and each
 //! encoder layer's attention block (query, key, value, output) and feed-forward block (up,

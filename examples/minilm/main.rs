@@ -491,7 +491,8 @@ fn run(args: Vec<String>) -> Result<(), Error> {
         [] if variant.is_none() => table(),
         [cmd] if cmd == "planned" && variant.is_none() => planned_table(),
         [cmd, options @ ..] if cmd == "frontier" && variant.is_none() => {
-            let (mut sentences, mut fit, mut how) = (40, FitData::MEASURED, Training::MEASURED);
+            let mut sentences = pipeline::CALIBRATION.len();
+            let (mut fit, mut how) = (FitData::MEASURED, Training::MEASURED);
             for pair in options.chunks(2) {
                 match pair {
                     [flag, n] if flag == "--sentences" => sentences = count(flag, n)?,
