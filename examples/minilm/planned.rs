@@ -10,8 +10,8 @@
 //!
 //! The committed plans (`ranks/`), at a quarter and half of the dense model's linear
 //! multiply-adds: one rank per attention or feed-forward block, by the exact knapsack on each
-//! block's measured damage (`frontier`'s block plans; per-layer damages underrate the attention
-//! blocks, see docs/performance.md).
+//! block's damage measured on the 120 calibration sentences (`frontier`'s block plans; a
+//! per-layer plan's file compiles the same way, see docs/performance.md).
 
 use dfdx::nn::modules::{LayerNorm1D, Linear};
 use dfdx::prelude::*;
