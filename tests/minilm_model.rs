@@ -353,7 +353,9 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
     // The traced forward (dfdx's composed attention) computes what the inference one does.
     let (batch, _) = &targets.batches[0];
     let plain = small.try_hidden_states(batch).unwrap().as_vec();
-    let traced = small.encode_traced(batch, small.alloc_grads()).unwrap();
+    let traced = small
+        .encode_traced(batch, small.alloc_grads(), false)
+        .unwrap();
     let worst = (traced.retaped::<NoneTape>().as_vec().iter())
         .zip(&plain)
         .map(|(a, b)| (a - b).abs())
@@ -368,6 +370,7 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
         corpus: 0,
         cosine: false,
         trained: Trained::Factors,
+        objective: pipeline::Objective::Hidden,
     };
     let log = pipeline::recover(&mut small, &targets, &training).unwrap();
     // The same batches, first epoch against last.
@@ -395,6 +398,61 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
     pipeline::recover(&mut all, &targets, &training).unwrap();
     let is = &all.layers.modules[0];
     assert_ne!(is.ffn.norm.gamma.as_vec(), was.ffn.norm.gamma.as_vec());
+
+    // `--on layers`: the dense targets are every layer's states, the last layer's below the
+    // rest; the traced forward stacks the same rows, and one step trains the factors.
+    let objective = pipeline::Objective::Layers;
+    let layers = pipeline::distillation_targets(&dense, &calibration, objective).unwrap();
+    let (batch, stacked) = &layers.batches[0];
+    let rows = batch.sentences * batch.positions;
+    assert_eq!(stacked.shape().0, bert::LAYERS * rows);
+    let last = dense.try_hidden_states(batch).unwrap().as_vec();
+    assert_eq!(
+        stacked.as_vec()[(bert::LAYERS - 1) * rows * HIDDEN..],
+        last[..]
+    );
+    let plain = before.try_encode_layers(before.embeddings.try_forward(batch).unwrap(), batch);
+    let traced = before
+        .encode_traced(batch, before.alloc_grads(), true)
+        .unwrap();
+    let worst = (traced.retaped::<NoneTape>().as_vec().iter())
+        .zip(&plain.unwrap().as_vec())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-3,
+        "traced every-layer forward differs by {worst}"
+    );
+    let mut on_layers = before.clone();
+    let training = pipeline::Training {
+        steps: 1,
+        objective,
+        ..training
+    };
+    pipeline::recover(&mut on_layers, &layers, &training).unwrap();
+    assert_ne!(
+        on_layers.layers.modules[0].ffn.up.first.weight.as_vec(),
+        was.ffn.up.first.weight.as_vec()
+    );
+}
+
+/// A stacked tensor's backward reaches each layer both through its own rows and through the
+/// layers after it: for `y1 = 2x`, `y2 = 3·y1` and the sum of `[y1; y2]`, `d/dx = 2 + 6`.
+#[test]
+fn the_layer_stack_carries_the_gradient_of_every_layer() {
+    let dev: Cpu = Default::default();
+    let x: bert::Hidden<f32, Cpu> = dev.tensor_from_vec(vec![0.5; 2 * HIDDEN], (2, Const));
+    let mut stack = bert::Stack::default();
+    let y1 = stack.try_push(x.leaky_trace() * 2.0).unwrap();
+    let y2 = stack.try_push(y1 * 3.0).unwrap();
+    let stacked = stack.finish(y2);
+    assert_eq!(stacked.shape().0, 4);
+    let grads = stacked.sum().backward();
+    assert!(grads
+        .get(&x)
+        .as_vec()
+        .iter()
+        .all(|g| (g - 8.0).abs() < 1e-6));
 }
 
 /// The varied copies keep each sentence's length, `[CLS]`/`[SEP]` and special tokens, replace

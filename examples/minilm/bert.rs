@@ -344,6 +344,20 @@ impl<const R: usize, E: Dtype, D: Device<E>> Bert<R, E, D> {
         Ok(x)
     }
 
+    /// Every encoder layer's hidden states on embedded inputs `x`, stacked ([`Stack`]): what
+    /// distillation towards every layer compares. Traced or not.
+    pub fn try_encode_layers<T: Tape<E, D> + 'static>(
+        &self,
+        mut x: Hidden<E, D, T>,
+        batch: &Batch<E, D>,
+    ) -> Result<Hidden<E, D, T>, D::Err> {
+        let mut stack = Stack::default();
+        for layer in &self.layers.modules {
+            x = stack.try_push(layer.try_forward(x, batch)?)?;
+        }
+        Ok(stack.finish(x))
+    }
+
     /// Normalised sentence embeddings `(b, HIDDEN)`: the mean of the last hidden states over
     /// each sentence's real tokens, divided by its L2 norm.
     pub fn try_embed(
@@ -382,4 +396,44 @@ pub fn pool<E: Dtype, D: Device<E>, T: Tape<E, D>>(
         .try_broadcast_like(&(b, Const::<HIDDEN>))?
         .split_tape();
     mean.put_tape(tape).try_div(norms)
+}
+
+/// Hidden states of successive layers stacked into one tensor (layer 1's `b·s` rows, then
+/// layer 2's, …), so that one loss compares them all. Under a tape, the stack carries the
+/// layers' backward: each layer's rows get the gradient of their place in the stack and of the
+/// layers after them.
+pub struct Stack<E: Dtype, D: Device<E>>(Option<Hidden<E, D>>);
+
+impl<E: Dtype, D: Device<E>> Default for Stack<E, D> {
+    fn default() -> Self {
+        Self(None)
+    }
+}
+
+impl<E: Dtype, D: Device<E>> Stack<E, D> {
+    /// Appends `x`'s rows and gives `x` back to go on with.
+    pub fn try_push<T: Tape<E, D>>(
+        &mut self,
+        x: Hidden<E, D, T>,
+    ) -> Result<Hidden<E, D, T>, D::Err> {
+        let (x, tape) = x.split_tape();
+        // The tape passes through the stack and back to `x`: the concatenation's backward is
+        // recorded after the layers that made `x` and before those that will read it.
+        let stacked = match self.0.take() {
+            None => x.clone().put_tape(tape),
+            Some(below) => (below.put_tape(tape), x.clone()).try_concat_along(Axis::<0>)?,
+        };
+        let (stacked, tape) = stacked.split_tape();
+        self.0 = Some(stacked);
+        Ok(x.put_tape(tape))
+    }
+
+    /// The stacked rows with the tape of `last`, the last tensor pushed (`last` itself when
+    /// nothing was).
+    pub fn finish<T: Tape<E, D>>(self, last: Hidden<E, D, T>) -> Hidden<E, D, T> {
+        match self.0 {
+            Some(stacked) => stacked.put_tape(last.split_tape().1),
+            None => last,
+        }
+    }
 }

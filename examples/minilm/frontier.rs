@@ -17,8 +17,8 @@
 //! Training needs compiled factors, so the distilled points are the compiled variants at a
 //! quarter and half: one rank by weight SVD (Composer's way), and the committed block plans of
 //! `planned.rs` with the correcting fit calibrated on [`FitData::MEASURED`] unless
-//! `--fit-copies` says otherwise, trained by [`Training::MEASURED`] unless `--steps`,
-//! `--augment`, `--corpus`, `--lr`, `--schedule` or `--train` say otherwise.
+//! `--fit-copies` or `--fit-corpus` say otherwise, trained by [`Training::MEASURED`] unless
+//! `--steps`, `--augment`, `--corpus`, `--lr`, `--schedule`, `--train` or `--on` say otherwise.
 
 use std::time::Instant;
 
@@ -29,7 +29,6 @@ use factorize_runtime::{Factorizable, FactorizeConfig, Fit};
 
 use crate::bert::{Batch, Bert, HIDDEN};
 use crate::metrics::{self, Fidelity};
-use crate::pipeline::Objective;
 use crate::pipeline::{self, by_length, embed_all, training_targets};
 use crate::pipeline::{Error, FitData, FitKind, Training};
 use crate::plot::{self, Curve};
@@ -240,19 +239,20 @@ pub fn frontier(sentences: usize, (fit, training): (FitData, &Training)) -> Resu
 }
 
 /// The compiled variants at [`DISTILLED`] before and after `training` towards the dense model's
-/// hidden states: one rank by weight SVD (Composer's way), and the committed block plan with the
+/// outputs (`training.objective`): one rank by weight SVD (Composer's way), and the committed block plan with the
 /// correcting fit calibrated on `fit` (ours). Prints their table; returns their points for the
 /// figure.
 fn distilled(setup: &Setup, (fit, training): (FitData, &Training)) -> Result<Vec<Curve>, Error> {
     let steps = training.steps;
     let calibration = &setup.ids[pipeline::CALIBRATION];
-    let targets = training_targets(setup.models(), calibration, training, Objective::Hidden)?;
+    let targets = training_targets(setup.models(), calibration, training)?;
     let fitted_on = fit.sentences(&setup.dense, calibration, &setup.tokenizer)?;
     let fitted_on = by_length(&setup.dev, &fitted_on);
     println!(
-        "\nDistilled: {steps} Adam steps ({}) towards the dense model's last hidden states; the block plans' fit calibrated on the calibration sentences and {} varied copies of each\n",
+        "\nDistilled: {steps} Adam steps ({}) towards the dense model's {}; the block plans' fit calibrated on {}\n",
         training.caption(),
-        fit.copies,
+        training.objective.caption(),
+        fit.caption(),
     );
     println!("| linear MACs | variant | before | after | train time |");
     println!("|---|---|---|---|---|");

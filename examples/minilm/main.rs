@@ -27,7 +27,9 @@
 //! dense model (`recovery.rs`), on the calibration sentences and, with `--augment COPIES`, that
 //! many varied copies of each; `--lr` sets the learning rate, `--schedule cosine` puts it on a
 //! cosine schedule with warm-up, `--train all` trains every tensor instead of the factors
-//! alone (Composer trains the whole model after factorizing). `--corpus LINES` (training) and
+//! alone (Composer trains the whole model after factorizing), `--on layers` matches every
+//! encoder layer's hidden states instead of the last (`embeddings`: the sentence embeddings).
+//! `--corpus LINES` (training) and
 //! `--fit-corpus LINES` (the fits) add that many lines of real text: the WordNet examples
 //! shipped in `corpus/`, or the file `$FACTORIZE_MINILM_CORPUS` names. The data comes from
 //! `../shared/data/minilm-model` or `$FACTORIZE_MINILM_MODEL_DIR`.
@@ -360,15 +362,14 @@ fn embed_variant<const R: usize>(
     );
     let (mut small, _, _) = factorize(&dense, fit, &calibration)?;
     if training.steps > 0 {
-        let objective = pipeline::Objective::Hidden;
-        let targets = training_targets((&dense, tokenizer), &calibration_ids, training, objective)?;
+        let targets = training_targets((&dense, tokenizer), &calibration_ids, training)?;
         recover(&mut small, &targets, training)?;
     }
     embed_all(dev, ids, |b| small.try_embed(b))
 }
 
 const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--fit-corpus LINES] [--distill STEPS [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--fit-copies COPIES] [--steps N] [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--train factors|all] [--on hidden|embeddings] [--augment COPIES] [--corpus LINES] [--macs 25|50]";
+    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--fit-corpus LINES] [--distill STEPS [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all] [--on hidden|layers|embeddings]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--fit-copies COPIES] [--fit-corpus LINES] [--steps N] [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all] [--on hidden|layers|embeddings]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--train factors|all] [--on hidden|layers|embeddings] [--augment COPIES] [--corpus LINES] [--macs 25|50]";
 
 /// The integer value `n` of the option `flag`.
 fn count(flag: &str, n: &str) -> Result<usize, String> {
@@ -385,9 +386,20 @@ fn check_corpus(training: &Training, fit_corpus: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Sets the option `flag` of `fit` to `value` when it is one of the fits' data options
+/// (`--fit-copies`, `--fit-corpus`); false when it is neither.
+fn fit_option(fit: &mut FitData, flag: &str, value: &str) -> Result<bool, String> {
+    match flag {
+        "--fit-copies" => fit.copies = count(flag, value)?,
+        "--fit-corpus" => fit.corpus = count(flag, value)?,
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 /// Sets the option `flag` of `how` to `value` when it is one of the training options
 /// (`steps`, the name the command gives the step count, `--augment`, `--corpus`, `--lr`,
-/// `--schedule`, `--train`); false when it is none of them.
+/// `--schedule`, `--train`, `--on`); false when it is none of them.
 fn training_option(
     how: &mut Training,
     steps: &str,
@@ -419,6 +431,7 @@ fn training_option(
                 _ => return Err(format!("--train takes `factors` or `all`, not `{value}`")),
             }
         }
+        "--on" => how.objective = value.parse()?,
         _ => return Ok(false),
     }
     Ok(true)
@@ -443,6 +456,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
         corpus: 0,
         cosine: false,
         trained: Trained::Factors,
+        objective: pipeline::Objective::Hidden,
     };
     let mut rest = args.as_slice();
     loop {
@@ -455,12 +469,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                 fit = Some(value.parse::<FitKind>()?);
                 rest = tail;
             }
-            [flag, value, tail @ ..] if flag == "--fit-copies" => {
-                fit_data.copies = count(flag, value)?;
-                rest = tail;
-            }
-            [flag, value, tail @ ..] if flag == "--fit-corpus" => {
-                fit_data.corpus = count(flag, value)?;
+            [flag, value, tail @ ..] if fit_option(&mut fit_data, flag, value)? => {
                 rest = tail;
             }
             [flag, value, tail @ ..]
@@ -496,12 +505,12 @@ fn run(args: Vec<String>) -> Result<(), Error> {
             for pair in options.chunks(2) {
                 match pair {
                     [flag, n] if flag == "--sentences" => sentences = count(flag, n)?,
-                    [flag, n] if flag == "--fit-copies" => fit.copies = count(flag, n)?,
+                    [flag, v] if fit_option(&mut fit, flag, v)? => {}
                     [flag, v] if training_option(&mut how, "--steps", flag, v)? => {}
                     _ => return Err(USAGE.into()),
                 }
             }
-            check_corpus(&how, 0)?;
+            check_corpus(&how, fit.corpus)?;
             frontier::frontier(sentences, (fit, &how))
         }
         [cmd, options @ ..] if cmd == "recovery" && variant.is_none() => {
@@ -509,7 +518,7 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                 steps: 100,
                 ..training
             };
-            let (mut objective, mut budgets) = (pipeline::Objective::Hidden, vec![25, 50]);
+            let mut budgets = vec![25, 50];
             for pair in options.chunks(2) {
                 match pair {
                     [flag, v] if training_option(&mut how, "--steps", flag, v)? => {}
@@ -517,12 +526,11 @@ fn run(args: Vec<String>) -> Result<(), Error> {
                         m @ (25 | 50) => budgets = vec![m],
                         m => return Err(format!("--macs takes 25 or 50, not {m}").into()),
                     },
-                    [flag, on] if flag == "--on" => objective = on.parse()?,
                     _ => return Err(USAGE.into()),
                 }
             }
             check_corpus(&how, 0)?;
-            recovery::recovery(&how, objective, &budgets)
+            recovery::recovery(&how, &budgets)
         }
         [cmd, input, output] if cmd == "embed" => {
             let flag = match (training.steps, fit_data.is_none()) {

@@ -131,13 +131,27 @@ pub fn factorize<const R: usize>(
 /// Adam's learning rate for recovery by distillation (the factors only), unless `--lr` says.
 pub const DISTILL_LEARNING_RATE: f64 = 1e-4;
 
-/// What distillation matches of the dense model.
+/// What distillation matches of the dense model (`--on`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Objective {
     /// Its last hidden states, every token (`b·s` rows).
     Hidden,
+    /// Every encoder layer's hidden states, every token (`LAYERS·b·s` rows, stacked by `bert::Stack`), as
+    /// TinyBERT distils: each layer is told what it should give, not only the last.
+    Layers,
     /// Its normalised sentence embeddings (`b` rows): what the measurements compare.
     Embeddings,
+}
+
+impl Objective {
+    /// What the objective matches, for captions.
+    pub fn caption(&self) -> &'static str {
+        match self {
+            Self::Hidden => "last hidden states",
+            Self::Layers => "hidden states of every layer",
+            Self::Embeddings => "sentence embeddings",
+        }
+    }
 }
 
 impl std::str::FromStr for Objective {
@@ -145,14 +159,17 @@ impl std::str::FromStr for Objective {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "hidden" => Ok(Self::Hidden),
+            "layers" => Ok(Self::Layers),
             "embeddings" => Ok(Self::Embeddings),
-            _ => Err(format!("--on takes `hidden` or `embeddings`, not `{s}`")),
+            _ => Err(format!(
+                "--on takes `hidden`, `layers` or `embeddings`, not `{s}`"
+            )),
         }
     }
 }
 
 /// A distillation batch: inputs and the dense model's rows on them (hidden states or
-/// embeddings, both `HIDDEN` wide).
+/// embeddings, all `HIDDEN` wide).
 pub type Target = (Batch<f32, Cpu>, Hidden<f32, Cpu>);
 
 /// Distillation data: the objective, and each calibration batch with its target.
@@ -172,6 +189,9 @@ pub fn distillation_targets<const R: usize>(
         .map(|(_, batch)| {
             let target = match objective {
                 Objective::Hidden => dense.try_hidden_states(batch)?,
+                Objective::Layers => {
+                    dense.try_encode_layers(dense.embeddings.try_forward(batch)?, batch)?
+                }
                 Objective::Embeddings => dense.try_embed(batch)?,
             };
             Ok((batch.clone(), target))
@@ -198,6 +218,19 @@ impl FitData {
         corpus: 0,
     };
 
+    /// What the fits calibrate on, for captions.
+    pub fn caption(&self) -> String {
+        let copies = match self.copies {
+            0 => String::new(),
+            n => format!(", {n} varied copies of each"),
+        };
+        let corpus = match self.corpus {
+            0 => String::new(),
+            n => format!(", {n} corpus lines"),
+        };
+        format!("the calibration sentences{copies}{corpus}")
+    }
+
     /// Whether the fits calibrate on the calibration sentences alone.
     pub fn is_none(&self) -> bool {
         self.copies == 0 && self.corpus == 0
@@ -219,7 +252,7 @@ impl FitData {
 }
 
 /// Distillation after factorizing, as the command line asks (`--distill`, `--augment`,
-/// `--corpus`, `--lr`, `--schedule`).
+/// `--corpus`, `--lr`, `--schedule`, `--train`, `--on`).
 #[derive(Debug, Clone, Copy)]
 pub struct Training {
     /// Adam steps; none when 0.
@@ -235,6 +268,8 @@ pub struct Training {
     pub cosine: bool,
     /// The factorized pairs alone, or every tensor (Composer's way trains the whole model).
     pub trained: Trained,
+    /// What the variant learns to match.
+    pub objective: Objective,
 }
 
 /// Under `--schedule cosine`, one step in this many warms up.
@@ -251,6 +286,7 @@ impl Training {
         corpus: text::CORPUS_LINES,
         cosine: true,
         trained: Trained::All,
+        objective: Objective::Hidden,
     };
 
     /// `distill`'s configuration for this training, with progress.
@@ -271,7 +307,7 @@ impl Training {
     }
 
     /// The learning rate, how it moves, what it trains and on what beside the calibration
-    /// sentences, for table captions.
+    /// sentences, for table captions (what it matches: [`Objective::caption`]).
     pub fn caption(&self) -> String {
         let schedule = match self.cosine {
             true => ", cosine schedule",
@@ -296,15 +332,15 @@ impl Training {
     }
 }
 
-/// The dense model's targets for `objective` on the calibration sentences `ids`, on
+/// The dense model's targets for `training.objective` on the calibration sentences `ids`, on
 /// `training.copies` varied copies of each, and on the first `training.corpus` lines of
 /// [`text::corpus`], tokenized by `tokenizer` (`dense`'s rank parameter is unused).
 pub fn training_targets<const R: usize>(
     (dense, tokenizer): (&Bert<R, f32, Cpu>, &text::Tokenizer),
     ids: &[Vec<u32>],
     training: &Training,
-    objective: Objective,
 ) -> Result<Targets, Error> {
+    let objective = training.objective;
     if training.copies == 0 && training.corpus == 0 {
         let dev = dense.embeddings.word.weight.device().clone();
         return distillation_targets(dense, &by_length(&dev, ids), objective);
@@ -319,21 +355,23 @@ pub fn training_targets<const R: usize>(
 }
 
 /// A variant that recovery trains and measures: its inference embedding, and its encoder on
-/// traced embeddings. Implemented for [`BertFactorized`] here and for the planned variants in
+/// traced embeddings (the last layer's rows, or every layer's). Implemented for [`BertFactorized`] here and for the planned variants in
 /// `planned.rs`, each by calling its own (mirrored) forwards.
 pub trait Trainable: TensorCollection<f32, Cpu> + VisitFactorized + Clone {
     /// `try_embed`.
     fn embed(&self, batch: &Batch<f32, Cpu>) -> Result<Pooled<f32, Cpu>, CpuError>;
-    /// `try_encode` on the embeddings traced into `grads`.
+    /// `try_encode` on the embeddings traced into `grads`, or `try_encode_layers` when
+    /// `every_layer`.
     fn encode_traced(
         &self,
         batch: &Batch<f32, Cpu>,
         grads: Gradients<f32, Cpu>,
+        every_layer: bool,
     ) -> Result<Hidden<f32, Cpu, OwnedTape<f32, Cpu>>, CpuError>;
 }
 
 /// Implements [`Trainable`] for a variant type through its own (mirrored) `try_embed`,
-/// `embeddings` and `try_encode`: `trainable!([generics] Type)`.
+/// `embeddings`, `try_encode` and `try_encode_layers`: `trainable!([generics] Type)`.
 macro_rules! trainable {
     ([$($generics:tt)*] $ty:ty) => {
         impl<$($generics)*> $crate::pipeline::Trainable for $ty {
@@ -349,6 +387,7 @@ macro_rules! trainable {
                 &self,
                 batch: &$crate::bert::Batch<f32, ::dfdx::prelude::Cpu>,
                 grads: ::dfdx::prelude::Gradients<f32, ::dfdx::prelude::Cpu>,
+                every_layer: bool,
             ) -> Result<
                 $crate::bert::Hidden<
                     f32,
@@ -358,7 +397,11 @@ macro_rules! trainable {
                 ::dfdx::prelude::CpuError,
             > {
                 use ::dfdx::prelude::Trace;
-                self.try_encode(self.embeddings.try_forward(batch)?.traced(grads), batch)
+                let x = self.embeddings.try_forward(batch)?.traced(grads);
+                match every_layer {
+                    true => self.try_encode_layers(x, batch),
+                    false => self.try_encode(x, batch),
+                }
             }
         }
     };
@@ -383,9 +426,9 @@ pub fn recover<M: Trainable>(
         &targets.batches,
         &cfg,
         |m: &M, b, grads| {
-            let hidden = m.encode_traced(b, grads)?;
+            let hidden = m.encode_traced(b, grads, objective == Objective::Layers)?;
             match objective {
-                Objective::Hidden => Ok(hidden),
+                Objective::Hidden | Objective::Layers => Ok(hidden),
                 Objective::Embeddings => pool(hidden, b),
             }
         },

@@ -22,8 +22,9 @@ use factorize_runtime::distill::DistillLog;
 
 use crate::pipeline::Error;
 use crate::pipeline::{embed_all, median, recover, recovered, seconds, training_targets};
-use crate::pipeline::{Objective, Targets, Training};
+use crate::pipeline::{Targets, Training};
 
+use crate::bert::Stack;
 use crate::bert::{attention_block, feed_forward_block, pool, Batch, Bert, Embeddings, Hidden};
 use crate::bert::{FFN, HIDDEN};
 use crate::text::Tokenizer;
@@ -133,6 +134,18 @@ macro_rules! planned_model {
             ) -> Result<Hidden<E, D, T>, D::Err> {
                 $(let x = self.layers.$n.try_forward(x, batch)?;)*
                 Ok(x)
+            }
+
+            /// As `Bert::try_encode_layers`.
+            #[allow(dead_code)] // Only the factorized variant trains.
+            pub fn try_encode_layers<T: Tape<E, D> + 'static>(
+                &self,
+                x: Hidden<E, D, T>,
+                batch: &Batch<E, D>,
+            ) -> Result<Hidden<E, D, T>, D::Err> {
+                let mut stack = Stack::default();
+                $(let x = stack.try_push(self.layers.$n.try_forward(x, batch)?)?;)*
+                Ok(stack.finish(x))
             }
         }
 
@@ -263,12 +276,7 @@ pub fn embed_planned(
     with_planned!(macs, dense, calibration, |small, _report| {
         let mut small = small;
         if training.steps > 0 {
-            let targets = training_targets(
-                (dense, tokenizer),
-                calibration_ids,
-                training,
-                Objective::Hidden,
-            )?;
+            let targets = training_targets((dense, tokenizer), calibration_ids, training)?;
             recover(&mut small, &targets, training)?;
         }
         embed_all(&dev, ids, |b| small.try_embed(b))

@@ -1,15 +1,16 @@
 //! Recovery by training, measured: Composer's way (weight SVD, then train) against this crate's
 //! (a correcting fit, uniform or with ranks planned from measured damage, then train a little),
 //! at 25% and 50% of the dense model's linear multiply-adds. Each variant trains its factors
-//! with Adam towards the dense model's last hidden states (or sentence embeddings) on the
+//! with Adam towards the dense model's last hidden states (or every layer's, or the sentence
+//! embeddings: `--on`) on the
 //! calibration sentences; held-out fidelity is reported before and after.
 
 use dfdx::prelude::*;
 
 use crate::bert::{Batch, Bert};
 use crate::metrics::{self, Fidelity};
+use crate::pipeline::Targets;
 use crate::pipeline::{self, factorize, recovered, training_targets, Error, FitKind, Training};
-use crate::pipeline::{Objective, Targets};
 use crate::{planned, Setup};
 use factorize_runtime::distill::DistillLog;
 
@@ -79,21 +80,18 @@ pub fn planned(
     Ok(Recovered::of(setup, trained))
 }
 
-/// `minilm recovery [--steps N] [--lr X] [--on hidden|embeddings] [--augment COPIES]
+/// `minilm recovery [--steps N] [--lr X] [--on hidden|layers|embeddings] [--augment COPIES]
 /// [--macs 25|50]`: the table, at the given budgets; with `how.copies`, distillation also sees
 /// that many varied copies of each calibration sentence (`augment.rs`).
-pub fn recovery(how: &Training, objective: Objective, budgets: &[usize]) -> Result<(), Error> {
+pub fn recovery(how: &Training, budgets: &[usize]) -> Result<(), Error> {
     let steps = how.steps;
     let setup = Setup::new()?;
     let calibration = &setup.ids[pipeline::CALIBRATION];
-    let targets = training_targets(setup.models(), calibration, how, objective)?;
+    let targets = training_targets(setup.models(), calibration, how)?;
     println!(
         "Recovery by distillation: {steps} Adam steps ({}) towards the dense {} of sentences {}–{}; held-out sentences {}–{}",
         how.caption(),
-        match objective {
-            Objective::Hidden => "last hidden states",
-            Objective::Embeddings => "sentence embeddings",
-        },
+        how.objective.caption(),
         pipeline::CALIBRATION.start,
         pipeline::CALIBRATION.end - 1,
         pipeline::HELD_OUT.start,
