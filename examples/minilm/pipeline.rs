@@ -220,15 +220,8 @@ impl FitData {
 
     /// What the fits calibrate on, for captions.
     pub fn caption(&self) -> String {
-        let copies = match self.copies {
-            0 => String::new(),
-            n => format!(", {n} varied copies of each"),
-        };
-        let corpus = match self.corpus {
-            0 => String::new(),
-            n => format!(", {n} corpus lines"),
-        };
-        format!("the calibration sentences{copies}{corpus}")
+        let beside = copies_and_lines(self.copies, self.corpus, "");
+        format!("the calibration sentences{beside}")
     }
 
     /// Whether the fits calibrate on the calibration sentences alone.
@@ -249,6 +242,19 @@ impl FitData {
         all.extend(corpus.map_err(|e| format!("--fit-corpus: {e}"))?);
         Ok(all)
     }
+}
+
+/// ", `copies` varied copies of each`of`, `lines` corpus lines" for captions, without the
+/// parts that are zero.
+fn copies_and_lines(copies: usize, lines: usize, of: &str) -> String {
+    let mut text = String::new();
+    if copies > 0 {
+        text += &format!(", {copies} varied copies of each{of}");
+    }
+    if lines > 0 {
+        text += &format!(", {lines} corpus lines");
+    }
+    text
 }
 
 /// Distillation after factorizing, as the command line asks (`--distill`, `--augment`,
@@ -317,16 +323,9 @@ impl Training {
             Trained::Factors => "the factors only",
             Trained::All => "every tensor",
         };
-        let copies = match self.copies {
-            0 => String::new(),
-            n => format!(", {n} varied copies of each calibration sentence"),
-        };
-        let corpus = match self.corpus {
-            0 => String::new(),
-            n => format!(", {n} corpus lines"),
-        };
+        let beside = copies_and_lines(self.copies, self.corpus, " calibration sentence");
         format!(
-            "learning rate {}{schedule}, {trained}{copies}{corpus}",
+            "learning rate {}{schedule}, {trained}{beside}",
             self.learning_rate
         )
     }
