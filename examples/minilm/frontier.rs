@@ -239,9 +239,9 @@ pub fn frontier(sentences: usize, (fit, training): (FitData, &Training)) -> Resu
 }
 
 /// The compiled variants at [`DISTILLED`] before and after `training` towards the dense model's
-/// outputs (`training.objective`): one rank by weight SVD (Composer's way), and the committed block plan with the
-/// correcting fit calibrated on `fit` (ours). Prints their table; returns their points for the
-/// figure.
+/// outputs (`training.objective`): one rank by weight SVD (Composer's way), and the committed
+/// block plan with the correcting fit calibrated on `fit` (ours). Prints their table; returns
+/// their points for the figure.
 fn distilled(setup: &Setup, (fit, training): (FitData, &Training)) -> Result<Vec<Curve>, Error> {
     let steps = training.steps;
     let calibration = &setup.ids[pipeline::CALIBRATION];

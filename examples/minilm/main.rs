@@ -29,10 +29,9 @@
 //! cosine schedule with warm-up, `--train all` trains every tensor instead of the factors
 //! alone (Composer trains the whole model after factorizing), `--on layers` matches every
 //! encoder layer's hidden states instead of the last (`embeddings`: the sentence embeddings).
-//! `--corpus LINES` (training) and
-//! `--fit-corpus LINES` (the fits) add that many lines of real text: the WordNet examples
-//! shipped in `corpus/`, or the file `$FACTORIZE_MINILM_CORPUS` names. The data comes from
-//! `../shared/data/minilm-model` or `$FACTORIZE_MINILM_MODEL_DIR`.
+//! `--corpus LINES` (training) and `--fit-corpus LINES` (the fits) add that many lines of real
+//! text: the WordNet examples shipped in `corpus/`, or the file `$FACTORIZE_MINILM_CORPUS`
+//! names. The data comes from `../shared/data/minilm-model` or `$FACTORIZE_MINILM_MODEL_DIR`.
 //!
 //! The model (`bert.rs`), its loader (`checkpoint.rs`) and the tokenizer (`text.rs`) are meant
 //! to be copied as a template.

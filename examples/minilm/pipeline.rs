@@ -136,8 +136,9 @@ pub const DISTILL_LEARNING_RATE: f64 = 1e-4;
 pub enum Objective {
     /// Its last hidden states, every token (`b·s` rows).
     Hidden,
-    /// Every encoder layer's hidden states, every token (`LAYERS·b·s` rows, stacked by `bert::Stack`), as
-    /// TinyBERT distils: each layer is told what it should give, not only the last.
+    /// Every encoder layer's hidden states, every token (`LAYERS·b·s` rows, stacked by
+    /// `bert::Stack`), as TinyBERT distils: each layer is told what it should give, not only
+    /// the last.
     Layers,
     /// Its normalised sentence embeddings (`b` rows): what the measurements compare.
     Embeddings,
@@ -354,8 +355,9 @@ pub fn training_targets<const R: usize>(
 }
 
 /// A variant that recovery trains and measures: its inference embedding, and its encoder on
-/// traced embeddings (the last layer's rows, or every layer's). Implemented for [`BertFactorized`] here and for the planned variants in
-/// `planned.rs`, each by calling its own (mirrored) forwards.
+/// traced embeddings (the last layer's rows, or every layer's). Implemented for
+/// [`BertFactorized`] here and for the planned variants in `planned.rs`, each by calling its
+/// own (mirrored) forwards.
 pub trait Trainable: TensorCollection<f32, Cpu> + VisitFactorized + Clone {
     /// `try_embed`.
     fn embed(&self, batch: &Batch<f32, Cpu>) -> Result<Pooled<f32, Cpu>, CpuError>;

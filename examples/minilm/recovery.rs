@@ -2,8 +2,8 @@
 //! (a correcting fit, uniform or with ranks planned from measured damage, then train a little),
 //! at 25% and 50% of the dense model's linear multiply-adds. Each variant trains its factors
 //! with Adam towards the dense model's last hidden states (or every layer's, or the sentence
-//! embeddings: `--on`) on the
-//! calibration sentences; held-out fidelity is reported before and after.
+//! embeddings: `--on`) on the calibration sentences; held-out fidelity is reported before and
+//! after.
 
 use dfdx::prelude::*;
 
