@@ -12,6 +12,8 @@ mod augment;
 mod bert;
 #[path = "../examples/minilm/checkpoint.rs"]
 mod checkpoint;
+#[path = "../examples/minilm/cli.rs"]
+mod cli;
 #[path = "../examples/minilm/metrics.rs"]
 #[allow(dead_code)]
 mod metrics;
@@ -724,4 +726,119 @@ fn the_corpus_comes_from_the_named_file_without_its_blank_lines() {
     let missing = text::corpus_from(Some(path.clone().into())).unwrap_err();
     let named = missing.contains(&path.display().to_string()) && missing.contains(text::CORPUS_VAR);
     assert!(named, "{missing}");
+}
+
+/// The arguments of `line`, split at spaces.
+fn args(line: &str) -> Vec<String> {
+    line.split_whitespace().map(String::from).collect()
+}
+
+#[test]
+fn the_command_line_refuses_options_where_they_would_be_ignored() {
+    // Before a command that takes its own options, an option is an error naming it.
+    for (line, flag, cmd) in [
+        ("--lr 3e-4 frontier", "--lr", "frontier"),
+        (
+            "--fit-copies 20 frontier --steps 10",
+            "--fit-copies",
+            "frontier",
+        ),
+        ("--macs 25 --distill 10 recovery", "--macs", "recovery"),
+        ("--rank 64 --fit svd planned", "--rank", "planned"),
+    ] {
+        let e = cli::parse(&args(line)).unwrap_err();
+        assert!(
+            e.starts_with(&format!("{flag} goes after `{cmd}`")),
+            "{line}: {e}"
+        );
+    }
+    let e = cli::parse(&args("--distill 10")).unwrap_err();
+    assert!(
+        e.starts_with("--distill describes the variant `embed"),
+        "{e}"
+    );
+    for (line, reason) in [
+        ("planned --steps 1", "`planned` takes no options"),
+        (
+            "frontier --distill 10",
+            "`frontier` takes no option --distill",
+        ),
+        ("frontier --steps", "`frontier`: --steps needs a value"),
+        ("recovery --macs 30", "--macs takes 25 or 50, not `30`"),
+        ("--rank 100 --fit svd embed a b", "--rank takes one of"),
+        ("--rank 64 embed a b", "--rank and --fit go together"),
+        ("--distill 5 embed a b", "--distill trains a variant"),
+        (
+            "--fit-copies 5 embed a b",
+            "--fit-copies and --fit-corpus calibrate",
+        ),
+        ("--macs 50 --on tokens embed a b", "--on takes `hidden`"),
+    ] {
+        let e = cli::parse(&args(line)).unwrap_err();
+        assert!(e.starts_with(reason), "{line}: {e}");
+    }
+}
+
+#[test]
+fn the_command_line_gives_each_command_its_options() {
+    use cli::{Command, Variant};
+    let parsed = cli::parse(&args(
+        "--macs 25 --fit-copies 20 --distill 40 --augment 3 --lr 1e-3 --schedule cosine --train all --on layers embed in.txt out.st",
+    ));
+    let Ok(Command::Embed {
+        variant,
+        fit,
+        training,
+        input,
+        output,
+    }) = parsed
+    else {
+        panic!("{parsed:?}")
+    };
+    assert_eq!(variant, Some(Variant::Planned(25)));
+    assert_eq!((fit.copies, fit.corpus), (20, 0));
+    assert_eq!(
+        (training.steps, training.copies, training.learning_rate),
+        (40, 3, 1e-3)
+    );
+    assert!(training.cosine && training.trained == Trained::All);
+    assert_eq!(training.objective, pipeline::Objective::Layers);
+    assert_eq!((input.as_str(), output.as_str()), ("in.txt", "out.st"));
+
+    let parsed = cli::parse(&args("--rank 64 --fit correcting embed in.txt out.st"));
+    let Ok(Command::Embed {
+        variant, training, ..
+    }) = parsed
+    else {
+        panic!("{parsed:?}")
+    };
+    assert_eq!(variant, Some(Variant::Rank(64, FitKind::Correcting)));
+    assert_eq!(training.steps, 0);
+
+    // `frontier` starts from the measured recipe and changes what it is told.
+    let parsed = cli::parse(&args(
+        "frontier --sentences 40 --fit-corpus 7 --steps 12 --on embeddings",
+    ));
+    let Ok(Command::Frontier {
+        sentences,
+        fit,
+        training,
+    }) = parsed
+    else {
+        panic!("{parsed:?}")
+    };
+    assert_eq!((sentences, fit.copies, fit.corpus), (40, 20, 7));
+    assert_eq!(
+        (training.steps, training.copies),
+        (12, pipeline::Training::MEASURED.copies)
+    );
+    assert_eq!(training.objective, pipeline::Objective::Embeddings);
+
+    let parsed = cli::parse(&args("recovery --macs 50 --lr 2e-4"));
+    let Ok(Command::Recovery { training, budgets }) = parsed else {
+        panic!("{parsed:?}")
+    };
+    assert_eq!((budgets, training.learning_rate), (vec![50], 2e-4));
+    assert!(matches!(cli::parse(&args("")), Ok(Command::Table)));
+    assert!(matches!(cli::parse(&args("planned")), Ok(Command::Planned)));
 }

@@ -32,6 +32,8 @@
 //! `--corpus LINES` (training) and `--fit-corpus LINES` (the fits) add that many lines of real
 //! text: the WordNet examples shipped in `corpus/`, or the file `$FACTORIZE_MINILM_CORPUS`
 //! names. The data comes from `../shared/data/minilm-model` or `$FACTORIZE_MINILM_MODEL_DIR`.
+//! These options, before `embed`, describe its variant; `frontier` and `recovery` take theirs
+//! after their name, and an option in the wrong place is an error (`cli.rs`).
 //!
 //! The model (`bert.rs`), its loader (`checkpoint.rs`) and the tokenizer (`text.rs`) are meant
 //! to be copied as a template.
@@ -39,6 +41,7 @@
 mod augment;
 mod bert;
 mod checkpoint;
+mod cli;
 mod frontier;
 mod metrics;
 mod pipeline;
@@ -48,14 +51,12 @@ mod recovery;
 mod text;
 
 use dfdx::prelude::*;
-use factorize_runtime::distill::Trained;
 
 use bert::{Batch, Bert, FFN, HIDDEN, LAYERS};
+use cli::{Command, Variant, RANKS};
 use pipeline::{by_length, embed_all, factorize, median, recover, seconds};
 use pipeline::{training_targets, Error, FitData, FitKind, Training};
 
-/// The ranks of the table, applied to all 36 `Linear`s.
-const RANKS: [usize; 5] = [32, 64, 96, 128, 160];
 /// Timed forwards per model (interleaved dense / factorized; the median is reported).
 const TIMED_RUNS: usize = 9;
 /// The timed batch: sentences 0–31 padded into one batch.
@@ -234,14 +235,6 @@ fn table() -> Result<(), Error> {
     Ok(())
 }
 
-/// A variant to embed with.
-enum Variant {
-    /// All 36 Linears at one rank, filled by a fit.
-    Rank(usize, FitKind),
-    /// The planned ranks (`planned.rs`) at this share of the linear multiply-adds.
-    Planned(usize),
-}
-
 /// The planned variants against the dense model: held-out fidelity and speed.
 fn planned_table() -> Result<(), Error> {
     let setup = Setup::new()?;
@@ -367,15 +360,6 @@ fn embed_variant<const R: usize>(
     embed_all(dev, ids, |b| small.try_embed(b))
 }
 
-const USAGE: &str =
-    "usage: minilm [--rank R --fit svd|data|correcting | --macs 25|50] [--fit-copies COPIES] [--fit-corpus LINES] [--distill STEPS [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all] [--on hidden|layers|embeddings]] [embed <sentences.txt> <out.safetensors>]\n       minilm frontier [--sentences N] [--fit-copies COPIES] [--fit-corpus LINES] [--steps N] [--augment COPIES] [--corpus LINES] [--lr X] [--schedule constant|cosine] [--train factors|all] [--on hidden|layers|embeddings]\n       minilm planned\n       minilm recovery [--steps N] [--lr X] [--schedule constant|cosine] [--train factors|all] [--on hidden|layers|embeddings] [--augment COPIES] [--corpus LINES] [--macs 25|50]";
-
-/// The integer value `n` of the option `flag`.
-fn count(flag: &str, n: &str) -> Result<usize, String> {
-    n.parse()
-        .map_err(|_| format!("{flag} takes an integer, not `{n}`"))
-}
-
 /// Checks that the corpus has the lines `--corpus` and `--fit-corpus` ask for, before hours
 /// of fitting and training reach them.
 fn check_corpus(training: &Training, fit_corpus: usize) -> Result<(), String> {
@@ -383,57 +367,6 @@ fn check_corpus(training: &Training, fit_corpus: usize) -> Result<(), String> {
         text::check_corpus(n).map_err(|e| format!("{flag}: {e}"))?;
     }
     Ok(())
-}
-
-/// Sets the option `flag` of `fit` to `value` when it is one of the fits' data options
-/// (`--fit-copies`, `--fit-corpus`); false when it is neither.
-fn fit_option(fit: &mut FitData, flag: &str, value: &str) -> Result<bool, String> {
-    match flag {
-        "--fit-copies" => fit.copies = count(flag, value)?,
-        "--fit-corpus" => fit.corpus = count(flag, value)?,
-        _ => return Ok(false),
-    }
-    Ok(true)
-}
-
-/// Sets the option `flag` of `how` to `value` when it is one of the training options
-/// (`steps`, the name the command gives the step count, `--augment`, `--corpus`, `--lr`,
-/// `--schedule`, `--train`, `--on`); false when it is none of them.
-fn training_option(
-    how: &mut Training,
-    steps: &str,
-    flag: &str,
-    value: &str,
-) -> Result<bool, String> {
-    match flag {
-        _ if flag == steps => how.steps = count(flag, value)?,
-        "--augment" => how.copies = count(flag, value)?,
-        "--corpus" => how.corpus = count(flag, value)?,
-        "--lr" => {
-            let reason = || format!("--lr takes a number, not `{value}`");
-            how.learning_rate = value.parse().map_err(|_| reason())?
-        }
-        "--schedule" => {
-            how.cosine = match value {
-                "cosine" => true,
-                "constant" => false,
-                _ => {
-                    let reason = format!("--schedule takes `constant` or `cosine`, not `{value}`");
-                    return Err(reason);
-                }
-            }
-        }
-        "--train" => {
-            how.trained = match value {
-                "factors" => Trained::Factors,
-                "all" => Trained::All,
-                _ => return Err(format!("--train takes `factors` or `all`, not `{value}`")),
-            }
-        }
-        "--on" => how.objective = value.parse()?,
-        _ => return Ok(false),
-    }
-    Ok(true)
 }
 
 fn main() {
@@ -444,106 +377,30 @@ fn main() {
 }
 
 fn run(args: Vec<String>) -> Result<(), Error> {
-    let mut rank = None;
-    let mut fit = None;
-    let mut macs = None;
-    let mut fit_data = FitData::default();
-    let mut training = Training {
-        steps: 0,
-        learning_rate: pipeline::DISTILL_LEARNING_RATE,
-        copies: 0,
-        corpus: 0,
-        cosine: false,
-        trained: Trained::Factors,
-        objective: pipeline::Objective::Hidden,
-    };
-    let mut rest = args.as_slice();
-    loop {
-        match rest {
-            [flag, value, tail @ ..] if flag == "--rank" => {
-                rank = Some(count(flag, value)?);
-                rest = tail;
-            }
-            [flag, value, tail @ ..] if flag == "--fit" => {
-                fit = Some(value.parse::<FitKind>()?);
-                rest = tail;
-            }
-            [flag, value, tail @ ..] if fit_option(&mut fit_data, flag, value)? => {
-                rest = tail;
-            }
-            [flag, value, tail @ ..]
-                if training_option(&mut training, "--distill", flag, value)? =>
-            {
-                rest = tail;
-            }
-            [flag, value, tail @ ..] if flag == "--macs" => {
-                macs = Some(
-                    value
-                        .parse::<usize>()
-                        .map_err(|_| format!("--macs takes 25 or 50, not `{value}`"))?,
-                );
-                rest = tail;
-            }
-            _ => break,
+    match cli::parse(&args)? {
+        Command::Table => table(),
+        Command::Planned => planned_table(),
+        Command::Frontier {
+            sentences,
+            fit,
+            training,
+        } => {
+            check_corpus(&training, fit.corpus)?;
+            frontier::frontier(sentences, (fit, &training))
         }
-    }
-    let variant = match (rank, fit, macs) {
-        (None, None, None) => None,
-        (Some(r), Some(f), None) => Some(Variant::Rank(r, f)),
-        (None, None, Some(m)) => Some(Variant::Planned(m)),
-        _ => {
-            return Err(format!("--rank and --fit go together, --macs goes alone\n{USAGE}").into())
+        Command::Recovery { training, budgets } => {
+            check_corpus(&training, 0)?;
+            recovery::recovery(&training, &budgets)
         }
-    };
-    match rest {
-        [] if variant.is_none() => table(),
-        [cmd] if cmd == "planned" && variant.is_none() => planned_table(),
-        [cmd, options @ ..] if cmd == "frontier" && variant.is_none() => {
-            let mut sentences = pipeline::CALIBRATION.len();
-            let (mut fit, mut how) = (FitData::MEASURED, Training::MEASURED);
-            for pair in options.chunks(2) {
-                match pair {
-                    [flag, n] if flag == "--sentences" => sentences = count(flag, n)?,
-                    [flag, v] if fit_option(&mut fit, flag, v)? => {}
-                    [flag, v] if training_option(&mut how, "--steps", flag, v)? => {}
-                    _ => return Err(USAGE.into()),
-                }
-            }
-            check_corpus(&how, fit.corpus)?;
-            frontier::frontier(sentences, (fit, &how))
+        Command::Embed {
+            variant,
+            fit,
+            training,
+            input,
+            output,
+        } => {
+            check_corpus(&training, fit.corpus)?;
+            embed((variant, fit), &training, &input, &output)
         }
-        [cmd, options @ ..] if cmd == "recovery" && variant.is_none() => {
-            let mut how = Training {
-                steps: 100,
-                ..training
-            };
-            let mut budgets = vec![25, 50];
-            for pair in options.chunks(2) {
-                match pair {
-                    [flag, v] if training_option(&mut how, "--steps", flag, v)? => {}
-                    [flag, m] if flag == "--macs" => match count(flag, m)? {
-                        m @ (25 | 50) => budgets = vec![m],
-                        m => return Err(format!("--macs takes 25 or 50, not {m}").into()),
-                    },
-                    _ => return Err(USAGE.into()),
-                }
-            }
-            check_corpus(&how, 0)?;
-            recovery::recovery(&how, &budgets)
-        }
-        [cmd, input, output] if cmd == "embed" => {
-            let flag = match (training.steps, fit_data.is_none()) {
-                (0, true) => None,
-                (0, false) => Some("--fit-copies and --fit-corpus calibrate a variant's fit"),
-                _ => Some("--distill trains a variant"),
-            };
-            if let (Some(flag), None) = (flag, &variant) {
-                let reason = format!("{flag}: add --rank and --fit, or --macs\n{USAGE}");
-                return Err(reason.into());
-            }
-            check_corpus(&training, fit_data.corpus)?;
-            embed((variant, fit_data), &training, input, output)
-        }
-        _ => Err(USAGE.into()),
     }
 }
