@@ -438,23 +438,34 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
     );
 }
 
-/// A stacked tensor's backward reaches each layer both through its own rows and through the
-/// layers after it: for `y1 = 2x`, `y2 = 3·y1` and the sum of `[y1; y2]`, `d/dx = 2 + 6`.
+/// A stacked tensor holds the layers' rows in order, and its backward reaches each layer both
+/// through its own rows and through the layers after it: for `y1 = 2x`, `y2 = 3·y1` and the
+/// loss `Σ y1 + 10·Σ y2` on `[y1; y2]`, `d/dx = 2 + 10·6` (`2·10 + 6` had the rows been swapped,
+/// `60` had the first layer's own path been dropped).
 #[test]
 fn the_layer_stack_carries_the_gradient_of_every_layer() {
     let dev: Cpu = Default::default();
-    let x: bert::Hidden<f32, Cpu> = dev.tensor_from_vec(vec![0.5; 2 * HIDDEN], (2, Const));
+    let values: Vec<f32> = (0..2 * HIDDEN).map(|i| i as f32 / HIDDEN as f32).collect();
+    let x: bert::Hidden<f32, Cpu> = dev.tensor_from_vec(values.clone(), (2, Const));
     let mut stack = bert::Stack::default();
-    let y1 = stack.try_push(x.leaky_trace() * 2.0).unwrap();
-    let y2 = stack.try_push(y1 * 3.0).unwrap();
-    let stacked = stack.finish(y2);
+    let y1 = stack.push(x.leaky_trace() * 2.0);
+    let y2 = stack.push(y1 * 3.0);
+    let stacked = stack.try_finish(y2).unwrap();
     assert_eq!(stacked.shape().0, 4);
-    let grads = stacked.sum().backward();
+    let expected: Vec<f32> = (values.iter().map(|v| 2.0 * v))
+        .chain(values.iter().map(|v| 6.0 * v))
+        .collect();
+    assert_eq!(stacked.as_vec(), expected);
+    let weights: Vec<f32> = (0..4 * HIDDEN)
+        .map(|i| if i < 2 * HIDDEN { 1.0 } else { 10.0 })
+        .collect();
+    let weights: bert::Hidden<f32, Cpu> = dev.tensor_from_vec(weights, (4, Const));
+    let grads = (stacked * weights).sum().backward();
     assert!(grads
         .get(&x)
         .as_vec()
         .iter()
-        .all(|g| (g - 8.0).abs() < 1e-6));
+        .all(|g| (g - 62.0).abs() < 1e-4));
 }
 
 /// The varied copies keep each sentence's length, `[CLS]`/`[SEP]` and special tokens, replace

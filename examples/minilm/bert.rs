@@ -353,9 +353,9 @@ impl<const R: usize, E: Dtype, D: Device<E>> Bert<R, E, D> {
     ) -> Result<Hidden<E, D, T>, D::Err> {
         let mut stack = Stack::default();
         for layer in &self.layers.modules {
-            x = stack.try_push(layer.try_forward(x, batch)?)?;
+            x = stack.push(layer.try_forward(x, batch)?);
         }
-        Ok(stack.finish(x))
+        stack.try_finish(x)
     }
 
     /// Normalised sentence embeddings `(b, HIDDEN)`: the mean of the last hidden states over
@@ -402,38 +402,41 @@ pub fn pool<E: Dtype, D: Device<E>, T: Tape<E, D>>(
 /// layer 2's, …), so that one loss compares them all. Under a tape, the stack carries the
 /// layers' backward: each layer's rows get the gradient of their place in the stack and of the
 /// layers after them.
-pub struct Stack<E: Dtype, D: Device<E>>(Option<Hidden<E, D>>);
+pub struct Stack<E: Dtype, D: Device<E>>(Vec<Hidden<E, D>>);
 
 impl<E: Dtype, D: Device<E>> Default for Stack<E, D> {
     fn default() -> Self {
-        Self(None)
+        Self(Vec::new())
     }
 }
 
 impl<E: Dtype, D: Device<E>> Stack<E, D> {
-    /// Appends `x`'s rows and gives `x` back to go on with.
-    pub fn try_push<T: Tape<E, D>>(
-        &mut self,
-        x: Hidden<E, D, T>,
-    ) -> Result<Hidden<E, D, T>, D::Err> {
+    /// Keeps `x`'s rows for the stack and gives `x` back to go on with.
+    pub fn push<T: Tape<E, D>>(&mut self, x: Hidden<E, D, T>) -> Hidden<E, D, T> {
+        // A clone shares `x`'s id, so the gradient the stack gives it joins the one the later
+        // layers give `x`.
         let (x, tape) = x.split_tape();
-        // The tape passes through the stack and back to `x`: the concatenation's backward is
-        // recorded after the layers that made `x` and before those that will read it.
-        let stacked = match self.0.take() {
-            None => x.clone().put_tape(tape),
-            Some(below) => (below.put_tape(tape), x.clone()).try_concat_along(Axis::<0>)?,
-        };
-        let (stacked, tape) = stacked.split_tape();
-        self.0 = Some(stacked);
-        Ok(x.put_tape(tape))
+        self.0.push(x.clone());
+        x.put_tape(tape)
     }
 
-    /// The stacked rows with the tape of `last`, the last tensor pushed (`last` itself when
-    /// nothing was).
-    pub fn finish<T: Tape<E, D>>(self, last: Hidden<E, D, T>) -> Hidden<E, D, T> {
-        match self.0 {
-            Some(stacked) => stacked.put_tape(last.split_tape().1),
-            None => last,
+    /// The rows pushed, stacked in one copy, with the tape of `last`, the last tensor pushed
+    /// (`last` itself when nothing was). The stack's backward is recorded after every layer's,
+    /// so it runs first and each layer's rows have their whole gradient before its own backward.
+    pub fn try_finish<T: Tape<E, D>>(
+        self,
+        last: Hidden<E, D, T>,
+    ) -> Result<Hidden<E, D, T>, D::Err> {
+        let (rows, layers) = (last.shape().0, self.0.len());
+        if layers == 0 {
+            return Ok(last);
         }
+        let mut tape = Some(last.split_tape().1);
+        let pushed: Vec<Hidden<E, D, T>> = (self.0.into_iter())
+            .map(|x| x.put_tape(tape.take().unwrap_or_default()))
+            .collect();
+        pushed
+            .try_stack()?
+            .try_reshape_like(&(layers * rows, Const::<HIDDEN>))
     }
 }

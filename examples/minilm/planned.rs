@@ -144,8 +144,8 @@ macro_rules! planned_model {
                 batch: &Batch<E, D>,
             ) -> Result<Hidden<E, D, T>, D::Err> {
                 let mut stack = Stack::default();
-                $(let x = stack.try_push(self.layers.$n.try_forward(x, batch)?)?;)*
-                Ok(stack.finish(x))
+                $(let x = stack.push(self.layers.$n.try_forward(x, batch)?);)*
+                stack.try_finish(x)
             }
         }
 
