@@ -356,7 +356,7 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
     let (batch, _) = &targets.batches[0];
     let plain = small.try_hidden_states(batch).unwrap().as_vec();
     let traced = small
-        .encode_traced(batch, small.alloc_grads(), false)
+        .traced_rows(batch, small.alloc_grads(), pipeline::Objective::Hidden)
         .unwrap();
     let worst = (traced.retaped::<NoneTape>().as_vec().iter())
         .zip(&plain)
@@ -415,7 +415,7 @@ fn distillation_trains_the_factors_through_the_traced_forward() {
     );
     let plain = before.try_encode_layers(before.embeddings.try_forward(batch).unwrap(), batch);
     let traced = before
-        .encode_traced(batch, before.alloc_grads(), true)
+        .traced_rows(batch, before.alloc_grads(), pipeline::Objective::Layers)
         .unwrap();
     let worst = (traced.retaped::<NoneTape>().as_vec().iter())
         .zip(&plain.unwrap().as_vec())

@@ -11,7 +11,7 @@ use factorize_runtime::Fit;
 use factorize_runtime::{Factorizable, FactorizeConfig, FactorizeReport};
 
 use crate::augment::{self, augmented_targets, AugmentParams};
-use crate::bert::{pool, Batch, Bert, BertFactorized, Hidden, Pooled, HIDDEN};
+use crate::bert::{Batch, Bert, BertFactorized, Hidden, Pooled, HIDDEN};
 use crate::text;
 
 /// Sentences 0–119 calibrate data-aware fits; 120–159 are held out for every measurement.
@@ -354,20 +354,20 @@ pub fn training_targets<const R: usize>(
     augmented_targets(dense, (ids, &corpus), &params, objective)
 }
 
-/// A variant that recovery trains and measures: its inference embedding, and its encoder on
-/// traced embeddings (the last layer's rows, or every layer's). Implemented for
-/// [`BertFactorized`] here and for the planned variants in `planned.rs`, each by calling its
-/// own (mirrored) forwards.
+/// A variant that recovery trains and measures: its inference embedding, and the rows an
+/// [`Objective`] compares, traced. Implemented for [`BertFactorized`] here and for the planned
+/// variants in `planned.rs`, each by calling its own (mirrored) forwards.
 pub trait Trainable: TensorCollection<f32, Cpu> + VisitFactorized + Clone {
     /// `try_embed`.
     fn embed(&self, batch: &Batch<f32, Cpu>) -> Result<Pooled<f32, Cpu>, CpuError>;
-    /// `try_encode` on the embeddings traced into `grads`, or `try_encode_layers` when
-    /// `every_layer`.
-    fn encode_traced(
+    /// What `objective` compares, from the embeddings traced into `grads`: the last layer's
+    /// rows (`try_encode`), every layer's (`try_encode_layers`) or the pooled sentence
+    /// embeddings.
+    fn traced_rows(
         &self,
         batch: &Batch<f32, Cpu>,
         grads: Gradients<f32, Cpu>,
-        every_layer: bool,
+        objective: Objective,
     ) -> Result<Hidden<f32, Cpu, OwnedTape<f32, Cpu>>, CpuError>;
 }
 
@@ -384,11 +384,11 @@ macro_rules! trainable {
                 self.try_embed(batch)
             }
 
-            fn encode_traced(
+            fn traced_rows(
                 &self,
                 batch: &$crate::bert::Batch<f32, ::dfdx::prelude::Cpu>,
                 grads: ::dfdx::prelude::Gradients<f32, ::dfdx::prelude::Cpu>,
-                every_layer: bool,
+                objective: $crate::pipeline::Objective,
             ) -> Result<
                 $crate::bert::Hidden<
                     f32,
@@ -398,10 +398,12 @@ macro_rules! trainable {
                 ::dfdx::prelude::CpuError,
             > {
                 use ::dfdx::prelude::Trace;
+                use $crate::pipeline::Objective;
                 let x = self.embeddings.try_forward(batch)?.traced(grads);
-                match every_layer {
-                    true => self.try_encode_layers(x, batch),
-                    false => self.try_encode(x, batch),
+                match objective {
+                    Objective::Hidden => self.try_encode(x, batch),
+                    Objective::Layers => self.try_encode_layers(x, batch),
+                    Objective::Embeddings => $crate::bert::pool(self.try_encode(x, batch)?, batch),
                 }
             }
         }
@@ -426,13 +428,7 @@ pub fn recover<M: Trainable>(
         small,
         &targets.batches,
         &cfg,
-        |m: &M, b, grads| {
-            let hidden = m.encode_traced(b, grads, objective == Objective::Layers)?;
-            match objective {
-                Objective::Hidden | Objective::Layers => Ok(hidden),
-                Objective::Embeddings => pool(hidden, b),
-            }
-        },
+        |m: &M, b, grads| m.traced_rows(b, grads, objective),
     )?)
 }
 
