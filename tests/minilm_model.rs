@@ -784,6 +784,9 @@ fn the_command_line_refuses_options_where_they_would_be_ignored() {
             "--fit-copies and --fit-corpus calibrate",
         ),
         ("--macs 50 --on tokens embed a b", "--on takes `hidden`"),
+        ("--macs", "--macs needs a value"),
+        ("--macs 25 --distill", "--distill needs a value"),
+        ("--steps 10 embed a b", "no option --steps before a command"),
     ] {
         let e = cli::parse(&args(line)).unwrap_err();
         assert!(e.starts_with(reason), "{line}: {e}");

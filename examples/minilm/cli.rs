@@ -81,18 +81,13 @@ const RECOVERY_STEPS: usize = 100;
 /// commands take theirs after their name, and an option before them is an error rather than
 /// silently ignored.
 pub fn parse(args: &[String]) -> Result<Command, String> {
-    let (mut rank, mut fit, mut macs) = (None, None, None);
-    let (mut fit_data, mut training) = (FitData::default(), UNTRAINED);
+    let mut variant = VariantOptions::default();
+    let (mut fit, mut training) = (FitData::default(), UNTRAINED);
     let mut rest = args;
     while let [flag, value, tail @ ..] = rest {
         match flag.as_str() {
-            "--rank" => match count(flag, value)? {
-                r if RANKS.contains(&r) => rank = Some(r),
-                r => return Err(format!("--rank takes one of {RANKS:?}, not {r}")),
-            },
-            "--fit" => fit = Some(value.parse::<FitKind>()?),
-            "--macs" => macs = Some(budget(value)?),
-            _ if fit_option(&mut fit_data, flag, value)? => {}
+            _ if variant.option(flag, value)? => {}
+            _ if fit_option(&mut fit, flag, value)? => {}
             _ if training_option(&mut training, "--distill", flag, value)? => {}
             _ => break,
         }
@@ -102,16 +97,8 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
     let first = (rest.len() < args.len()).then(|| args[0].as_str());
     match (rest, first) {
         ([cmd, input, output], _) if cmd == "embed" => {
-            let variant = match (rank, fit, macs) {
-                (None, None, None) => None,
-                (Some(r), Some(f), None) => Some(Variant::Rank(r, f)),
-                (None, None, Some(m)) => Some(Variant::Planned(m)),
-                _ => {
-                    let reason = "--rank and --fit go together, --macs goes alone";
-                    return Err(format!("{reason}\n{USAGE}"));
-                }
-            };
-            let asks_a_variant = match (training.steps, fit_data.is_none()) {
+            let variant = variant.variant()?;
+            let asks_a_variant = match (training.steps, fit.is_none()) {
                 (0, true) => None,
                 (0, false) => Some("--fit-copies and --fit-corpus calibrate a variant's fit"),
                 _ => Some("--distill trains a variant"),
@@ -119,12 +106,13 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
             if let (Some(flag), None) = (asks_a_variant, variant) {
                 return Err(format!("{flag}: add --rank and --fit, or --macs\n{USAGE}"));
             }
+            let (input, output) = (input.clone(), output.clone());
             Ok(Command::Embed {
                 variant,
-                fit: fit_data,
+                fit,
                 training,
-                input: input.clone(),
-                output: output.clone(),
+                input,
+                output,
             })
         }
         ([], Some(flag)) => Err(format!(
@@ -136,40 +124,95 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         ([], None) => Ok(Command::Table),
         ([cmd], None) if cmd == "planned" => Ok(Command::Planned),
         ([cmd, ..], None) if cmd == "planned" => Err(format!("`{cmd}` takes no options\n{USAGE}")),
-        ([cmd, options @ ..], None) if cmd == "frontier" => {
-            let mut sentences = pipeline::CALIBRATION.len();
-            let (mut fit, mut training) = (FitData::MEASURED, Training::MEASURED);
-            for pair in options.chunks(2) {
-                match pair {
-                    [flag, n] if flag == "--sentences" => sentences = count(flag, n)?,
-                    [flag, v] if fit_option(&mut fit, flag, v)? => {}
-                    [flag, v] if training_option(&mut training, "--steps", flag, v)? => {}
-                    _ => return Err(unknown(cmd, pair)),
-                }
-            }
-            Ok(Command::Frontier {
-                sentences,
-                fit,
-                training,
-            })
-        }
-        ([cmd, options @ ..], None) if cmd == "recovery" => {
-            let mut training = Training {
-                steps: RECOVERY_STEPS,
-                ..UNTRAINED
-            };
-            let mut budgets = PLANNED_MACS.to_vec();
-            for pair in options.chunks(2) {
-                match pair {
-                    [flag, v] if training_option(&mut training, "--steps", flag, v)? => {}
-                    [flag, m] if flag == "--macs" => budgets = vec![budget(m)?],
-                    _ => return Err(unknown(cmd, pair)),
-                }
-            }
-            Ok(Command::Recovery { training, budgets })
+        ([cmd, options @ ..], None) if cmd == "frontier" => frontier(options),
+        ([cmd, options @ ..], None) if cmd == "recovery" => recovery(options),
+        ([flag], _) if is_option(flag) => Err(format!("{flag} needs a value\n{USAGE}")),
+        ([flag, ..], _) if flag.starts_with('-') => {
+            Err(format!("no option {flag} before a command\n{USAGE}"))
         }
         _ => Err(USAGE.into()),
     }
+}
+
+/// The options that choose `embed`'s variant, as given.
+#[derive(Default)]
+struct VariantOptions {
+    rank: Option<usize>,
+    fit: Option<FitKind>,
+    macs: Option<usize>,
+}
+
+impl VariantOptions {
+    /// Takes `flag` with `value` when it is `--rank`, `--fit` or `--macs`; false otherwise.
+    fn option(&mut self, flag: &str, value: &str) -> Result<bool, String> {
+        match flag {
+            "--rank" => match count(flag, value)? {
+                r if RANKS.contains(&r) => self.rank = Some(r),
+                r => return Err(format!("--rank takes one of {RANKS:?}, not {r}")),
+            },
+            "--fit" => self.fit = Some(value.parse::<FitKind>()?),
+            "--macs" => self.macs = Some(budget(value)?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The variant they name: none, a rank with its fit, or a plan.
+    fn variant(&self) -> Result<Option<Variant>, String> {
+        match (self.rank, self.fit, self.macs) {
+            (None, None, None) => Ok(None),
+            (Some(r), Some(f), None) => Ok(Some(Variant::Rank(r, f))),
+            (None, None, Some(m)) => Ok(Some(Variant::Planned(m))),
+            _ => Err(format!(
+                "--rank and --fit go together, --macs goes alone\n{USAGE}"
+            )),
+        }
+    }
+}
+
+/// `frontier` with `options`: the measured recipe, changed where they say.
+fn frontier(options: &[String]) -> Result<Command, String> {
+    let mut sentences = pipeline::CALIBRATION.len();
+    let (mut fit, mut training) = (FitData::MEASURED, Training::MEASURED);
+    for pair in options.chunks(2) {
+        match pair {
+            [flag, n] if flag == "--sentences" => sentences = count(flag, n)?,
+            [flag, v] if fit_option(&mut fit, flag, v)? => {}
+            [flag, v] if training_option(&mut training, "--steps", flag, v)? => {}
+            _ => return Err(unknown("frontier", pair)),
+        }
+    }
+    Ok(Command::Frontier {
+        sentences,
+        fit,
+        training,
+    })
+}
+
+/// `recovery` with `options`: [`RECOVERY_STEPS`] steps at each budget unless they say.
+fn recovery(options: &[String]) -> Result<Command, String> {
+    let mut training = Training {
+        steps: RECOVERY_STEPS,
+        ..UNTRAINED
+    };
+    let mut budgets = PLANNED_MACS.to_vec();
+    for pair in options.chunks(2) {
+        match pair {
+            [flag, v] if training_option(&mut training, "--steps", flag, v)? => {}
+            [flag, m] if flag == "--macs" => budgets = vec![budget(m)?],
+            _ => return Err(unknown("recovery", pair)),
+        }
+    }
+    Ok(Command::Recovery { training, budgets })
+}
+
+/// Whether `flag` is an option before a command (tried on scratch values: a value it refuses
+/// still names an option).
+fn is_option(flag: &str) -> bool {
+    let (mut fit, mut training) = (FitData::default(), UNTRAINED);
+    VariantOptions::default().option(flag, "0").unwrap_or(true)
+        || fit_option(&mut fit, flag, "0").unwrap_or(true)
+        || training_option(&mut training, "--distill", flag, "0").unwrap_or(true)
 }
 
 /// Whether `word` names a command that takes its options after its name.
