@@ -177,8 +177,8 @@ impl DistillLog {
 /// output stored beside it: `forward(model, input, grads)` runs the model on the input traced
 /// into `grads`. `model` is only changed when training succeeds; on an error it is as it was.
 ///
-/// Errors: no batch, a learning rate that is not positive, a warm-up not shorter than the
-/// training, no factorized layer when training
+/// Errors (naming the layer `<model>`): no batch, a learning rate that is not positive, a
+/// warm-up not shorter than the training, no factorized layer when training
 /// [`Trained::Factors`], a non-finite loss (the learning rate is too high), or a device error.
 pub fn distill<M, B, S, E, D, F>(
     model: &mut M,
@@ -193,57 +193,18 @@ where
     M: TensorCollection<E, D> + VisitFactorized + Clone,
     F: FnMut(&M, &B, Gradients<E, D>) -> Result<Tensor<S, E, D, OwnedTape<E, D>>, D::Err>,
 {
-    let parameter = |parameter: &'static str, reason: String| FactorizeError::Parameter {
-        layer: String::new(),
-        parameter,
-        reason,
-    };
-    if batches.is_empty() {
-        return Err(parameter("batches", "no batch to train on".into()));
-    }
-    if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
-        let reason = format!("must be positive and finite, not {}", cfg.learning_rate);
-        return Err(parameter("learning_rate", reason));
-    }
-    if let Schedule::Cosine { warmup } = cfg.schedule {
-        if warmup >= cfg.steps.max(1) {
-            let reason = format!("a warm-up of {warmup} steps leaves none of {}", cfg.steps);
-            return Err(parameter("schedule", reason));
-        }
-    }
+    check(cfg, batches.len())?;
     // Cloning shares the tensors' buffers; the optimizer's first write to each copies it, so
     // `model` keeps its weights until the end.
     let mut trained = model.clone();
-    let ids = match cfg.trained {
-        Trained::All => tensor_ids(&trained),
-        Trained::Factors => {
-            let mut ids = Vec::new();
-            trained.visit_factorized("", &mut |_, layer| {
-                ids.extend(layer.parameter_ids());
-                Ok(())
-            })?;
-            if ids.is_empty() {
-                return Err(parameter(
-                    "trained",
-                    "the model has no factorized layer to train".into(),
-                ));
-            }
-            ids
-        }
-    };
-    let device = |e: D::Err| FactorizeError::Device {
-        layer: String::new(),
-        reason: format!("{e:?}"),
-    };
+    let ids = trained_ids(&mut trained, cfg.trained)?;
     let start = Instant::now();
     let progress = Steps::new(cfg.progress, cfg.steps);
-    let mut opt = Adam::new(
-        &trained,
-        AdamConfig {
-            lr: cfg.learning_rate,
-            ..Default::default()
-        },
-    );
+    let adam = AdamConfig {
+        lr: cfg.learning_rate,
+        ..Default::default()
+    };
+    let mut opt = Adam::new(&trained, adam);
     let mut losses = Vec::with_capacity(cfg.steps);
     for step in 0..cfg.steps {
         opt.cfg.lr = cfg.schedule.rate(cfg.learning_rate, step, cfg.steps);
@@ -251,33 +212,22 @@ where
         // Backward keeps the gradients of these tensors only; the optimizer leaves the others.
         let mut grads = Gradients::leaky();
         grads.retain_leafs(&ids);
-        let output = forward(&trained, input, grads).map_err(device)?;
-        let loss = output.try_sub(target.clone()).map_err(device)?;
-        let loss = loss
-            .try_square()
-            .map_err(device)?
-            .try_mean()
-            .map_err(device)?;
-        let value = (loss.retaped::<NoneTape>().as_vec().first())
-            .and_then(|v| v.to_f64())
-            .unwrap_or(f64::NAN);
+        let output = forward(&trained, input, grads).map_err(device::<E, D>)?;
+        let (loss, value) = mean_squared_error(output, target).map_err(device::<E, D>)?;
         if !value.is_finite() {
-            return Err(parameter(
-                "learning_rate",
-                format!(
-                    "the loss is {value} at step {step}: lower the learning rate (now {})",
-                    cfg.learning_rate
-                ),
-            ));
+            let lr = cfg.learning_rate;
+            let reason =
+                format!("the loss is {value} at step {step}: lower the learning rate (now {lr})");
+            return Err(parameter("learning_rate", reason));
         }
         losses.push(value);
         progress.step(step, value);
-        let grads = loss.try_backward().map_err(device)?;
+        let grads = loss.try_backward().map_err(device::<E, D>)?;
         match opt.update(&mut trained, &grads) {
             // Tensors without a gradient (the ones not trained, or not on the output's path)
             // are left as they are.
             Ok(()) | Err(OptimizerUpdateError::UnusedParams(_)) => {}
-            Err(OptimizerUpdateError::DeviceError(e)) => return Err(device(e)),
+            Err(OptimizerUpdateError::DeviceError(e)) => return Err(device::<E, D>(e)),
         }
     }
     *model = trained;
@@ -285,6 +235,79 @@ where
         losses,
         time: start.elapsed(),
     })
+}
+
+/// What [`distill`]'s errors name as the layer: the whole model.
+const MODEL: &str = "<model>";
+
+fn parameter(parameter: &'static str, reason: String) -> FactorizeError {
+    FactorizeError::Parameter {
+        layer: MODEL.into(),
+        parameter,
+        reason,
+    }
+}
+
+fn device<E: Dtype, D: Device<E>>(e: D::Err) -> FactorizeError {
+    FactorizeError::Device {
+        layer: MODEL.into(),
+        reason: format!("{e:?}"),
+    }
+}
+
+/// The configuration errors [`distill`] finds before it trains.
+fn check(cfg: &DistillConfig, batches: usize) -> Result<(), FactorizeError> {
+    if batches == 0 {
+        return Err(parameter("batches", "no batch to train on".into()));
+    }
+    if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
+        let reason = format!("must be positive and finite, not {}", cfg.learning_rate);
+        return Err(parameter("learning_rate", reason));
+    }
+    match cfg.schedule {
+        Schedule::Cosine { warmup } if warmup >= cfg.steps.max(1) => {
+            let reason = format!("a warm-up of {warmup} steps leaves none of {}", cfg.steps);
+            Err(parameter("schedule", reason))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The ids of the tensors [`distill`] trains in `model`.
+fn trained_ids<E, D, M>(model: &mut M, trained: Trained) -> Result<Vec<UniqueId>, FactorizeError>
+where
+    E: Dtype,
+    D: Device<E>,
+    M: TensorCollection<E, D> + VisitFactorized + Clone,
+{
+    if trained == Trained::All {
+        return Ok(tensor_ids(model));
+    }
+    let mut ids = Vec::new();
+    model.visit_factorized("", &mut |_, layer| {
+        ids.extend(layer.parameter_ids());
+        Ok(())
+    })?;
+    if ids.is_empty() {
+        let reason = "the model has no factorized layer to train".into();
+        return Err(parameter("trained", reason));
+    }
+    Ok(ids)
+}
+
+/// A traced scalar: a loss to call backward on.
+type Loss<E, D> = Tensor<Rank0, E, D, OwnedTape<E, D>>;
+
+/// The mean squared error of `output` against `target`, on the output's tape, and its value.
+fn mean_squared_error<S: Shape, E: Dtype, D: Device<E>>(
+    output: Tensor<S, E, D, OwnedTape<E, D>>,
+    target: &Tensor<S, E, D>,
+) -> Result<(Loss<E, D>, f64), D::Err> {
+    let loss = output.try_sub(target.clone())?.try_square()?.try_mean()?;
+    let value = (loss.retaped::<NoneTape>().as_vec().first())
+        .and_then(|v| v.to_f64())
+        .unwrap_or(f64::NAN);
+    Ok((loss, value))
 }
 
 /// The ids of `module`'s tensors. dfdx keeps a tensor's id to itself, but its optimizers

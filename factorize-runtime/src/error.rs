@@ -1,4 +1,5 @@
-//! The one error type of the crate. Every variant names the layer it concerns.
+//! The one error type of the crate. Every variant names the layer it concerns, `<model>` where
+//! an error concerns the whole model (distillation's).
 
 use crate::config::Backend;
 
@@ -53,7 +54,7 @@ pub enum FactorizeError {
     /// The requested backend cannot be used here.
     #[error("layer `{layer}`: backend {backend:?} is unavailable: {reason}")]
     BackendUnavailable {
-        /// The layer's path (or `<model>` when it is known before any layer).
+        /// The layer's path.
         layer: String,
         /// The backend asked for.
         backend: Backend,
