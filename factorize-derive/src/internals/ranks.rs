@@ -38,10 +38,8 @@ fn locate(written: &str) -> PathBuf {
 pub fn apply(cx: &mut Ctxt, cont: &mut Container<'_>) {
     let Some((written, span)) = cont.attrs.ranks.clone() else {
         if let Some((_, span)) = &cont.attrs.ranks_prefix {
-            cx.syn_error(syn::Error::new(
-                *span,
-                "`ranks_prefix` needs `ranks = \"file\"` beside it",
-            ));
+            let message = "`ranks_prefix` needs `ranks = \"file\"` beside it";
+            cx.syn_error(syn::Error::new(*span, message));
         }
         return;
     };
@@ -52,86 +50,106 @@ pub fn apply(cx: &mut Ctxt, cont: &mut Container<'_>) {
             return cx.syn_error(syn::Error::new(span, error));
         }
     };
-    let prefix = cont
-        .attrs
-        .ranks_prefix
-        .as_ref()
-        .map(|(p, _)| format!("{p}."))
-        .unwrap_or_default();
-    let fail = |cx: &mut Ctxt, message: String| {
-        cx.syn_error(syn::Error::new(
-            span,
-            format!("ranks file `{written}`: {message}"),
-        ));
+    let file = File {
+        written: &written,
+        span,
+        prefix: (cont.attrs.ranks_prefix.as_ref())
+            .map(|(p, _)| format!("{p}."))
+            .unwrap_or_default(),
     };
     let mut seen = HashSet::new();
     for (number, line) in text.lines().enumerate() {
-        let line_no = number + 1;
         let content = line.split('#').next().unwrap_or("").trim();
         if content.is_empty() {
             continue;
         }
-        let Some((path, value)) = content.split_once('=') else {
-            fail(
-                cx,
-                format!(
-                    "line {line_no}: expected `path = rank` or `path = dense`, got `{content}`"
-                ),
-            );
-            continue;
-        };
-        let (path, value) = (path.trim(), value.trim());
-        let value = match value {
-            "dense" => Value::Dense,
-            v => match v.parse::<u64>() {
-                Ok(0) | Err(_) => {
-                    fail(cx, format!("line {line_no}: `{path}` takes a rank of at least 1 or `dense`, not `{v}`"));
-                    continue;
-                }
-                Ok(n) => Value::Rank(n),
-            },
-        };
-        if !seen.insert(path.to_string()) {
-            fail(cx, format!("line {line_no}: `{path}` is given twice"));
-            continue;
+        let entry = parse_entry(content).and_then(|(path, value)| {
+            if !seen.insert(path.to_string()) {
+                return Err(format!("`{path}` is given twice"));
+            }
+            file.assign(cont, path, value)
+        });
+        if let Err(message) = entry {
+            let message = format!("ranks file `{written}`: line {}: {message}", number + 1);
+            cx.syn_error(syn::Error::new(span, message));
         }
-        let Some(name) = path.strip_prefix(&prefix) else {
-            continue;
+    }
+}
+
+/// The ranks file being read: its name as written, the attribute's span, and the prefix of the
+/// entries that are this struct's (`ranks_prefix` and a dot, or nothing).
+struct File<'a> {
+    written: &'a str,
+    span: proc_macro2::Span,
+    prefix: String,
+}
+
+/// One line's `path = value`, or what is wrong with it.
+fn parse_entry(content: &str) -> Result<(&str, Value), String> {
+    let Some((path, value)) = content.split_once('=') else {
+        return Err(format!(
+            "expected `path = rank` or `path = dense`, got `{content}`"
+        ));
+    };
+    let (path, value) = (path.trim(), value.trim());
+    match value {
+        "dense" => Ok((path, Value::Dense)),
+        v => match v.parse::<u64>() {
+            Ok(n) if n > 0 => Ok((path, Value::Rank(n))),
+            _ => Err(format!(
+                "`{path}` takes a rank of at least 1 or `dense`, not `{v}`"
+            )),
+        },
+    }
+}
+
+impl File<'_> {
+    /// Gives the entry's field the attribute the entry stands for. Entries outside the prefix,
+    /// or under a nested struct's field, are left to others.
+    fn assign(&self, cont: &mut Container<'_>, path: &str, value: Value) -> Result<(), String> {
+        let Some(name) = path.strip_prefix(&self.prefix) else {
+            return Ok(());
         };
-        let struct_name = cont.input.ident.to_string();
         // An entry under a field's own path belongs to that nested struct (its `ranks_prefix`).
         let nested = name
             .split_once('.')
             .is_some_and(|(head, _)| cont.fields.iter().any(|f| *f.ident == head));
         if nested {
-            continue;
+            return Ok(());
         }
+        let nested_hint = "a nested struct reads its own entries with `ranks_prefix`";
+        let struct_name = cont.input.ident.to_string();
         let Some(field) = cont.fields.iter_mut().find(|f| *f.ident == name) else {
-            fail(cx, format!(
-                "line {line_no}: `{path}` names no field of `{struct_name}`{}; a nested struct reads its own entries with `ranks_prefix`",
-                if prefix.is_empty() { String::new() } else { format!(" under `{}`", prefix.trim_end_matches('.')) }
+            let under = match self.prefix.trim_end_matches('.') {
+                "" => String::new(),
+                prefix => format!(" under `{prefix}`"),
+            };
+            return Err(format!(
+                "`{path}` names no field of `{struct_name}`{under}; {nested_hint}"
             ));
-            continue;
         };
         if !field.node.contains(false) && !field.node.contains(true) {
-            fail(cx, format!("line {line_no}: `{path}` is not a `Linear` or `Conv2D` field; a nested struct reads its own entries with `ranks_prefix`"));
-            continue;
+            return Err(format!(
+                "`{path}` is not a `Linear` or `Conv2D` field; {nested_hint}"
+            ));
         }
         if field.attrs.latent.is_some() || field.attrs.skip.is_some() {
-            fail(cx, format!("line {line_no}: `{path}` also has a `latent` or `skip` attribute; keep one of the two"));
-            continue;
+            return Err(format!(
+                "`{path}` also has a `latent` or `skip` attribute; keep one of the two"
+            ));
         }
-        field.attrs.origin = Some(format!(
-            "{written}: {path} = {}",
-            match value {
-                Value::Rank(n) => n.to_string(),
-                Value::Dense => "dense".into(),
+        let written = self.written;
+        field.attrs.origin = Some(match value {
+            Value::Rank(n) => {
+                field.attrs.latent = Some(LatentValue::Count(n, self.span));
+                format!("{written}: {path} = {n}")
             }
-        ));
-        match value {
-            Value::Rank(n) => field.attrs.latent = Some(LatentValue::Count(n, span)),
-            Value::Dense => field.attrs.skip = Some(span),
-        }
+            Value::Dense => {
+                field.attrs.skip = Some(self.span);
+                format!("{written}: {path} = dense")
+            }
+        });
+        Ok(())
     }
 }
 
