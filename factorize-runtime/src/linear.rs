@@ -33,7 +33,7 @@ use crate::config::{FactorizeConfig, Fit};
 use crate::convert::{host_f64, to_device};
 use crate::cost::LayerKind;
 use crate::error::FactorizeError;
-use crate::pair::{self, DenseLayer, LowRankPair, Seal};
+use crate::pair::{self, DenseLayer, LowRankPair, PairTensor, Seal};
 use crate::report::LayerReport;
 use crate::stand_in::{stand_in, DenseRoute};
 
@@ -161,27 +161,8 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Low
         })
     }
 
-    fn host_factors(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-        (
-            host_f64(&self.first.weight),
-            host_f64(&self.second.weight),
-            host_f64(&self.second.bias),
-        )
-    }
-
-    fn device(&self) -> D {
-        self.second.weight.device().clone()
-    }
-
-    fn parameter_ids(&self) -> Vec<UniqueId> {
-        use crate::distill::tensor_ids;
-        let (first, second) = (&self.first.weight, &self.second);
-        [
-            tensor_ids(first),
-            tensor_ids(&second.weight),
-            tensor_ids(&second.bias),
-        ]
-        .concat()
+    fn tensors(&self) -> [&dyn PairTensor<D>; 3] {
+        [&self.first.weight, &self.second.weight, &self.second.bias]
     }
 }
 

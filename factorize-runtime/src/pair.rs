@@ -14,12 +14,14 @@
 
 use std::time::Instant;
 
-use dfdx::prelude::{Device, Dtype};
+use dfdx::prelude::{ConstShape, Device, Dtype, Tensor};
 use dfdx::tensor::UniqueId;
 
 use crate::calibrate::{RecordedInput, Refit, StandIn};
 use crate::config::{Backend, FactorizeConfig, Fit, Method};
+use crate::convert::host_f64;
 use crate::cost::{LayerKind, LayerShape};
+use crate::distill::tensor_ids;
 use crate::engine::calibrated::{self, nmse, CalibratedFit, Calibration};
 use crate::engine::{self, check_finite, LowRank, WeightMatrix};
 use crate::error::FactorizeError;
@@ -87,12 +89,46 @@ pub trait LowRankPair: Sized {
         bias: &[f64],
         path: &str,
     ) -> Result<Self, FactorizeError>;
+    /// The first factor, the second factor and the bias, in that order.
+    fn tensors(&self) -> [&dyn PairTensor<<Self::Dense as DenseLayer>::Dev>; 3];
+
     /// Its factors and bias on the host, in the layouts of [`Self::from_host`].
-    fn host_factors(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>);
+    fn host_factors(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let [first, second, bias] = self.tensors();
+        (first.host(), second.host(), bias.host())
+    }
     /// The device the weights live on.
-    fn device(&self) -> <Self::Dense as DenseLayer>::Dev;
+    fn device(&self) -> <Self::Dense as DenseLayer>::Dev {
+        self.tensors()[0].device()
+    }
     /// Its tensors' ids (factors and bias), for training them alone.
-    fn parameter_ids(&self) -> Vec<UniqueId>;
+    fn parameter_ids(&self) -> Vec<UniqueId> {
+        self.tensors().iter().flat_map(|t| t.ids()).collect()
+    }
+}
+
+/// One of a pair's tensors, whatever its shape: what the shared code reads of it.
+pub trait PairTensor<D> {
+    /// Its values on the host, row-major.
+    fn host(&self) -> Vec<f64>;
+    /// Its id, in a vector (dfdx keeps the id itself private; see [`tensor_ids`]).
+    fn ids(&self) -> Vec<UniqueId>;
+    /// The device it lives on.
+    fn device(&self) -> D;
+}
+
+impl<S: ConstShape, E: Dtype, D: Device<E>> PairTensor<D> for Tensor<S, E, D> {
+    fn host(&self) -> Vec<f64> {
+        host_f64(self)
+    }
+
+    fn ids(&self) -> Vec<UniqueId> {
+        tensor_ids(self)
+    }
+
+    fn device(&self) -> D {
+        self.device().clone()
+    }
 }
 
 /// A report row for `M` at `path`.
