@@ -25,10 +25,10 @@ use crate::calibrate::{RecordInput, RecordedInput};
 use crate::config::{FactorizeConfig, Fit};
 use crate::conv::unfold::Geometry;
 use crate::conv::{Conv2D, UnbiasedConv2D};
-use crate::convert::{host_f64, to_device};
+use crate::convert::to_device;
 use crate::cost::LayerKind;
 use crate::error::FactorizeError;
-use crate::pair::{self, DenseLayer, LowRankPair, PairTensor, Seal};
+use crate::pair::{self, DenseLayer, LayerTensor, LowRankPair, Seal};
 use crate::report::LayerReport;
 use crate::stand_in::{stand_in, DenseRoute};
 
@@ -150,13 +150,8 @@ impl<
     const OUT: usize = O;
     const KERNEL: usize = K;
 
-    /// The weight unfolded to `[O, I·K·K]`.
-    fn host_weights(&self) -> (Vec<f64>, Vec<f64>) {
-        (host_f64(&self.weight), host_f64(&self.bias))
-    }
-
-    fn device(&self) -> D {
-        self.weight.device().clone()
+    fn tensors(&self) -> [&dyn LayerTensor<D>; 2] {
+        [&self.weight, &self.bias]
     }
 
     fn from_host(
@@ -214,7 +209,7 @@ impl<
         })
     }
 
-    fn tensors(&self) -> [&dyn PairTensor<D>; 3] {
+    fn tensors(&self) -> [&dyn LayerTensor<D>; 3] {
         [&self.first.weight, &self.second.weight, &self.second.bias]
     }
 }

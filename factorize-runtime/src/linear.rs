@@ -33,7 +33,7 @@ use crate::config::{FactorizeConfig, Fit};
 use crate::convert::{host_f64, to_device};
 use crate::cost::LayerKind;
 use crate::error::FactorizeError;
-use crate::pair::{self, DenseLayer, LowRankPair, PairTensor, Seal};
+use crate::pair::{self, DenseLayer, LayerTensor, LowRankPair, Seal};
 use crate::report::LayerReport;
 use crate::stand_in::{stand_in, DenseRoute};
 
@@ -107,12 +107,8 @@ impl<const I: usize, const O: usize, E: Dtype, D: Device<E>> DenseLayer for Line
     const OUT: usize = O;
     const KERNEL: usize = 1;
 
-    fn host_weights(&self) -> (Vec<f64>, Vec<f64>) {
-        (host_f64(&self.weight), host_f64(&self.bias))
-    }
-
-    fn device(&self) -> D {
-        self.weight.device().clone()
+    fn tensors(&self) -> [&dyn LayerTensor<D>; 2] {
+        [&self.weight, &self.bias]
     }
 
     fn from_host(
@@ -161,7 +157,7 @@ impl<const I: usize, const L: usize, const O: usize, E: Dtype, D: Device<E>> Low
         })
     }
 
-    fn tensors(&self) -> [&dyn PairTensor<D>; 3] {
+    fn tensors(&self) -> [&dyn LayerTensor<D>; 3] {
         [&self.first.weight, &self.second.weight, &self.second.bias]
     }
 }

@@ -55,10 +55,19 @@ pub trait DenseLayer: Clone + 'static {
     /// Columns of the weight seen as a matrix: `IN · KERNEL²`.
     const FAN_IN: usize = Self::IN * Self::KERNEL * Self::KERNEL;
 
+    /// The weight (its row-major values are the matrix `[OUT, FAN_IN]`: a convolution's
+    /// `[O, I, K, K]` unfolded) and the bias `[OUT]`.
+    fn tensors(&self) -> [&dyn LayerTensor<Self::Dev>; 2];
+
     /// The weight as a matrix `[OUT, FAN_IN]` and the bias `[OUT]`, on the host.
-    fn host_weights(&self) -> (Vec<f64>, Vec<f64>);
+    fn host_weights(&self) -> (Vec<f64>, Vec<f64>) {
+        let [weight, bias] = self.tensors();
+        (weight.host(), bias.host())
+    }
     /// The device the weights live on.
-    fn device(&self) -> Self::Dev;
+    fn device(&self) -> Self::Dev {
+        self.tensors()[0].device()
+    }
     /// The layer from a host weight `[OUT, FAN_IN]` and bias `[OUT]`, on `dev`.
     fn from_host(
         dev: &Self::Dev,
@@ -90,7 +99,7 @@ pub trait LowRankPair: Sized {
         path: &str,
     ) -> Result<Self, FactorizeError>;
     /// The first factor, the second factor and the bias, in that order.
-    fn tensors(&self) -> [&dyn PairTensor<<Self::Dense as DenseLayer>::Dev>; 3];
+    fn tensors(&self) -> [&dyn LayerTensor<<Self::Dense as DenseLayer>::Dev>; 3];
 
     /// Its factors and bias on the host, in the layouts of [`Self::from_host`].
     fn host_factors(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
@@ -107,8 +116,8 @@ pub trait LowRankPair: Sized {
     }
 }
 
-/// One of a pair's tensors, whatever its shape: what the shared code reads of it.
-pub trait PairTensor<D> {
+/// One of a layer's tensors, whatever its shape: what the shared code reads of it.
+pub trait LayerTensor<D> {
     /// Its values on the host, row-major.
     fn host(&self) -> Vec<f64>;
     /// Its id, in a vector (dfdx keeps the id itself private; see [`tensor_ids`]).
@@ -117,7 +126,7 @@ pub trait PairTensor<D> {
     fn device(&self) -> D;
 }
 
-impl<S: ConstShape, E: Dtype, D: Device<E>> PairTensor<D> for Tensor<S, E, D> {
+impl<S: ConstShape, E: Dtype, D: Device<E>> LayerTensor<D> for Tensor<S, E, D> {
     fn host(&self) -> Vec<f64> {
         host_f64(self)
     }
