@@ -219,7 +219,7 @@ fn stand_ins(cont: &Container<'_>) -> Option<Vec<(Ident, TokenStream)>> {
             return None;
         }
     }
-    let pv = quote!(::factorize_runtime::__private);
+    let pv = super::private();
     let mut subst = Vec::new();
     for param in &generics.params {
         match param {

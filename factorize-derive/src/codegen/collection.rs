@@ -30,7 +30,7 @@ fn nest(items: Vec<TokenStream>) -> TokenStream {
 /// Fields are named through `carried` (see `carried.rs`): the struct's own impl checks its
 /// fields once; the variant's fields are already checked types.
 pub fn expand(cont: &Container<'_>, target: &Ident, carried: &Carried) -> TokenStream {
-    let pv = quote!(::factorize_runtime::__private);
+    let pv = super::private();
     let input = cont.input;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let (e, d) = (&cont.dtype, &cont.device);

@@ -9,7 +9,7 @@ use super::variant_ident;
 use crate::internals::ast::Container;
 
 pub fn expand(cont: &Container<'_>, carried: &Carried) -> TokenStream {
-    let pv = quote!(::factorize_runtime::__private);
+    let pv = super::private();
     let input = cont.input;
     let ident = &input.ident;
     let variant = variant_ident(ident);

@@ -21,6 +21,11 @@ pub fn at(span: proc_macro2::Span) -> proc_macro2::Span {
     proc_macro2::Span::call_site().located_at(span)
 }
 
+/// The runtime's support module for generated code (`factorize_runtime::__private`).
+pub fn private() -> TokenStream {
+    quote!(::factorize_runtime::__private)
+}
+
 /// The name of the factorized variant: `Mlp` → `MlpFactorized`.
 pub fn variant_ident(ident: &Ident) -> Ident {
     format_ident!("{}Factorized", ident)
@@ -37,7 +42,7 @@ fn params_ident(ident: &Ident) -> Ident {
 pub fn fallback(input: &syn::DeriveInput) -> TokenStream {
     let ident = &input.ident;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
-    let pv = quote!(::factorize_runtime::__private);
+    let pv = private();
     quote! {
         impl #impl_generics #pv::Factorizable for #ident #ty_generics #where_clause {
             type Factorized = Self;
@@ -68,12 +73,13 @@ pub fn expand(cont: &Container<'_>) -> TokenStream {
     let visits = visits::expand(cont, &carried);
     let checks = types::literal_rank_checks(cont);
     let tracked = crate::internals::ranks::track(cont);
+    let pv = private();
     quote! {
         #tracked
         #checks
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]
-        const #params: ::factorize_runtime::__private::FactorizeParams = #params_value;
+        const #params: #pv::FactorizeParams = #params_value;
         #check
         #variant
         #collection

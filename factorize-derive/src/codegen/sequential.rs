@@ -89,7 +89,7 @@ fn generate(item: &ItemType, attrs: &ContainerAttrs, built: &Type) -> TokenStrea
     let params_value = attrs.params_tokens();
     let kept_attrs = item.attrs.iter().filter(|a| !a.path().is_ident(FACTORIZE));
     let ty = &item.ty;
-    let pv = quote!(::factorize_runtime::__private);
+    let pv = super::private();
     // Its parts are builders' `Built` types, whose own errors name the part once.
     let (forced, carried) = (ForcedRanks::none(), Carried::none());
     let factorized = node_type(&node, &quote!(#params), false, &forced, &carried);
@@ -150,7 +150,7 @@ fn generate(item: &ItemType, attrs: &ContainerAttrs, built: &Type) -> TokenStrea
 /// becomes the module `Linear<I, O, E, D>` (which `classify` recognises), tuples recurse, and
 /// anything else is `<T as BuildOnDevice<D, E>>::Built`.
 fn built_type(cx: &mut Ctxt, ty: &Type, e: &Ident, d: &Ident) -> TokenStream {
-    let pv = quote!(::factorize_runtime::__private);
+    let pv = super::private();
     match ty {
         Type::Paren(p) => built_type(cx, &p.elem, e, d),
         Type::Group(g) => built_type(cx, &g.elem, e, d),

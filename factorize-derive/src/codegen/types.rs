@@ -5,15 +5,9 @@ use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 
 use super::carried::Carried;
-use super::params_ident;
+use super::{params_ident, private};
 use crate::internals::ast::{Container, Field, Node, Wrapper, WrapperKind};
 use crate::internals::attr::LatentValue;
-
-const P: &str = "::factorize_runtime::__private";
-
-fn private() -> TokenStream {
-    P.parse().unwrap_or_default()
-}
 
 /// The cost-rule parameters of one field: the struct's, with the field's overrides.
 pub fn field_params(cont: &Container<'_>, field: &Field<'_>) -> TokenStream {
