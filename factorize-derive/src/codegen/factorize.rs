@@ -4,7 +4,7 @@ use proc_macro2::TokenStream;
 use quote::quote;
 
 use super::carried::Carried;
-use super::types::{field_params, forced_ranks, node_value};
+use super::types::FieldWalk;
 use super::variant_ident;
 use crate::internals::ast::Container;
 
@@ -17,13 +17,8 @@ pub fn expand(cont: &Container<'_>, carried: &Carried) -> TokenStream {
     let fields = cont.fields.iter().map(|f| {
         let name = f.ident;
         let s = name.to_string();
-        let params = field_params(cont, f);
-        let value = node_value(
+        let value = FieldWalk::of(cont, f, carried).value(
             &f.node,
-            &params,
-            f.attrs.skip.is_some(),
-            &forced_ranks(cont, f),
-            carried,
             quote!(&self.#name),
             quote!(&#pv::join(__path, #s)),
         );

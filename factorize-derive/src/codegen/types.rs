@@ -10,7 +10,7 @@ use crate::internals::ast::{Container, Field, Node, Wrapper, WrapperKind};
 use crate::internals::attr::LatentValue;
 
 /// The cost-rule parameters of one field: the struct's, with the field's overrides.
-pub fn field_params(cont: &Container<'_>, field: &Field<'_>) -> TokenStream {
+fn field_params(cont: &Container<'_>, field: &Field<'_>) -> TokenStream {
     let base = params_ident(&cont.input.ident);
     let pv = private();
     let mut overrides = Vec::new();
@@ -49,7 +49,7 @@ pub fn field_params(cont: &Container<'_>, field: &Field<'_>) -> TokenStream {
 /// `latent_channels`), or a field's integer `latent` when its dims use a const generic. Stable
 /// Rust cannot evaluate the rule on generic values in a type, so such a layer is always
 /// factorized, and the rule is asserted for each instantiation at build time.
-pub struct ForcedRanks {
+struct ForcedRanks {
     linear: Option<(TokenStream, String)>,
     conv: Option<(TokenStream, String)>,
     count: Option<(TokenStream, String)>,
@@ -57,7 +57,7 @@ pub struct ForcedRanks {
     field: String,
 }
 
-pub fn forced_ranks(cont: &Container<'_>, field: &Field<'_>) -> ForcedRanks {
+fn forced_ranks(cont: &Container<'_>, field: &Field<'_>) -> ForcedRanks {
     let written = |l: &LatentValue, key: &str| {
         let tokens = l.rank_tokens().unwrap_or_else(|| quote!(0usize));
         let text = (field.attrs.origin.clone())
@@ -87,7 +87,7 @@ pub fn forced_ranks(cont: &Container<'_>, field: &Field<'_>) -> ForcedRanks {
 
 impl ForcedRanks {
     /// No rank fixed: the rule chooses every layer in the type.
-    pub fn none() -> Self {
+    fn none() -> Self {
         Self {
             linear: None,
             conv: None,
@@ -120,118 +120,182 @@ impl ForcedRanks {
     }
 }
 
-/// The field's type in the variant; `skip` when the field is marked `#[factorize(skip)]`.
-pub fn node_type(
-    node: &Node<'_>,
-    params: &TokenStream,
+/// One field's walk: what every level of its type carries down (the cost-rule parameters,
+/// whether the field is skipped, the ranks fixed on it, the carried types), and the two things
+/// it generates from each node, the variant's type and the expression that builds it. Both
+/// decide a layer the same way, so type and value agree.
+pub struct FieldWalk<'a> {
+    params: TokenStream,
     skip: bool,
-    forced: &ForcedRanks,
-    carried: &Carried,
-) -> TokenStream {
-    let pv = private();
-    match node {
-        Node::Linear(_) | Node::Conv(_) => {
-            let Some(l) = Layer::of(node, params) else {
-                return TokenStream::new();
-            };
-            if skip {
-                let ty = l.written;
-                return quote!(#ty);
-            }
-            let (dense, decision) = (&l.dense, &l.decision);
-            if let Some((k, _)) = forced.of(&l) {
-                return quote_spanned!(l.span=> <#dense as #pv::DenseLayer>::Pair<#k>);
-            }
-            quote_spanned! {l.span=>
-                <#pv::Pick<{ #decision.is_replace() }> as #pv::Choose<{ #decision.latent() }, #dense>>::Out
-            }
-        }
-        Node::Tuple(items) => {
-            let items = items
-                .iter()
-                .map(|n| node_type(n, params, skip, forced, carried));
-            quote!(( #(#items,)* ))
-        }
-        Node::Wrapper(w) => {
-            let name = quote::format_ident!("{}", wrapper_name(w.kind));
-            let parts = w
-                .parts
-                .iter()
-                .map(|n| node_type(n, params, skip, forced, carried));
-            let count = w.count.map(|c| quote!(#c));
-            quote!(#pv::#name<#(#parts,)* #count>)
-        }
-        Node::Other(ty) if skip => quote!(#ty),
-        Node::Other(ty) => {
-            let named = carried.leaf(ty);
-            quote_spanned!(super::at(ty.span())=> <#named as #pv::Factorizable>::Factorized)
-        }
-    }
+    forced: ForcedRanks,
+    carried: &'a Carried,
 }
 
-/// The expression building the field of the variant from `access` (a reference to the
-/// original), reporting under `path` (a `&str` expression).
-pub fn node_value(
-    node: &Node<'_>,
-    params: &TokenStream,
-    skip: bool,
-    forced: &ForcedRanks,
-    carried: &Carried,
-    access: TokenStream,
-    path: TokenStream,
-) -> TokenStream {
-    let pv = private();
-    match node {
-        Node::Linear(_) | Node::Conv(_) => {
-            let Some(l) = Layer::of(node, params) else {
-                return TokenStream::new();
-            };
-            if skip {
-                return quote!(#pv::skipped(#path, #access, __report));
-            }
-            let (dense, decision) = (&l.dense, &l.decision);
-            if let Some((k, written)) = forced.of(&l) {
-                let check = rule_check(&l, &written, &forced.field);
-                return quote_spanned! {l.span=>
-                    {
-                        const { #check };
-                        #pv::forced::<#k, #dense>(#path, #access, __cfg, __report)?
-                    }
+impl<'a> FieldWalk<'a> {
+    /// The walk of a struct's field.
+    pub fn of(cont: &Container<'_>, field: &Field<'_>, carried: &'a Carried) -> Self {
+        Self {
+            params: field_params(cont, field),
+            skip: field.attrs.skip.is_some(),
+            forced: forced_ranks(cont, field),
+            carried,
+        }
+    }
+
+    /// A walk under `params` with nothing skipped and no rank fixed (`sequential!`'s).
+    pub fn plain(params: TokenStream, carried: &'a Carried) -> Self {
+        Self {
+            params,
+            skip: false,
+            forced: ForcedRanks::none(),
+            carried,
+        }
+    }
+
+    /// The field's type in the variant.
+    pub fn ty(&self, node: &Node<'_>) -> TokenStream {
+        let pv = private();
+        match node {
+            Node::Linear(_) | Node::Conv(_) => {
+                let Some(l) = Layer::of(node, &self.params) else {
+                    return TokenStream::new();
                 };
+                if self.skip {
+                    let ty = l.written;
+                    return quote!(#ty);
+                }
+                let (dense, decision) = (&l.dense, &l.decision);
+                if let Some((k, _)) = self.forced.of(&l) {
+                    return quote_spanned!(l.span=> <#dense as #pv::DenseLayer>::Pair<#k>);
+                }
+                quote_spanned! {l.span=>
+                    <#pv::Pick<{ #decision.is_replace() }> as #pv::Choose<{ #decision.latent() }, #dense>>::Out
+                }
             }
-            quote_spanned! {l.span=>
-                <#pv::Pick<{ #decision.is_replace() }> as #pv::Choose<{ #decision.latent() }, #dense>>::build(
-                    #path,
-                    #access,
-                    #decision,
-                    __cfg,
-                    __report,
-                )?
+            Node::Tuple(items) => {
+                let items = items.iter().map(|n| self.ty(n));
+                quote!(( #(#items,)* ))
+            }
+            Node::Wrapper(w) => {
+                let name = quote::format_ident!("{}", wrapper_name(w.kind));
+                let parts = w.parts.iter().map(|n| self.ty(n));
+                let count = w.count.map(|c| quote!(#c));
+                quote!(#pv::#name<#(#parts,)* #count>)
+            }
+            Node::Other(ty) if self.skip => quote!(#ty),
+            Node::Other(ty) => {
+                let named = self.carried.leaf(ty);
+                quote_spanned!(super::at(ty.span())=> <#named as #pv::Factorizable>::Factorized)
             }
         }
-        Node::Tuple(items) => {
-            let items = items.iter().enumerate().map(|(k, n)| {
-                let index = syn::Index::from(k);
-                let name = k.to_string();
-                node_value(
-                    n,
-                    params,
-                    skip,
-                    forced,
-                    carried,
-                    quote!(&(#access).#index),
-                    quote!(&#pv::join(#path, #name)),
-                )
-            });
-            quote!(( #(#items,)* ))
-        }
-        Node::Wrapper(w) => wrapper_value(w, params, skip, forced, carried, access, path),
-        Node::Other(_) if skip => quote!(::core::clone::Clone::clone(#access)),
-        Node::Other(ty) => {
-            let named = carried.leaf(ty);
-            quote_spanned! {super::at(ty.span())=>
-                <#named as #pv::Factorizable>::factorize_into(#access, #path, __cfg, __report)?
+    }
+
+    /// The expression building the field of the variant from `access` (a reference to the
+    /// original), reporting under `path` (a `&str` expression).
+    pub fn value(&self, node: &Node<'_>, access: TokenStream, path: TokenStream) -> TokenStream {
+        let pv = private();
+        match node {
+            Node::Linear(_) | Node::Conv(_) => {
+                let Some(l) = Layer::of(node, &self.params) else {
+                    return TokenStream::new();
+                };
+                if self.skip {
+                    return quote!(#pv::skipped(#path, #access, __report));
+                }
+                let (dense, decision) = (&l.dense, &l.decision);
+                if let Some((k, written)) = self.forced.of(&l) {
+                    let check = rule_check(&l, &written, &self.forced.field);
+                    return quote_spanned! {l.span=>
+                        {
+                            const { #check };
+                            #pv::forced::<#k, #dense>(#path, #access, __cfg, __report)?
+                        }
+                    };
+                }
+                quote_spanned! {l.span=>
+                    <#pv::Pick<{ #decision.is_replace() }> as #pv::Choose<{ #decision.latent() }, #dense>>::build(
+                        #path,
+                        #access,
+                        #decision,
+                        __cfg,
+                        __report,
+                    )?
+                }
             }
+            Node::Tuple(items) => {
+                let items = items.iter().enumerate().map(|(k, n)| {
+                    let index = syn::Index::from(k);
+                    let name = k.to_string();
+                    self.value(
+                        n,
+                        quote!(&(#access).#index),
+                        quote!(&#pv::join(#path, #name)),
+                    )
+                });
+                quote!(( #(#items,)* ))
+            }
+            Node::Wrapper(w) => self.wrapper_value(w, access, path),
+            Node::Other(_) if self.skip => quote!(::core::clone::Clone::clone(#access)),
+            Node::Other(ty) => {
+                let named = self.carried.leaf(ty);
+                quote_spanned! {super::at(ty.span())=>
+                    <#named as #pv::Factorizable>::factorize_into(#access, #path, __cfg, __report)?
+                }
+            }
+        }
+    }
+
+    /// Builds a wrapper of the variant around its parts' variants, with dfdx's names for the
+    /// parts as report paths (`0`, `f`/`r`, the block index), as the runtime's wrapper impls do.
+    fn wrapper_value(
+        &self,
+        w: &Wrapper<'_>,
+        access: TokenStream,
+        path: TokenStream,
+    ) -> TokenStream {
+        let pv = private();
+        let part = |n: &Node<'_>, field: TokenStream, name: &str| {
+            self.value(
+                n,
+                quote!(&(#access).#field),
+                quote!(&#pv::join(#path, #name)),
+            )
+        };
+        match (w.kind, w.parts.as_slice()) {
+            (WrapperKind::Newtype(name), [inner]) => {
+                let name = quote::format_ident!("{}", name);
+                let inner = part(inner, quote!(0), "0");
+                quote!(#pv::#name(#inner))
+            }
+            (WrapperKind::GeneralizedResidual, [f, r]) => {
+                let (f, r) = (part(f, quote!(f), "f"), part(r, quote!(r), "r"));
+                quote!(#pv::GeneralizedResidual { f: #f, r: #r })
+            }
+            (WrapperKind::Repeated, [block]) => {
+                // A block holding a `Repeated` shadows these names in its own closure; every use
+                // of the outer ones is evaluated before that, so nesting needs no fresh names.
+                let (index, module, here) = (
+                    quote::format_ident!("__index"),
+                    quote::format_ident!("__block"),
+                    quote::format_ident!("__block_path"),
+                );
+                let value = self.value(block, quote!(#module), quote!(&#here));
+                quote! {
+                    #pv::Repeated {
+                        modules: (#access)
+                            .modules
+                            .iter()
+                            .enumerate()
+                            .map(|(#index, #module)| {
+                                let #here = #pv::join(#path, &#index.to_string());
+                                ::core::result::Result::Ok::<_, #pv::FactorizeError>(#value)
+                            })
+                            .collect::<::core::result::Result<::std::vec::Vec<_>, _>>()?,
+                    }
+                }
+            }
+            // The parser builds each kind with its number of parts.
+            _ => quote!(::core::compile_error!("factorize: malformed wrapper")),
         }
     }
 }
@@ -242,75 +306,6 @@ pub fn wrapper_name(kind: WrapperKind) -> &'static str {
         WrapperKind::Newtype(name) => name,
         WrapperKind::GeneralizedResidual => "GeneralizedResidual",
         WrapperKind::Repeated => "Repeated",
-    }
-}
-
-/// Builds a wrapper of the variant around its parts' variants, with dfdx's names for the parts
-/// as report paths (`0`, `f`/`r`, the block index), as the runtime's wrapper impls do.
-fn wrapper_value(
-    w: &Wrapper<'_>,
-    params: &TokenStream,
-    skip: bool,
-    forced: &ForcedRanks,
-    carried: &Carried,
-    access: TokenStream,
-    path: TokenStream,
-) -> TokenStream {
-    let pv = private();
-    let part = |n: &Node<'_>, field: TokenStream, name: &str| {
-        node_value(
-            n,
-            params,
-            skip,
-            forced,
-            carried,
-            quote!(&(#access).#field),
-            quote!(&#pv::join(#path, #name)),
-        )
-    };
-    match (w.kind, w.parts.as_slice()) {
-        (WrapperKind::Newtype(name), [inner]) => {
-            let name = quote::format_ident!("{}", name);
-            let inner = part(inner, quote!(0), "0");
-            quote!(#pv::#name(#inner))
-        }
-        (WrapperKind::GeneralizedResidual, [f, r]) => {
-            let (f, r) = (part(f, quote!(f), "f"), part(r, quote!(r), "r"));
-            quote!(#pv::GeneralizedResidual { f: #f, r: #r })
-        }
-        (WrapperKind::Repeated, [block]) => {
-            // A block holding a `Repeated` shadows these names in its own closure; every use
-            // of the outer ones is evaluated before that, so nesting needs no fresh names.
-            let (index, module, here) = (
-                quote::format_ident!("__index"),
-                quote::format_ident!("__block"),
-                quote::format_ident!("__block_path"),
-            );
-            let value = node_value(
-                block,
-                params,
-                skip,
-                forced,
-                carried,
-                quote!(#module),
-                quote!(&#here),
-            );
-            quote! {
-                #pv::Repeated {
-                    modules: (#access)
-                        .modules
-                        .iter()
-                        .enumerate()
-                        .map(|(#index, #module)| {
-                            let #here = #pv::join(#path, &#index.to_string());
-                            ::core::result::Result::Ok::<_, #pv::FactorizeError>(#value)
-                        })
-                        .collect::<::core::result::Result<::std::vec::Vec<_>, _>>()?,
-                }
-            }
-        }
-        // The parser builds each kind with its number of parts.
-        _ => quote!(::core::compile_error!("factorize: malformed wrapper")),
     }
 }
 

@@ -4,7 +4,7 @@ use proc_macro2::TokenStream;
 use quote::quote;
 
 use super::carried::Carried;
-use super::types::{field_params, forced_ranks, node_type, wrapper_name};
+use super::types::{wrapper_name, FieldWalk};
 use super::variant_ident;
 use crate::internals::ast::{Container, Node};
 
@@ -16,14 +16,7 @@ pub fn expand(cont: &Container<'_>, carried: &Carried) -> TokenStream {
     let generics = &input.generics;
     let where_clause = &generics.where_clause;
     let fields = cont.fields.iter().map(|f| {
-        let params = field_params(cont, f);
-        let ty = node_type(
-            &f.node,
-            &params,
-            f.attrs.skip.is_some(),
-            &forced_ranks(cont, f),
-            carried,
-        );
+        let ty = FieldWalk::of(cont, f, carried).ty(&f.node);
         let fvis = &f.original.vis;
         let name = f.ident;
         let docs = f.original.attrs.iter().filter(|a| a.path().is_ident("doc"));
