@@ -120,6 +120,17 @@ impl ForcedRanks {
     }
 }
 
+/// How a layer's type in the variant is chosen.
+enum Choice {
+    /// `#[factorize(skip)]`: the dense type as written.
+    Skipped,
+    /// A rank fixed by the user (the rank's tokens, the attribute as written): always a pair
+    /// of that rank, the rule asserted at build time.
+    Fixed(TokenStream, String),
+    /// The cost rule, evaluated in the type.
+    Rule,
+}
+
 /// One field's walk: what every level of its type carries down (the cost-rule parameters,
 /// whether the field is skipped, the ranks fixed on it, the carried types), and the two things
 /// it generates from each node, the variant's type and the expression that builds it. Both
@@ -152,24 +163,38 @@ impl<'a> FieldWalk<'a> {
         }
     }
 
+    /// A `Linear` or `Conv2D` node and how its type is chosen; `None` for a malformed one
+    /// (already reported by the parser).
+    fn layer<'n>(&self, node: &'n Node<'_>) -> Option<(Layer<'n>, Choice)> {
+        let l = Layer::of(node, &self.params)?;
+        let choice = match self.forced.of(&l) {
+            _ if self.skip => Choice::Skipped,
+            Some((k, written)) => Choice::Fixed(k, written),
+            None => Choice::Rule,
+        };
+        Some((l, choice))
+    }
+
     /// The field's type in the variant.
     pub fn ty(&self, node: &Node<'_>) -> TokenStream {
         let pv = private();
         match node {
             Node::Linear(_) | Node::Conv(_) => {
-                let Some(l) = Layer::of(node, &self.params) else {
+                let Some((l, choice)) = self.layer(node) else {
                     return TokenStream::new();
                 };
-                if self.skip {
-                    let ty = l.written;
-                    return quote!(#ty);
-                }
                 let (dense, decision) = (&l.dense, &l.decision);
-                if let Some((k, _)) = self.forced.of(&l) {
-                    return quote_spanned!(l.span=> <#dense as #pv::DenseLayer>::Pair<#k>);
-                }
-                quote_spanned! {l.span=>
-                    <#pv::Pick<{ #decision.is_replace() }> as #pv::Choose<{ #decision.latent() }, #dense>>::Out
+                match choice {
+                    Choice::Skipped => {
+                        let ty = l.written;
+                        quote!(#ty)
+                    }
+                    Choice::Fixed(k, _) => {
+                        quote_spanned!(l.span=> <#dense as #pv::DenseLayer>::Pair<#k>)
+                    }
+                    Choice::Rule => quote_spanned! {l.span=>
+                        <#pv::Pick<{ #decision.is_replace() }> as #pv::Choose<{ #decision.latent() }, #dense>>::Out
+                    },
                 }
             }
             Node::Tuple(items) => {
@@ -196,30 +221,30 @@ impl<'a> FieldWalk<'a> {
         let pv = private();
         match node {
             Node::Linear(_) | Node::Conv(_) => {
-                let Some(l) = Layer::of(node, &self.params) else {
+                let Some((l, choice)) = self.layer(node) else {
                     return TokenStream::new();
                 };
-                if self.skip {
-                    return quote!(#pv::skipped(#path, #access, __report));
-                }
                 let (dense, decision) = (&l.dense, &l.decision);
-                if let Some((k, written)) = self.forced.of(&l) {
-                    let check = rule_check(&l, &written, &self.forced.field);
-                    return quote_spanned! {l.span=>
-                        {
-                            const { #check };
-                            #pv::forced::<#k, #dense>(#path, #access, __cfg, __report)?
+                match choice {
+                    Choice::Skipped => quote!(#pv::skipped(#path, #access, __report)),
+                    Choice::Fixed(k, written) => {
+                        let check = rule_check(&l, &written, &self.forced.field);
+                        quote_spanned! {l.span=>
+                            {
+                                const { #check };
+                                #pv::forced::<#k, #dense>(#path, #access, __cfg, __report)?
+                            }
                         }
-                    };
-                }
-                quote_spanned! {l.span=>
-                    <#pv::Pick<{ #decision.is_replace() }> as #pv::Choose<{ #decision.latent() }, #dense>>::build(
-                        #path,
-                        #access,
-                        #decision,
-                        __cfg,
-                        __report,
-                    )?
+                    }
+                    Choice::Rule => quote_spanned! {l.span=>
+                        <#pv::Pick<{ #decision.is_replace() }> as #pv::Choose<{ #decision.latent() }, #dense>>::build(
+                            #path,
+                            #access,
+                            #decision,
+                            __cfg,
+                            __report,
+                        )?
+                    },
                 }
             }
             Node::Tuple(items) => {
