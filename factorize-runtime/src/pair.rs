@@ -120,7 +120,7 @@ pub trait LowRankPair: Sized {
 pub trait LayerTensor<D> {
     /// Its values on the host, row-major.
     fn host(&self) -> Vec<f64>;
-    /// Its id, in a vector (dfdx keeps the id itself private; see [`tensor_ids`]).
+    /// Its id, in a vector (found through an optimizer: dfdx keeps a tensor's id private).
     fn ids(&self) -> Vec<UniqueId>;
     /// The device it lives on.
     fn device(&self) -> D;
