@@ -211,16 +211,16 @@ pub(crate) fn missing_dense(path: &str) -> FactorizeError {
 }
 
 /// The body of [`crate::Factorizable::evaluate_heldout`].
-pub(crate) fn evaluate_heldout<M, F>(
+pub(crate) fn evaluate_heldout<M, V, F>(
     dense: &M,
-    model: &mut M::Factorized,
+    model: &mut V,
     report: &mut FactorizeReport,
     mut run: F,
 ) -> Result<(), FactorizeError>
 where
-    M: VisitDense + crate::factorizable::Factorizable,
-    M::Factorized: VisitFactorized,
-    F: FnMut(&M::Factorized),
+    M: VisitDense,
+    V: VisitFactorized,
+    F: FnMut(&V),
 {
     let weights = dense_weights(dense);
     let calls = {
@@ -298,18 +298,18 @@ pub(crate) fn dense_stand_ins<T: VisitFactorized>(
 }
 
 /// The body of [`crate::Factorizable::factorize_calibrated`].
-pub(crate) fn calibrate<M, F>(
+pub(crate) fn calibrate<M, V, F>(
     dense: &M,
-    mut model: M::Factorized,
+    mut model: V,
     mut report: FactorizeReport,
     fit: Fit,
     backend: Backend,
     mut run: F,
-) -> Result<(M::Factorized, FactorizeReport), FactorizeError>
+) -> Result<(V, FactorizeReport), FactorizeError>
 where
-    M: VisitDense + crate::factorizable::Factorizable,
-    M::Factorized: VisitFactorized,
-    F: FnMut(&M::Factorized),
+    M: VisitDense,
+    V: VisitFactorized,
+    F: FnMut(&V),
 {
     let weights = dense_weights(dense);
     let order = forward_order(&model, &StandIns::new(), &mut run);

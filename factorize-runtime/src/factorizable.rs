@@ -120,7 +120,8 @@ pub trait Factorizable {
         F: FnMut(&Self::Factorized) -> O,
         G: FnMut(&O, &O) -> f64,
     {
-        crate::sensitivity::measure(self, params, cfg, run, damage)
+        let variant = self.factorize(&crate::sensitivity::fresh(cfg))?;
+        crate::sensitivity::measure(self, variant, params, cfg, run, damage)
     }
 
     /// Runs `plan` without compiling it: the variant with every planned layer stood in for by
@@ -142,7 +143,8 @@ pub trait Factorizable {
         Self::Factorized: VisitFactorized,
         F: FnMut(&Self::Factorized),
     {
-        crate::sensitivity::simulate(self, plan, fit, cfg, run)
+        let variant = self.factorize(&crate::sensitivity::fresh(cfg))?;
+        crate::sensitivity::simulate(self, variant, plan, fit, cfg, run)
     }
 }
 

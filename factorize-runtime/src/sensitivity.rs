@@ -40,7 +40,6 @@ use crate::cost::LayerShape;
 use crate::engine::calibrated::{self, directions, Calibration};
 use crate::engine::{self, WeightMatrix};
 use crate::error::FactorizeError;
-use crate::factorizable::Factorizable;
 use crate::stand_in::{StandIns, Standing};
 
 /// The ranks each layer is measured at, rounded to a multiple: GEMM kernels run whole tiles, so
@@ -502,19 +501,21 @@ struct AsDense<T> {
     stand_ins: StandIns,
 }
 
+/// How sensitivity and simulation have the variant built from `cfg`: by a fresh init, with no
+/// progress lines. Its own weights are never used (every run stands its layers in), and a
+/// fresh init costs no decomposition.
+pub(crate) fn fresh(cfg: &FactorizeConfig) -> FactorizeConfig {
+    FactorizeConfig {
+        method: Method::Fresh,
+        progress: false,
+        ..*cfg
+    }
+}
+
 impl<T: VisitFactorized> AsDense<T> {
-    /// `dense`'s variant, built by a fresh init: its own weights are never used (every run
-    /// stands its layers in), and a fresh init costs no decomposition.
-    fn new<M>(dense: &M, cfg: &FactorizeConfig) -> Result<Self, FactorizeError>
-    where
-        M: VisitDense + Factorizable<Factorized = T>,
-    {
-        let fresh = FactorizeConfig {
-            method: Method::Fresh,
-            progress: false,
-            ..*cfg
-        };
-        let mut model = Box::new(dense.factorize(&fresh)?);
+    /// `variant` (built as [`fresh`] says) running as `dense`.
+    fn new<M: VisitDense>(dense: &M, variant: T) -> Result<Self, FactorizeError> {
+        let mut model = Box::new(variant);
         let weights = dense_weights(dense);
         let stand_ins = dense_stand_ins(&mut *model, &weights)?;
         Ok(Self {
@@ -622,20 +623,22 @@ impl<T: VisitFactorized> AsDense<T> {
 }
 
 /// The body of [`crate::Factorizable::sensitivity`].
-pub(crate) fn measure<M, O, F, G>(
+/// `variant` is `dense`'s, built as [`fresh`] says.
+pub(crate) fn measure<M, T, O, F, G>(
     dense: &M,
+    variant: T,
     params: &SensitivityParams,
     cfg: &FactorizeConfig,
     mut run: F,
     mut damage: G,
 ) -> Result<Sensitivity, FactorizeError>
 where
-    M: VisitDense + Factorizable,
-    M::Factorized: VisitFactorized,
-    F: FnMut(&M::Factorized) -> O,
+    M: VisitDense,
+    T: VisitFactorized,
+    F: FnMut(&T) -> O,
     G: FnMut(&O, &O) -> f64,
 {
-    let mut base = AsDense::new(dense, cfg)?;
+    let mut base = AsDense::new(dense, variant)?;
     let reference = {
         let _standing = Standing::start(&base.stand_ins);
         run(&base.model)
@@ -750,19 +753,21 @@ fn fitted(
 }
 
 /// The body of [`crate::Factorizable::simulate`].
-pub(crate) fn simulate<M, F>(
+/// `variant` is `dense`'s, built as [`fresh`] says.
+pub(crate) fn simulate<M, T, F>(
     dense: &M,
+    variant: T,
     plan: &RankPlan,
     fit: Option<Fit>,
     cfg: &FactorizeConfig,
     mut run: F,
-) -> Result<Simulated<M::Factorized>, FactorizeError>
+) -> Result<Simulated<T>, FactorizeError>
 where
-    M: VisitDense + Factorizable,
-    M::Factorized: VisitFactorized,
-    F: FnMut(&M::Factorized),
+    M: VisitDense,
+    T: VisitFactorized,
+    F: FnMut(&T),
 {
-    let mut base = AsDense::new(dense, cfg)?;
+    let mut base = AsDense::new(dense, variant)?;
     let layers = base.layers()?;
     for (path, _) in &plan.layers {
         if !layers.iter().any(|site| site.path == *path) {
