@@ -6,7 +6,7 @@ mod model_level {
     use factorize_runtime::engine::calibrated::{fit_linear, Calibration};
     use factorize_runtime::engine::WeightMatrix;
     use factorize_runtime::sensitivity::{
-        damage, Cost, Grouping, RankGrid, SensitivityParams, Truncation,
+        damage, Cost, Grouping, RankGrid, Sensitivity, SensitivityParams, Truncation,
     };
     use factorize_runtime::synthetic::{matrix_with_spectrum, power_law};
     use factorize_runtime::Fit;
@@ -180,38 +180,66 @@ mod model_level {
             .collect()
     }
 
+    /// `model`'s sensitivity on `x`, by MSE, at a quarter and half of each layer's saving
+    /// ranks (multiples of 8); the damage closure checks that its reference is the dense output.
+    fn measure(
+        model: &Two<f32, Dev>,
+        x: &Batch,
+        truncation: Truncation,
+        grouping: Grouping,
+    ) -> Sensitivity {
+        let params = SensitivityParams {
+            grid: RankGrid::Fractions {
+                fractions: vec![0.25, 0.5],
+                multiple: 8,
+            },
+            truncation,
+            grouping,
+        };
+        let y = model.forward(x.clone()).as_vec();
+        model
+            .sensitivity(
+                &params,
+                &quiet(),
+                |m| m.forward(x.clone()).as_vec(),
+                |reference: &Vec<f32>, out: &Vec<f32>| {
+                    assert_eq!(reference, &y);
+                    damage::mse(reference, out)
+                },
+            )
+            .unwrap()
+    }
+
+    fn quiet() -> FactorizeConfig {
+        FactorizeConfig {
+            progress: false,
+            ..Default::default()
+        }
+    }
+
+    /// The damage of the dense model with the weights `which` (0: `a`, 1: `b.0`) truncated to
+    /// `rank` by a full SVD.
+    fn truncated_at(model: &Two<f32, Dev>, x: &Batch, which: &[usize], rank: usize) -> f64 {
+        let mut cut = model.clone();
+        if which.contains(&0) {
+            cut.a
+                .weight
+                .copy_from(&truncated(&model.a.weight.as_vec(), 128, 128, rank));
+        }
+        if which.contains(&1) {
+            cut.b
+                .0
+                .weight
+                .copy_from(&truncated(&model.b.0.weight.as_vec(), 96, 128, rank));
+        }
+        let y = model.forward(x.clone()).as_vec();
+        damage::mse(&y, &cut.forward(x.clone()).as_vec())
+    }
+
     #[test]
     fn sensitivity_is_the_output_damage_of_each_layer_truncated_alone() {
         let (_dev, model, x) = setup();
-        let grid = RankGrid::Fractions {
-            fractions: vec![0.25, 0.5],
-            multiple: 8,
-        };
-        let cfg = FactorizeConfig {
-            progress: false,
-            ..Default::default()
-        };
-        let y = model.forward(x.clone()).as_vec();
-        let measure = |truncation, grouping| {
-            let params = SensitivityParams {
-                grid: grid.clone(),
-                truncation,
-                grouping,
-            };
-            model
-                .sensitivity(
-                    &params,
-                    &cfg,
-                    |m| m.forward(x.clone()).as_vec(),
-                    |reference: &Vec<f32>, out: &Vec<f32>| {
-                        // The reference run is the dense model.
-                        assert_eq!(reference, &y);
-                        damage::mse(reference, out)
-                    },
-                )
-                .unwrap()
-        };
-        let weight = measure(Truncation::Weight, Grouping::Layers);
+        let weight = measure(&model, &x, Truncation::Weight, Grouping::Layers);
         let shapes: Vec<(&str, &[usize], usize)> = (weight.groups.iter())
             .map(|g| (g.name.as_str(), g.ranks.as_slice(), g.layers[0].positions))
             .collect();
@@ -219,23 +247,10 @@ mod model_level {
             shapes,
             [("a", &[16, 32][..], 400), ("b.0", &[16, 24][..], 400)]
         );
-        // The dense model with the weights `which` (0: `a`, 1: `b.0`) truncated to `rank`.
-        let truncated_at = |which: &[usize], rank| {
-            let mut cut = model.clone();
-            if which.contains(&0) {
-                let w = truncated(&model.a.weight.as_vec(), 128, 128, rank);
-                cut.a.weight.copy_from(&w);
-            }
-            if which.contains(&1) {
-                let w = truncated(&model.b.0.weight.as_vec(), 96, 128, rank);
-                cut.b.0.weight.copy_from(&w);
-            }
-            damage::mse(&y, &cut.forward(x.clone()).as_vec())
-        };
         // Each figure is the damage of the dense model with that one weight truncated.
         for (l, group) in weight.groups.iter().enumerate() {
             for (&rank, &measured) in group.ranks.iter().zip(&group.damage) {
-                let expected = truncated_at(&[l], rank);
+                let expected = truncated_at(&model, &x, &[l], rank);
                 assert!(
                     (measured / expected - 1.0).abs() < 1e-3,
                     "{} rank {rank}: {measured} vs {expected}",
@@ -245,8 +260,17 @@ mod model_level {
             // A higher rank damages less.
             assert!(group.damage[1] < group.damage[0], "{group:?}");
         }
-        // Grouped, both weights are truncated together at the ranks that save on both.
-        let both = measure(Truncation::Weight, Grouping::By(|_| "both".into()));
+    }
+
+    #[test]
+    fn a_group_is_truncated_together_at_ranks_that_save_on_all_its_layers() {
+        let (_dev, model, x) = setup();
+        let both = measure(
+            &model,
+            &x,
+            Truncation::Weight,
+            Grouping::By(|_| "both".into()),
+        );
         let [group] = &both.groups[..] else {
             panic!("{both:?}")
         };
@@ -259,26 +283,40 @@ mod model_level {
         // 29.9, to multiples of 8.
         assert_eq!(group.ranks, [16, 32]);
         for (&rank, &measured) in group.ranks.iter().zip(&group.damage) {
-            let expected = truncated_at(&[0, 1], rank);
+            let expected = truncated_at(&model, &x, &[0, 1], rank);
             assert!(
                 (measured / expected - 1.0).abs() < 1e-3,
                 "both at rank {rank}: {measured} vs {expected}"
             );
         }
-        // Data-aware truncations damage the output less, and the measure is deterministic.
-        let data = measure(Truncation::default(), Grouping::Layers);
+    }
+
+    #[test]
+    fn data_aware_truncations_damage_less_and_are_deterministic() {
+        let (_dev, model, x) = setup();
+        let weight = measure(&model, &x, Truncation::Weight, Grouping::Layers);
+        let data = measure(&model, &x, Truncation::default(), Grouping::Layers);
         for (d, w) in data.groups.iter().zip(&weight.groups) {
             assert!(
                 d.damage.iter().zip(&w.damage).all(|(d, w)| d < w),
                 "{d:?} vs {w:?}"
             );
         }
-        assert_eq!(data, measure(Truncation::default(), Grouping::Layers));
-        // Fitted afresh per rank, a layer alone loses what its prefix truncation does...
+        assert_eq!(
+            data,
+            measure(&model, &x, Truncation::default(), Grouping::Layers)
+        );
+    }
+
+    #[test]
+    fn sequential_fits_match_prefix_truncation_alone_and_simulation_in_groups() {
+        let (_dev, model, x) = setup();
         let exact = Fit::Exact {
             ridge: Fit::DEFAULT_RIDGE,
         };
-        let sequential = measure(Truncation::Sequential(exact), Grouping::Layers);
+        // Fitted afresh per rank, a layer alone loses what its prefix truncation does...
+        let data = measure(&model, &x, Truncation::default(), Grouping::Layers);
+        let sequential = measure(&model, &x, Truncation::Sequential(exact), Grouping::Layers);
         for (s, d) in sequential.groups.iter().zip(&data.groups) {
             assert_eq!((&s.ranks, &s.layers), (&d.ranks, &d.layers));
             for (a, b) in s.damage.iter().zip(&d.damage) {
@@ -288,15 +326,18 @@ mod model_level {
         // ...and a group loses what `simulate` gives its plan: both layers at the rank, `b.0`
         // fitted on what the fitted `a` hands it.
         let both = measure(
+            &model,
+            &x,
             Truncation::Sequential(exact),
             Grouping::By(|_| "both".into()),
         );
         let run = |m: &<Two<f32, Dev> as Factorizable>::Factorized| {
             m.forward(x.clone());
         };
+        let y = model.forward(x.clone()).as_vec();
         for (&rank, &measured) in both.groups[0].ranks.iter().zip(&both.groups[0].damage) {
             let plan = both.uniform(rank, Cost::Macs).unwrap();
-            let simulated = model.simulate(&plan, Some(exact), &cfg, run).unwrap();
+            let simulated = model.simulate(&plan, Some(exact), &quiet(), run).unwrap();
             let expected = damage::mse(&y, &simulated.run(|m| m.forward(x.clone()).as_vec()));
             assert!(
                 (measured / expected - 1.0).abs() < 1e-6,
@@ -308,10 +349,7 @@ mod model_level {
     #[test]
     fn a_simulated_plan_computes_what_the_compiled_variant_does() {
         let (_dev, model, x) = setup();
-        let cfg = FactorizeConfig {
-            progress: false,
-            ..Default::default()
-        };
+        let cfg = quiet();
         let sensitivity = model
             .sensitivity(
                 &SensitivityParams {
