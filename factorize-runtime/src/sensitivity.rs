@@ -539,6 +539,22 @@ impl<T: VisitFactorized> AsDense<T> {
         Ok(layers)
     }
 
+    /// `sites` with the inputs each sees in the dense model; the forward does not reach the
+    /// ones left out, so they have nothing to measure and nothing to save.
+    fn reached<'s, R>(
+        &self,
+        sites: &[&'s Site],
+        run: &mut impl FnMut(&T) -> R,
+    ) -> Vec<(&'s Site, Vec<RecordedInput>)> {
+        (sites.iter())
+            .map(|&site| {
+                let inputs = inputs_of(&*self.model, site.address, &self.stand_ins, run);
+                (site, inputs)
+            })
+            .filter(|(_, inputs)| !inputs.is_empty())
+            .collect()
+    }
+
     /// The measured `layers` (path, address and shape, with their recorded dense inputs), and
     /// per layer its stand-in at each of `ranks` from one decomposition (none for
     /// [`Truncation::Sequential`], which fits each rank afresh).
@@ -659,14 +675,8 @@ where
             &name,
             &format!("{} of {total}", k + 1),
         );
-        // Layers the forward does not reach have nothing to measure and nothing to save.
-        let reached: Vec<_> = (members.iter())
-            .map(|&i| {
-                let inputs = inputs_of(&*base.model, layers[i].address, &base.stand_ins, &mut run);
-                (&layers[i], inputs)
-            })
-            .filter(|(_, inputs)| !inputs.is_empty())
-            .collect();
+        let members: Vec<&Site> = members.iter().map(|&i| &layers[i]).collect();
+        let reached = base.reached(&members, &mut run);
         if reached.is_empty() {
             continue;
         }
